@@ -1,0 +1,80 @@
+"""ChatML formatting: the one place where conversations become text.
+
+SFT, both reward models, the services and the trainer all call these functions, so a
+(prompt, response) pair is scored with exactly the text the reward model was trained on:
+
+    <|im_start|>user
+    {prompt}<|im_end|>
+    <|im_start|>assistant
+    {answer}<|im_end|>
+
+The prompt part ends with the generation header ``<|im_start|>assistant\\n``; the response
+part is the answer followed by ``<|im_end|>``. Keeping the two apart lets the scoring engine
+truncate the prompt from its beginning without touching the reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# Jinja template equivalent to `format_prompt` / `format_conversation`, stored in the tokenizers
+# we build so `apply_chat_template` (vLLM's chat endpoint, HF pipelines) agrees with us.
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Open Assistant calls the user "prompter"; everything else already uses OpenAI role names.
+_ROLE_ALIASES = {"prompter": "user", "human": "user", "bot": "assistant"}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The ChatML markers; configurable for models trained with other special tokens."""
+
+    im_start: str = IM_START
+    im_end: str = IM_END
+
+    def block(self, role: str, content: str) -> str:
+        return f"{self.im_start}{normalise_role(role)}\n{content}{self.im_end}"
+
+    def format_prompt(self, messages: Iterable[Mapping[str, str]]) -> str:
+        """Templated history plus the assistant header: what the policy continues."""
+        blocks = [self.block(m["role"], m["content"]) for m in messages]
+        return "".join(b + "\n" for b in blocks) + f"{self.im_start}assistant\n"
+
+    def format_response(self, response: str) -> str:
+        """The reply as it follows `format_prompt`: ends with the end-of-turn marker."""
+        return f"{response}{self.im_end}"
+
+    def format_pair(self, prompt: str, response: str) -> tuple[str, str]:
+        return self.format_prompt([{"role": "user", "content": prompt}]), self.format_response(response)
+
+    def format_conversation(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Whole conversation; the last message must be the assistant's."""
+        prompt_part, response_part = self.split_conversation(messages)
+        return prompt_part + response_part
+
+    def split_conversation(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, str]:
+        if not messages or normalise_role(messages[-1]["role"]) != "assistant":
+            raise ValueError("the last message must be the assistant reply")
+        return self.format_prompt(messages[:-1]), self.format_response(messages[-1]["content"])
+
+
+def normalise_role(role: str) -> str:
+    return _ROLE_ALIASES.get(role, role)
+
+
+CHATML = ChatFormat()
+format_prompt = CHATML.format_prompt
+format_response = CHATML.format_response
+format_pair = CHATML.format_pair
+format_conversation = CHATML.format_conversation
+split_conversation = CHATML.split_conversation

@@ -1,0 +1,131 @@
+"""Wire contracts shared by the reward services and the trainer's clients.
+
+No torch here: the trainer imports this module to build requests and validate replies,
+so client and server can never disagree on a field name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RewardKind = Literal["preference", "absolute"]
+Role = Literal["system", "user", "assistant"]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are rejected so a typo ("respnse") is a 400, not a silent default.
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    code: int
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """One error shape for every failure, as vLLM / OpenAI: ``{"error": {...}}``."""
+
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- /v1/score
+
+
+class ChatMessage(_Strict):
+    role: Role
+    content: str
+
+
+class PromptResponseItem(_Strict):
+    prompt: str = Field(min_length=1, description="The user turn (plain text, not templated).")
+    response: str = Field(min_length=1, description="The assistant reply to score.")
+
+
+class MessagesItem(_Strict):
+    messages: list[ChatMessage] = Field(
+        min_length=2, description="A conversation whose last message is the assistant reply."
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_assistant(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "assistant":
+            raise ValueError("the last message must be the assistant reply to score (role 'assistant')")
+        if not any(m.role == "user" for m in messages[:-1]):
+            raise ValueError("the conversation needs at least one 'user' message before the reply")
+        if not messages[-1].content:
+            raise ValueError("the assistant reply to score is empty")
+        return messages
+
+
+ScoreItem = Annotated[Union[PromptResponseItem, MessagesItem], Field(union_mode="left_to_right")]
+
+
+class ScoreRequest(_Strict):
+    model: str | None = Field(default=None, description="Optional; checked against the served model id.")
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class Usage(BaseModel):
+    tokens: int = Field(description="Tokens fed to the model after truncation, summed over items.")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    kind: RewardKind
+    scores: list[float] = Field(description="Raw logit per item, in request order.")
+    probabilities: list[float] | None = Field(
+        default=None, description="sigmoid(score); only for kind 'absolute'."
+    )
+    truncated: list[bool]
+    usage: Usage
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> "ScoreResponse":
+        n = len(self.scores)
+        if len(self.truncated) != n or (self.probabilities is not None and len(self.probabilities) != n):
+            raise ValueError("scores, truncated and probabilities must have one entry per item")
+        return self
+
+
+# --------------------------------------------------------------------------- OpenRLHF
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward-model protocol. Queries are full templated texts."""
+
+    model_config = ConfigDict(extra="allow")  # OpenRLHF versions add fields; ignore them.
+
+    query: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    prompts: list[str] | None = None
+    labels: list | None = None
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- /v1/models
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "crs-rlhf"
+    kind: RewardKind
+    max_tokens: int
+    dtype: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,35 @@
+"""Settings shared by every service: one pydantic-settings model per process.
+
+Flags and environment variables are two spellings of the same fields (``--model-path`` ==
+``CRS_MODEL_PATH``); `parse_settings` reads both, flags winning, so there is one source of
+truth and no hand-written argparse to drift from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRS_", extra="forbid", cli_kebab_case=True)
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(
+        None, description="When set, every endpoint but /health and /ready needs 'Authorization: Bearer <key>'."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+    log_level: str = Field("info")
+
+
+def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
+    """Build `cls` from command-line flags (kebab-case) over environment variables."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    source = CliSettingsSource(cls, cli_parse_args=argv, cli_prog_name=prog, cli_kebab_case=True)
+    return cls(_cli_settings_source=source)

@@ -1,0 +1,46 @@
+"""`crs-rlhf`: one entry point, one sub-command per job.
+
+Each sub-command lives in its own module with a ``main(argv) -> int``; this file only maps
+names to modules and imports lazily, so `crs-rlhf --help` is instant and a CPU-only install
+never imports vLLM or Ray for a command that does not need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("trainer.demo", "the main job: tiny models, SFT + reward models, reward/policy services, PPO"),
+    "make-tiny-models": ("trainer.tiny_models", "write tiny local models (policy, reward_pref, reward_abs)"),
+    "serve": ("trainer.serve", "run a service: reward-pref | reward-abs | policy-gen"),
+    "train-sft": ("trainer.sft.cli", "supervised fine-tuning on OASST threads"),
+    "train-rm": ("trainer.rm.cli", "train a reward model: preference | absolute"),
+    "train": ("trainer.ppo.cli", "PPO with the Combined Reward Signal (Ray)"),
+    "plot": ("trainer.plot", "draw a PPO run's figures as PNG"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: crs-rlhf COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'crs-rlhf COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"crs-rlhf: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
