@@ -1,0 +1,234 @@
+"""docker-compose files and images agree with the code they deploy (issue 6; k8s: test_deploy_k8s.py).
+
+No Docker engine here: every check is offline. The truth is imported, never copied: the
+settings classes give flag and CRS_* names and default ports, the apps give the probe paths,
+PPOConfig parses the trainer's command. The merged compose model is validated against the
+Compose spec's JSON schema (vendored by check-jsonschema); `docker compose config` runs too
+where the compose plugin exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._deploy_support import (
+    DATA, MODEL_SERVICES, REPO, SETTINGS, as_argv, build_routes, field_env_names, load_compose, mounts,
+    port_bindings, read_env_file, settings_from_argv, trainer_config,
+)
+from trainer.serve import SERVICES
+
+GPU = ("docker-compose.yml",)
+CPU = ("docker-compose.yml", "docker-compose.cpu.yml")
+
+
+@pytest.fixture(scope="module")
+def routes() -> dict[str, set[str]]:
+    return build_routes()
+
+
+# ---------------------------------------------------------------- docker compose
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_compose_validates_against_compose_spec(files):
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = pytest.importorskip("check_jsonschema", reason="pip install check-jsonschema (ships the compose-spec schema)")
+    schema = json.loads((Path(spec.__file__).parent / "builtin_schemas/vendor/compose-spec.json").read_text())
+    model = load_compose(*files)
+    jsonschema.validate(model, schema)
+    assert {"reward-pref", "reward-abs", "policy-gen", "ray-head", "trainer"} <= set(model["services"])
+
+
+def test_compose_gpu_reservations_and_cpu_override():
+    gpu, cpu = load_compose(*GPU)["services"], load_compose(*CPU)["services"]
+    for name in ("reward-pref", "reward-abs", "policy-gen", "ray-head"):
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices and all("gpu" in d["capabilities"] for d in devices), name
+        assert "deploy" not in cpu[name], f"{name}: the CPU override must drop the GPU reservation"
+    # The CPU run builds tiny models once, and everything that reads them waits for it.
+    assert cpu["tiny-models"]["command"][:2] == ["make-tiny-models", "/data/models"]
+    from trainer.cli import COMMANDS
+
+    assert cpu["tiny-models"]["command"][0] in COMMANDS
+    for name in ("reward-pref", "reward-abs", "policy-gen", "ray-head"):
+        assert cpu[name]["depends_on"]["tiny-models"]["condition"] == "service_completed_successfully"
+    assert "TORCH_INDEX_URL" in cpu["reward-pref"]["build"]["args"]
+    assert cpu["policy-gen"]["build"]["dockerfile"] == "docker/Dockerfile.reward"
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_compose_model_services_agree_with_settings(files, routes, tmp_path, monkeypatch):
+    services = load_compose(*files)["services"]
+    for name in MODEL_SERVICES:
+        svc, cls = services[name], SETTINGS[name]
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        unknown = {k for k in env if k.startswith("CRS_")} - field_env_names(cls)
+        assert not unknown, f"{name}: {unknown} are not {cls.__name__} fields (pydantic-settings would ignore them)"
+        s = settings_from_argv(name, as_argv(svc["command"]), env, tmp_path, monkeypatch)
+        assert s.host == "0.0.0.0" and s.api_key == read_env_file(REPO / ".env.example")["CRS_API_KEY"]
+        assert s.port == cls.model_fields["port"].default, f"{name}: keep the service's documented port"
+        (binding,) = port_bindings(svc)
+        assert binding.host_ip == "127.0.0.1", f"{name}: publish on loopback by default"
+        assert binding.container_port == s.port
+        assert svc["healthcheck"]["test"] == ["CMD", "crs-healthcheck", "/ready"]
+        assert {"/ready", "/health", "/metrics"} <= routes[name], name
+        if files == CPU:
+            assert s.device == "cpu"
+    policy = settings_from_argv("policy-gen", as_argv(services["policy-gen"]["command"]),
+                                {"CRS_API_KEY": "k"}, tmp_path, monkeypatch)
+    assert policy.backend == ("hf" if files == CPU else "vllm")
+    assert policy.adapter_root == str(tmp_path / "data/runs")
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_compose_volumes_share_one_data_layout(files):
+    services = load_compose(*files)["services"]
+    for name in (*MODEL_SERVICES, "ray-head"):
+        by_target = {m.target: m for m in mounts(services[name])}
+        assert by_target[DATA].source == "crs-data", f"{name}: the shared volume goes at {DATA}"
+        assert by_target["/data/models"].read_only, f"{name}: models are read-only for servers and trainer"
+    if files == CPU:
+        (m,) = mounts(services["tiny-models"])
+        assert (m.target, m.read_only) == ("/data/models", False)
+        assert all(m.source == "tiny-models" for n in MODEL_SERVICES for m in mounts(services[n]) if m.target == "/data/models")
+    config_mount = {m.target: m for m in mounts(services["ray-head"])}["/app/configs/cluster"]
+    assert (REPO / config_mount.source.removeprefix("./")).is_dir()
+
+
+@pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
+def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
+    services = load_compose(*files)["services"]
+    trainer = services["trainer"]
+    assert as_argv(trainer["entrypoint"])[:5] == ["ray", "job", "submit", "--address", "http://ray-head:8265"]
+    assert all(trainer["depends_on"][n]["condition"] == "service_healthy" for n in (*MODEL_SERVICES, "ray-head"))
+    head = as_argv(services["ray-head"]["entrypoint"])
+    assert head[:3] == ["ray", "start", "--head"] and "--dashboard-port=8265" in head
+    assert set(services["ray-head"]["environment"]) == {"CRS_API_KEY"}
+    cfg = trainer_config(as_argv(trainer["command"]))
+    assert cfg.services.policy_url == "http://policy-gen:8000"
+    assert cfg.services.reward_pref_urls == ["http://reward-pref:8001"]
+    assert cfg.services.reward_abs_urls == ["http://reward-abs:8002"]
+    assert cfg.model.policy_path == "/data/models/policy"
+    policy = settings_from_argv("policy-gen", as_argv(services["policy-gen"]["command"]), {}, tmp_path, monkeypatch)
+    assert cfg.generation.max_prompt_tokens + cfg.generation.max_new_tokens <= policy.max_model_len
+    assert cfg.run.output_dir.startswith("/data/runs/"), "adapters must land under policy-gen's --adapter-root"
+
+
+def test_env_example_names_are_real_settings():
+    env = read_env_file(REPO / ".env.example")
+    every_field = set().union(*(field_env_names(c) for c in SETTINGS.values()))
+    assert {k for k in env if k.startswith("CRS_")} <= every_field
+    assert ".env" in (REPO / ".dockerignore").read_text().split()
+
+
+def test_docker_cli_compose_config_when_available():
+    """`docker compose config` resolves files without an engine; the plugin is absent on CI machines."""
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose plugin not installed: the pure-Python merge above stands in for it")
+    for files in (GPU, CPU):
+        args = [a for f in files for a in ("-f", f)]
+        out = subprocess.run([docker, "compose", *args, "--env-file", ".env.example", "config", "--format", "json"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+
+
+# ---------------------------------------------------------------- images
+
+
+def dockerfile_stages(path: Path) -> list[list[str]]:
+    stages: list[list[str]] = []
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("FROM "):
+            stages.append([])
+        if line and not line.startswith("#") and stages:
+            stages[-1].append(line)
+    return stages
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.reward", "Dockerfile.policy-gen", "Dockerfile.trainer"])
+def test_dockerfiles_are_hardened(name):
+    path = REPO / "docker" / name
+    text = path.read_text()
+    stages = dockerfile_stages(path)
+    assert len(stages) >= 2, "multi-stage"
+    final = stages[-1]
+    user = [line for line in final if line.startswith("USER ")]
+    assert user and user[-1].split()[1] not in ("root", "0"), "the final stage runs as a non-root user"
+    assert any(line.startswith("HEALTHCHECK ") for line in final)
+    for line in text.splitlines():
+        if line.startswith("ARG ") and "IMAGE=" in line:
+            ref = line.split("=", 1)[1]
+            assert ":" in ref and not ref.endswith(":latest"), f"pin the base image: {line}"
+        if line.startswith(("ENV ", "ARG ")):
+            assert not any(w in line.upper() for w in ("API_KEY", "SECRET", "TOKEN", "PASSWORD")), f"no secrets: {line}"
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources = [p for p in line.split()[1:-1] if not p.startswith("--")]
+            for src in sources:
+                assert (REPO / src).exists(), f"{name}: COPY source {src} missing"
+                assert src.split("/")[0] not in ignored, f"{name}: {src} is excluded by .dockerignore"
+    entry = json.loads(next(line for line in final if line.startswith("ENTRYPOINT ")).split(" ", 1)[1])
+    cmd = json.loads(next(line for line in final if line.startswith("CMD ")).split(" ", 1)[1])
+    if entry == ["crs-rlhf", "serve"]:
+        assert cmd[0] in SERVICES
+
+
+def test_constraints_pin_every_dependency_within_pyproject():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pins = {}
+    for line in (REPO / "docker/constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    for req in deps:
+        assert req.name.lower() in pins, f"docker/constraints.txt lacks a pin for {req.name}"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} is outside {req}"
+
+
+def test_healthcheck_script_probes_a_real_server():
+    """200 -> exit 0; 404 or nothing listening -> exit 1 (what Docker marks unhealthy)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = [sys.executable, str(REPO / "docker/healthcheck.py")]
+    try:
+        port = str(server.server_address[1])
+        run = lambda *a, env=None: subprocess.run([*script, *a], capture_output=True, timeout=20, env=env).returncode  # noqa: E731
+        assert run("/ready", "--port", port) == 0
+        assert run("/nope", "--port", port) == 1
+        assert run("ready", env={"CRS_PORT": port, "PATH": "/usr/bin:/bin"}) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run("/ready", "--port", port) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="trainer/ppo/config.py should default services.api_key to $CRS_API_KEY "
+                   "(compose/k8s give the key to the Ray pods by env only); remove this marker when it does")
+def test_trainer_reads_the_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CRS_API_KEY", "key-from-env")
+    cfg = trainer_config(["crs-rlhf", "train", "--config", "/app/configs/cluster/ppo.yaml"])
+    assert cfg.services.api_key == "key-from-env"
