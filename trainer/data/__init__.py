@@ -1,0 +1,60 @@
+"""Open Assistant (OASST) data: loading, filters, builders and the shipped fixture.
+
+Public API (everything returns plain dataclasses or OpenAI-style message lists
+``[{"role": "user"|"assistant", "content": str}]``; text formatting is left to
+`services.common.chat`):
+
+- ``load_oasst(path_or_name) -> list[MessageTree]`` — trees JSONL export (``.jsonl[.gz]``),
+  flat message table (``.parquet`` / ``.jsonl[.gz]``, trees rebuilt from ``parent_id``), or a
+  Hugging Face `datasets` name / ``save_to_disk`` folder (network users only).
+- ``filter_trees(trees, tree_states=("ready_for_export",), drop_deleted=True, drop_synthetic=True,
+  langs=None) -> Filtered(trees, report)``; ``report.describe()`` says what each filter removed.
+- ``top_languages(trees, n)``, ``split_by_tree(trees, eval_fraction, seed) -> TreeSplit(train, eval)``.
+- ``build_sft_threads(trees) -> list[conversation]`` — root to an assistant turn along the
+  best-ranked replies, one per tree.
+- ``build_preference_sets(trees, min_replies=2, max_replies=4) -> list[PreferenceSet]`` —
+  ``prompt`` (ends with a user turn) and ``replies`` best first.
+- ``build_absolute_rows(trees) -> list[AbsoluteRow]`` — ``(prompt, reply, labels)``;
+  ``with_targets(rows, weighting="quality"|"w2"|"w3"|{label: weight}) -> LabelledRows`` sets
+  ``target`` and counts rows dropped for a missing label.
+- ``build_rl_prompts(trees, tokenizer=None, max_prompt_tokens=1024) -> list[conversation]``
+  (each ends with a user message; over-long prompts are dropped when a tokenizer is given).
+- ``fixture_path(fmt="trees"|"messages") -> Path`` — the shipped fixture (both files hold the
+  same trees; regenerate with ``python -m trainer.data.fixtures.make_fixture``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.data.builders import (
+    AbsoluteRow,
+    LabelledRows,
+    PreferenceSet,
+    build_absolute_rows,
+    build_preference_sets,
+    build_rl_prompts,
+    build_sft_threads,
+    with_targets,
+)
+from trainer.data.filters import FilterReport, Filtered, TreeSplit, filter_trees, split_by_tree, top_languages
+from trainer.data.labels import KNOWN_LABELS, WEIGHTINGS, UnknownLabelError, resolve_weighting
+from trainer.data.oasst import Label, Message, MessageTree, OasstFormatError, load_oasst
+
+_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_FIXTURE_FILES = {"trees": "oasst_trees.jsonl.gz", "messages": "oasst_messages.parquet"}
+
+
+def fixture_path(fmt: str = "trees") -> Path:
+    """Path of the shipped fixture: ``trees`` (JSONL.gz export) or ``messages`` (flat parquet)."""
+    if fmt not in _FIXTURE_FILES:
+        raise ValueError(f"fixture format must be one of {sorted(_FIXTURE_FILES)}, got {fmt!r}")
+    return _FIXTURES / _FIXTURE_FILES[fmt]
+
+
+__all__ = [
+    "AbsoluteRow", "FilterReport", "Filtered", "KNOWN_LABELS", "Label", "LabelledRows", "Message", "MessageTree",
+    "OasstFormatError", "PreferenceSet", "TreeSplit", "UnknownLabelError", "WEIGHTINGS", "build_absolute_rows",
+    "build_preference_sets", "build_rl_prompts", "build_sft_threads", "filter_trees", "fixture_path", "load_oasst",
+    "resolve_weighting", "split_by_tree", "top_languages", "with_targets",
+]

@@ -1,0 +1,51 @@
+"""Steps both reward trainers share: data loading with explained filters, model setup, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from trainer.config_io import dump_config
+from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
+from trainer.rm.config import DataSection, ModelSection
+from trainer.rm.modeling import device_and_dtype, load_reward_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EmptyDataError(ValueError):
+    pass
+
+
+def load_split(data: DataSection) -> tuple[TreeSplit, str]:
+    """Filtered trees split by tree; also a sentence saying what each filter removed."""
+    trees = load_oasst(data.path or fixture_path("trees"))
+    filtered = filter_trees(trees, tree_states=data.tree_states, drop_deleted=data.drop_deleted,
+                            drop_synthetic=data.drop_synthetic, langs=data.langs)
+    story = f"{data.path or 'fixture'}: {filtered.report.describe()}"
+    if not filtered.trees:
+        raise EmptyDataError(f"no trees left after filtering ({story}); check data.langs / data.tree_states")
+    return split_by_tree(filtered.trees, data.eval_fraction, data.split_seed), story
+
+
+def require(items: list, what: str, story: str) -> list:
+    if not items:
+        raise EmptyDataError(f"no {what} after filtering and building ({story})")
+    return items
+
+
+def setup_model(model_cfg: ModelSection):
+    """(model, tokenizer, device): classifier on the device, LoRA-wrapped when configured."""
+    device, dtype = device_and_dtype()
+    tok = load_tokenizer(model_cfg.base)
+    lora = dict(r=model_cfg.lora_r, alpha=model_cfg.lora_alpha, dropout=model_cfg.lora_dropout) if model_cfg.lora else None
+    model = load_reward_model(model_cfg.base, tok, dtype, lora).to(device)
+    return model, tok, device
+
+
+def write_outputs(out: Path, cfg, metrics: dict, card: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    dump_config(cfg, out / "config.yaml")
+    (out / "README.md").write_text(card)

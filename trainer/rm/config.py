@@ -1,0 +1,89 @@
+"""Configs of `crs-rlhf train-rm` (one pydantic model per command; unknown keys are errors).
+
+Defaults run on the shipped fixture and the tiny models in well under a minute; each field
+says the thesis value where it differs (MISSION.md section 1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.rm.augment import AugmentSection
+from trainer.rm.loop import TrainSection
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    base: str = Field(description="base model folder: the SFT model, any causal LM, or a num_labels=1 classifier")
+    lora: bool = Field(True, description="LoRA adapters on all linear layers (False = full fine-tuning)")
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    merge: bool = Field(True, description="write merged weights (True) or the peft adapter folder (False)")
+    max_tokens: int = Field(2048, description="truncation limit (thesis 2048)")
+    min_prompt_tokens: int = Field(256, description="the prompt keeps at least this many tokens (thesis 256)")
+
+
+class DataSection(_Section):
+    path: str | None = Field(None, description="OASST trees/messages file or datasets name (default: shipped fixture)")
+    langs: list[str] | None = Field(["en", "es", "fr", "de"], description="root languages kept (None = all)")
+    tree_states: list[str] | None = ["ready_for_export"]
+    drop_deleted: bool = True
+    drop_synthetic: bool = True
+    eval_fraction: float = Field(0.15, ge=0, lt=1, description="share of TREES held out for eval")
+    split_seed: int = 0
+
+
+class PreferenceLossSection(_Section):
+    l2: float = Field(0.001, ge=0, description="Open Assistant's 0.001 * 0.5 * (r_w^2 + r_l^2) per pair (0 = off)")
+    average: Literal["prompt", "pair"] = Field("prompt", description="'prompt' (OA) or 'pair' (TRL)")
+    max_replies: int = Field(4, ge=2, le=8, description="top ranked replies kept per prompt")
+
+
+class PreferenceTrain(TrainSection):
+    # Subclass defaults (not an instance default) so a partial YAML `train:` keeps them.
+    lr: float = 2e-3
+    epochs: int = 4
+    batch_size: int = 4
+
+
+class PreferenceRMConfig(_Section):
+    """`crs-rlhf train-rm preference`: ranked replies -> one reward logit."""
+
+    output_dir: str = "runs/rm-preference"
+    model: ModelSection
+    data: DataSection = DataSection()
+    loss: PreferenceLossSection = PreferenceLossSection()
+    train: PreferenceTrain = PreferenceTrain()
+
+
+class AbsoluteLossSection(_Section):
+    kind: Literal["logistic", "sigmoid_mse", "mse_penalty"] = Field("logistic", description="thesis choice: logistic")
+    penalty: float = Field(1.0, ge=0, description="mse_penalty: weight of the out-of-[0, 1] penalty")
+
+
+class AbsoluteTrain(TrainSection):
+    lr: float = 2e-3
+    epochs: int = 6
+    batch_size: int = 8
+
+
+class AbsoluteRMConfig(_Section):
+    """`crs-rlhf train-rm absolute`: each reply's own rating -> one reward logit."""
+
+    output_dir: str = "runs/rm-absolute"
+    model: ModelSection
+    data: DataSection = DataSection()
+    weighting: str | dict[str, float] = Field("quality", description="w2, w3, quality (thesis final) or {label: weight}")
+    loss: AbsoluteLossSection = AbsoluteLossSection()
+    remedies: list[str] = Field(
+        default_factory=list, description="any of augment, over_s, under_s_N, wgt_s_X (thesis best: "
+        "augment, under_s_8k, wgt_s_075)"
+    )
+    augment: AugmentSection = AugmentSection()
+    train: AbsoluteTrain = AbsoluteTrain()

@@ -1,0 +1,142 @@
+"""One small training loop for SFT and both reward models (plain torch, tqdm, resumable).
+
+Why not `Trainer`: our losses need whole ranked sets per prompt and per-sample weights, and
+the loop is 100 lines; a custom `compute_loss` plus collators would be longer. Resume is
+exact: the data order of epoch e is a permutation seeded by (seed, e), so skipping the
+micro-batches already done lands on the same batch a run without the interruption saw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+
+class TrainSection(BaseModel):
+    """Optimisation. Thesis values (RMs): Adam (0.9, 0.95), lr 5e-5 cosine, warmup 0.03,
+    max grad norm 0.3, grad accumulation 16, one epoch; defaults here suit the tiny models."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, description="peak learning rate (cosine decay after warmup)")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1, description="items per micro-batch (preference: ranked sets)")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float = 0.3
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    resume: bool = Field(True, description="continue from output_dir/checkpoint/ when it exists")
+    cpu_threads: int = Field(
+        1, ge=0, description="torch threads while training on CPU (0 = torch's default). 1 is fastest for small "
+        "models on shared cores: measured 0.06 s vs 0.56 s per tiny-model step with 2 threads under load",
+    )
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    resumed_from: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Temporarily set torch's intra-op threads (CPU only); restored afterwards."""
+    before = torch.get_num_threads()
+    if n and not torch.cuda.is_available():
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    items: Sequence[Any],
+    loss_fn: Callable[[torch.nn.Module, list[Any]], torch.Tensor],
+    cfg: TrainSection,
+    ckpt_dir: Path,
+    desc: str = "train",
+) -> LoopResult:
+    """Minimise `loss_fn(model, micro_batch_items)` (a scalar) over `items`."""
+    if not items:
+        raise ValueError("no training items")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    micro_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    result, micro = LoopResult(0), 0  # micro: micro-batches consumed so far
+    ckpt = ckpt_dir / "checkpoint.pt"
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["params"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        result = LoopResult(state["step"], state["losses"], resumed_from=state["step"])
+        micro = state["micro"]
+
+    def save() -> None:
+        nonlocal micro
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"params": _trainable(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": result.steps, "micro": micro, "losses": result.losses}, ckpt)
+
+    model.train()
+    bar = tqdm(total=total, initial=result.steps, desc=desc, leave=False, disable=None)  # None: off when not a TTY
+    acc_loss, acc_n = 0.0, 0
+    while result.steps < total:
+        epoch, pos = divmod(micro, micro_per_epoch)
+        order = _epoch_order(len(items), cfg.seed, epoch)
+        batch = [items[i] for i in order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
+        loss = loss_fn(model, batch)
+        (loss / cfg.grad_accum).backward()
+        acc_loss, acc_n = acc_loss + loss.item(), acc_n + 1
+        micro += 1
+        if acc_n == cfg.grad_accum or micro % micro_per_epoch == 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            result.steps += 1
+            result.losses.append(acc_loss / acc_n)
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc_loss / acc_n:.4f}")
+            acc_loss, acc_n = 0.0, 0
+            if cfg.save_steps and result.steps % cfg.save_steps == 0:
+                save()
+    bar.close()
+    save()
+    model.eval()
+    return result

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning on OASST threads with the loss on assistant tokens only.
+
+The thread is rendered once by `services.common.chat` (the exact text the policy sees at
+rollout time); the assistant spans are located by character offsets in that text and mapped
+to tokens through the fast tokenizer's offset mapping, so the label mask can never drift
+from the template. Labelled: each reply's content and its ``<|im_end|>`` (the policy must
+learn to stop); not labelled: user turns, role headers, BOS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.common.chat import format_conversation, format_prompt, format_response
+from trainer.data import build_sft_threads, filter_trees, fixture_path, load_oasst, split_by_tree, top_languages
+from trainer.rm.common import EmptyDataError, write_outputs
+from trainer.rm.loop import cpu_threads, seed_everything, train_loop
+from trainer.rm.modeling import device_and_dtype, load_tokenizer, pad_rows, save_model, special_affixes, wrap_lora
+from trainer.sft.config import SFTConfig
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label id that cross-entropy skips
+
+
+@dataclass
+class SFTExample:
+    ids: list[int]
+    labels: list[int]  # ids on assistant tokens, IGNORE elsewhere
+
+
+def assistant_spans(messages: list[dict]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant reply + <|im_end|> in format_conversation(messages)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(format_prompt(messages[:i]))
+            spans.append((start, start + len(format_response(m["content"]))))
+    return spans
+
+
+def encode_thread(tokenizer, messages: list[dict], max_tokens: int) -> SFTExample:
+    """Token ids and labels of a thread (must end with an assistant turn); cut at max_tokens."""
+    text = format_conversation(messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = assistant_spans(messages)
+    labels = [
+        tid if any(s <= start < e for s, e in spans) else IGNORE
+        for tid, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+    pre, suf = special_affixes(tokenizer)
+    ids = pre + enc["input_ids"] + suf
+    labels = [IGNORE] * len(pre) + labels + [IGNORE] * len(suf)
+    return SFTExample(ids[:max_tokens], labels[:max_tokens])
+
+
+def _batch(examples: list[SFTExample], pad_id: int, device) -> dict[str, torch.Tensor]:
+    ids, mask = pad_rows([e.ids for e in examples], pad_id)  # (B, T)
+    labels = torch.full_like(ids, IGNORE)  # (B, T)
+    for i, e in enumerate(examples):
+        labels[i, : len(e.labels)] = torch.as_tensor(e.labels)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[SFTExample], pad_id: int, device, batch_size: int) -> float:
+    """Mean token-level cross-entropy over assistant tokens."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = _batch(examples[i : i + batch_size], pad_id, device)
+        n = int((b["labels"][:, 1:] != IGNORE).sum())  # shifted: the first token is never predicted
+        total += float(model(**b).loss) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+def load_threads(cfg: SFTConfig) -> tuple[list, list, str]:
+    d = cfg.data
+    trees = load_oasst(d.path or fixture_path("trees"))
+    kept = filter_trees(trees, tree_states=d.tree_states).trees
+    langs = d.langs or (top_languages(kept, d.top_languages) if d.top_languages else None)
+    filtered = filter_trees(trees, tree_states=d.tree_states, langs=langs)
+    story = f"{d.path or 'fixture'}: {filtered.report.describe()} (languages {langs})"
+    split = split_by_tree(filtered.trees, d.eval_fraction, d.split_seed)
+    train = build_sft_threads(split.train)
+    if not train:
+        raise EmptyDataError(f"no SFT threads after filtering ({story})")
+    return train, build_sft_threads(split.eval), story
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Fine-tune, evaluate, write a causal-LM folder (+ tokenizer), metrics.json, config.yaml, README.md."""
+    with cpu_threads(cfg.train.cpu_threads):
+        return _train(cfg)
+
+
+def _train(cfg: SFTConfig) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    seed_everything(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    train_threads, eval_threads, story = load_threads(cfg)
+    device, dtype = device_and_dtype()
+    tok = load_tokenizer(cfg.model.base)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=dtype)
+    model.config.pad_token_id = tok.pad_token_id
+    m = cfg.model
+    if m.lora:
+        model = wrap_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, task="CAUSAL_LM")
+    model.to(device)
+    train_ex = [encode_thread(tok, t, m.max_tokens) for t in train_threads]
+    eval_ex = [encode_thread(tok, t, m.max_tokens) for t in eval_threads] or train_ex
+    pad, bs = tok.pad_token_id, cfg.train.batch_size
+    before = eval_loss(model, eval_ex, pad, device, bs)
+    result = train_loop(model, train_ex, lambda mdl, b: mdl(**_batch(b, pad, device)).loss, cfg.train,
+                        out / "checkpoint", desc="sft")
+    after = eval_loss(model, eval_ex, pad, device, bs)
+    metrics = {"eval_loss": after, "initial_eval_loss": before, "eval_perplexity": math.exp(min(after, 50.0)),
+               "train_threads": len(train_ex), "eval_threads": len(eval_threads), "steps": result.steps,
+               "train_loss_history": result.losses, "data": story}
+    save_model(model, tok, out, merge=m.merge, base=m.base)
+    card = (f"# SFT policy (crs-rlhf)\n\nCausal LM from `{m.base}`, {'LoRA' if m.lora else 'full fine-tuning'}, "
+            f"{'merged' if m.merge or not m.lora else 'peft adapter'}. ChatML threads (best-ranked OASST replies), "
+            f"loss on assistant tokens only.\n\neval_loss {after:.4f} (before {before:.4f}), {result.steps} steps.\n"
+            f"Data: {story}. Full config: `config.yaml`.\n")
+    write_outputs(out, cfg, metrics, card)
+    return out
