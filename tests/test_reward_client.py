@@ -1,0 +1,122 @@
+"""The async reward client against a real reward service process (and a real flaky proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from services.common.process import ServiceProcess, free_port, python_module
+from trainer.clients.reward import RewardClient, RewardServiceError, messages_item
+
+CONV = [{"role": "user", "content": "How do I bake bread?"}]
+
+
+def _start(model_path, port, log):
+    argv = python_module("services.reward_pref", "--model-path", str(model_path), "--port", str(port))
+    return ServiceProcess(argv, port, log_path=log, startup_timeout=120).start().wait_ready()
+
+
+@pytest.fixture(scope="module")
+def pref_service(tiny_models, tmp_path_factory):
+    port = free_port()
+    svc = _start(tiny_models["reward_pref"], port, tmp_path_factory.mktemp("logs") / "pref.log")
+    yield svc
+    svc.stop()
+
+
+class FlakyProxy:
+    """A real HTTP server that answers 503 + Retry-After `fail` times, then forwards."""
+
+    def __init__(self, upstream: str, fail: int, status: int = 503):
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        self.calls, self.fail, self.upstream = 0, fail, upstream
+
+        async def score(request):
+            self.calls += 1
+            if self.calls <= self.fail:
+                body = {"error": {"message": "overloaded", "type": "ServiceUnavailableError", "code": status}}
+                return JSONResponse(body, status_code=status, headers={"Retry-After": "0.2"})
+            async with httpx.AsyncClient() as c:
+                r = await c.post(self.upstream + "/v1/score", content=await request.body(),
+                                 headers={"content-type": "application/json"})
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[Route("/v1/score", score, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def test_scores_match_the_service_and_keep_order(pref_service):
+    items = [messages_item(CONV, r) for r in ("Mix flour and water.", "No.", "")]
+
+    async def go():
+        async with RewardClient([pref_service.url]) as client:
+            return await client.score(items)
+
+    got = asyncio.run(go())
+    direct = httpx.post(pref_service.url + "/v1/score", json={"items": [i.model_dump() for i in items]}).json()
+    assert got.scores == direct["scores"] and len(got.scores) == 3  # empty reply sent as " ", not dropped
+    assert got.probabilities is None
+
+
+def test_dead_replica_is_skipped_round_robin(pref_service):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def go():
+        async with RewardClient([dead, pref_service.url], unhealthy_cooldown_s=60, backoff_initial_s=0.01) as client:
+            urls = [(await client.score([messages_item(CONV, "hi")])).url for _ in range(4)]
+            return urls, client.failures
+
+    urls, failures = asyncio.run(go())
+    assert urls == [pref_service.url] * 4
+    assert failures == 1  # tried once, then skipped while cooling down
+
+
+def test_bad_request_raises_at_once_and_dead_service_raises_after_retries(pref_service):
+    async def bad():
+        async with RewardClient([pref_service.url]) as client:
+            await client.score([messages_item(CONV, "hi")], model="no-such-model")
+
+    with pytest.raises(RewardServiceError, match="rejected"):
+        asyncio.run(bad())
+
+    async def dead():
+        async with RewardClient([f"http://127.0.0.1:{free_port()}"], retry_max_s=1.0, backoff_initial_s=0.05) as client:
+            await client.score([messages_item(CONV, "hi")])
+
+    t0 = time.monotonic()
+    with pytest.raises(RewardServiceError, match="giving up"):
+        asyncio.run(dead())
+    assert time.monotonic() - t0 < 10
+
+
+def test_503_retry_after_is_honoured(pref_service):
+    with FlakyProxy(pref_service.url, fail=2) as proxy:
+        async def go():
+            async with RewardClient([proxy.url], unhealthy_cooldown_s=0) as client:
+                return await client.score([messages_item(CONV, "hi")])
+
+        t0 = time.monotonic()
+        got = asyncio.run(go())
+        assert proxy.calls == 3 and len(got.scores) == 1
+        assert time.monotonic() - t0 >= 0.4  # waited Retry-After twice

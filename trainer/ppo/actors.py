@@ -1,0 +1,77 @@
+"""Thin Ray actors around the plain classes (which tests use without Ray).
+
+Rollout actors reserve no CPU: they wait on HTTP, and on a 2-core machine reserving cores
+for waiting would starve the services. The learner takes one CPU, and a GPU when the
+cluster has one (`ray.learner_gpu: auto`).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from trainer.ppo.config import PPOConfig, RaySection
+
+
+def init_ray(rc: RaySection) -> bool:
+    """Join `rc.address` or start a quiet local cluster. Returns True if we started it (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False, ignore_reinit_error=True)
+    if rc.address:
+        ray.init(address=rc.address, **kwargs)
+    else:
+        # A small object store: rollouts are kilobytes, and a huge /dev/shm reservation slows start-up.
+        ray.init(num_cpus=rc.num_cpus, object_store_memory=256 * 1024 * 1024, **kwargs)
+    return True
+
+
+def learner_gpus(rc: RaySection) -> int:
+    if rc.learner_gpu == "never":
+        return 0
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if rc.learner_gpu == "always" and not has_gpu:
+        raise RuntimeError("ray.learner_gpu is 'always' but the Ray cluster has no GPU")
+    return 1 if has_gpu else 0
+
+
+@ray.remote(num_cpus=0)
+class RolloutActor:
+    def __init__(self, cfg: PPOConfig, worker_index: int):
+        from trainer.ppo.rollout import RolloutWorker
+
+        self.worker = RolloutWorker(cfg, worker_index)
+
+    def rollout(self, prompts, adapter, step, overlap=None):
+        return self.worker.rollout(prompts, adapter, step, overlap)
+
+
+@ray.remote(num_cpus=1)
+class LearnerActor:
+    def __init__(self, cfg: PPOConfig):
+        from trainer.ppo.learner import Learner
+
+        self.learner = Learner(cfg)
+
+    def train_step(self, samples):
+        return self.learner.train_step(samples)
+
+    def save_adapter(self, path):
+        return self.learner.save_adapter(path)
+
+    def save_checkpoint(self, path, trainer_state):
+        return self.learner.save_checkpoint(path, trainer_state)
+
+    def load_checkpoint(self, path):
+        return self.learner.load_checkpoint(path)
+
+    def device_name(self):
+        return self.learner.device_name()
+
+
+def make_learner(cfg: PPOConfig):
+    gpus = learner_gpus(cfg.ray)
+    return LearnerActor.options(num_gpus=gpus).remote(cfg)
+
+
+def make_rollout_workers(cfg: PPOConfig) -> list:
+    return [RolloutActor.remote(cfg, i) for i in range(cfg.ray.num_rollout_workers)]

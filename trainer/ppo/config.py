@@ -1,0 +1,133 @@
+"""`PPOConfig`: the one validated config of a PPO run, grouped like the thesis describes it.
+
+Defaults are the thesis's (MISSION §1.3): Adam (0.9, 0.95, 1e-8), lr 1.41e-5, weight decay
+1e-6, batch 16, 4 PPO epochs, initial β 0.002 (adaptive), clip 0.4 for policy and value,
+score clip 4, prompts ≤ 1024 tokens, ≤ 512 new tokens, top_k 0 / top_p 1, GAE γ 1 / λ 0.95,
+LoRA r 16 / alpha 32 on all linear layers, CRS weight 0.25 on the absolute RM's logit.
+Unknown keys are errors everywhere (`extra="forbid"`), so a typo names itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Section):
+    policy_path: str = Field("", description="SFT (or base) causal LM folder; the PPO policy starts here.")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="peft target modules; 'all-linear' as the thesis.")
+
+
+class OptimSection(_Section):
+    lr: float = Field(1.41e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-6
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables it.")
+
+
+class PPOSection(_Section):
+    batch_size: int = Field(16, gt=0, description="Rollouts (prompt × completion) per PPO step.")
+    completions_per_prompt: int = Field(1, gt=0, description="n: samples per prompt; batch_size must divide by it.")
+    ppo_epochs: int = Field(4, gt=0)
+    num_minibatches: int = Field(4, gt=0, description="Minibatches per epoch; batch_size must divide by it.")
+    clip_range: float = Field(0.4, gt=0, description="Policy ratio clip ε.")
+    clip_range_value: float = Field(0.4, gt=0, description="Value clip around the old values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (shared backbone: keep it small).")
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+
+
+class KLSection(_Section):
+    init_coef: float = Field(0.002, ge=0, description="Initial β of the per-token KL penalty.")
+    adaptive: bool = Field(True, description="Ziegler et al.'s adaptive controller; false = fixed β.")
+    target: float = Field(6.0, gt=0, description="Target objective KL (nats) of the adaptive controller.")
+    horizon: int = Field(10000, gt=0)
+
+
+class GenerationSection(_Section):
+    max_prompt_tokens: int = Field(1024, gt=0, description="Longer prompts are dropped (and counted).")
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = off (vLLM spells it -1; the client translates).")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class CRSSection(_Section):
+    weight: float = Field(0.25, ge=0, le=1, description="w in r = w·r_pref + (1−w)·r_abs.")
+    abs_output: Literal["logit", "probability"] = "logit"
+    normalise: Literal["none", "running", "batch"] = "none"
+    score_clip: float | None = Field(4.0, gt=0, description="Clip the mixed score to ±this; null = off.")
+
+
+class ServicesSection(_Section):
+    policy_url: str = Field("", description="policy_gen base URL (vLLM-compatible /v1/completions).")
+    policy_model: str | None = Field(None, description="Base model id served by policy_gen; None = ask /v1/models.")
+    reward_pref_urls: list[str] = Field(default_factory=list, description="Preference RM replicas, round-robin.")
+    reward_abs_urls: list[str] = Field(default_factory=list, description="Absolute RM replicas, round-robin.")
+    api_key: str | None = None
+    timeout_s: float = Field(120.0, gt=0, description="Per HTTP request.")
+    retry_max_s: float = Field(300.0, gt=0, description="Give up on a request after retrying this long.")
+    retry_max_attempts: int = Field(50, gt=0)
+    unhealthy_cooldown_s: float = Field(5.0, ge=0, description="A failing URL is skipped for this long.")
+    max_concurrency: int = Field(16, gt=0, description="Generation requests in flight per rollout worker.")
+
+
+class RaySection(_Section):
+    address: str | None = Field(None, description="Join this Ray cluster ('auto' or host:port); None = start a local one.")
+    num_cpus: int | None = Field(None, description="CPUs for a local cluster; None = Ray's default.")
+    num_rollout_workers: int = Field(1, gt=0)
+    learner_gpu: Literal["auto", "never", "always"] = Field("auto", description="auto: take a GPU when the cluster has one.")
+
+
+class RunSection(_Section):
+    output_dir: str = "runs/ppo"
+    steps: int = Field(100, gt=0, description="PPO steps in total (a resumed run continues up to this).")
+    checkpoint_every: int = Field(10, gt=0)
+    seed: int = 0
+    data_source: str = Field("fixture", description="'fixture' (the shipped OASST sample) or an OASST file path.")
+    step_retries: int = Field(2, ge=0, description="A rollout that still fails after client retries is redone this often.")
+    overlap_scoring: bool = Field(True, description="Score each completion as it arrives (false: after all generation).")
+    tensorboard: bool = True
+    keep_adapters: int | None = Field(None, description="Delete older adapters/step-* folders beyond this many.")
+
+
+class PPOConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    kl: KLSection = Field(default_factory=KLSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    crs: CRSSection = Field(default_factory=CRSSection)
+    services: ServicesSection = Field(default_factory=ServicesSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOConfig":
+        p = self.ppo
+        if p.batch_size % p.completions_per_prompt:
+            raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.completions_per_prompt {p.completions_per_prompt}")
+        if p.batch_size % p.num_minibatches:
+            raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.num_minibatches {p.num_minibatches}")
+        w = self.crs.weight
+        if w > 0 and not self.services.reward_pref_urls and self.services.policy_url:
+            raise ValueError(f"crs.weight {w} > 0 needs services.reward_pref_urls (or set crs.weight 0)")
+        if w < 1 and not self.services.reward_abs_urls and self.services.policy_url:
+            raise ValueError(f"crs.weight {w} < 1 needs services.reward_abs_urls (or set crs.weight 1)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir)

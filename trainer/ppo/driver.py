@@ -1,0 +1,264 @@
+"""The PPO training loop, top to bottom (CleanRL-style), driving Ray actors.
+
+    for step in steps:
+        rollouts  = workers generate + score (both reward services, on arrival)
+        stats     = learner.train_step(rollouts)        # CRS → KL penalty → GAE → PPO epochs
+        adapter   = learner.save_adapter(step)          # RUN/adapters/step-{k:06d}/, a new folder each step
+        policy_gen.sync_adapter(adapter)                # the next rollouts use the new policy
+        metrics.log(step); checkpoint every K steps
+
+Prompt order is a pure function of (seed, data position): each epoch over the prompts is a
+fresh seeded permutation, so `--resume` continues at the checkpoint's position with no
+prompt skipped or repeated, and step numbers continue from the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from trainer.clients.policy import PolicyClient
+from trainer.config_io import dump_config
+from trainer.ppo.actors import init_ray, make_learner, make_rollout_workers
+from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
+from trainer.ppo.config import PPOConfig
+from trainer.ppo.experience import RolloutBatch
+from trainer.ppo.metrics import MetricsLogger
+from trainer.ppo.rollout import PromptItem, split_prompts
+
+log = logging.getLogger("crs_rlhf.ppo")
+
+
+@dataclass
+class PromptSet:
+    prompts: list[list[dict]]  # conversations, each ending with a user turn
+    dropped: int  # prompts over generation.max_prompt_tokens (dropped, not cut: thesis)
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    first_step: int  # first step run by this call (1 for a fresh run)
+    last_step: int  # last completed step
+    interrupted: bool
+    num_prompts: int
+    dropped_prompts: int
+    metrics: list[dict] = field(default_factory=list)  # this call's rows of metrics.jsonl
+    final_adapter: str | None = None
+
+
+class PromptOrder:
+    """Position → prompt index: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("no RL prompts left after filtering (check run.data_source and generation.max_prompt_tokens)")
+        self.n, self.seed = n, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def __call__(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            perm = list(range(self.n))
+            random.Random(self.seed * 7919 + epoch).shuffle(perm)
+            self._perms[epoch] = perm
+        return self._perms[epoch][i]
+
+
+def load_prompts(cfg: PPOConfig) -> PromptSet:
+    from transformers import AutoTokenizer
+
+    from trainer.data import build_rl_prompts, filter_trees, fixture_path, load_oasst
+
+    source = fixture_path() if cfg.run.data_source == "fixture" else cfg.run.data_source
+    trees = filter_trees(load_oasst(source)).trees
+    tok = AutoTokenizer.from_pretrained(cfg.model.policy_path)
+    kept = build_rl_prompts(trees, tok, cfg.generation.max_prompt_tokens)
+    return PromptSet(prompts=kept, dropped=len(build_rl_prompts(trees)) - len(kept))
+
+
+def run_tag(run_dir: Path) -> str:
+    """Adapter-name prefix unique to a run folder: runs sharing one policy_gen never collide."""
+    return "ppo-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+
+
+def adapter_name(run_dir: Path, step: int) -> str:
+    return f"{run_tag(run_dir)}-step-{step:06d}"
+
+
+def _unload_stale_adapters(cfg: PPOConfig) -> list[str]:
+    """Unload adapters an earlier (interrupted) invocation of this run left in policy_gen."""
+    async def go():
+        s = cfg.services
+        async with PolicyClient(s.policy_url, model="", api_key=s.api_key, timeout_s=s.timeout_s) as client:
+            stale = [m for m in await client.models() if m.startswith(run_tag(cfg.run_dir) + "-step-")]
+            for name in stale:
+                await client.unload_adapter(name)
+            return stale
+
+    return asyncio.run(go())
+
+
+def _sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None) -> None:
+    """Load the new adapter into policy_gen, then unload the previous one (a new name and folder each step)."""
+    async def go():
+        s = cfg.services
+        async with PolicyClient(s.policy_url, model=previous or "", api_key=s.api_key, timeout_s=s.timeout_s) as client:
+            await client.load_adapter(path, name)
+            if previous and previous != name:
+                await client.unload_adapter(previous)
+
+    asyncio.run(go())
+
+
+def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: str | None, step: int) -> RolloutBatch:
+    """All workers in parallel; the whole step's rollout is redone if any slice fails for good.
+
+    Before a redo the current adapter is loaded again (a no-op if policy_gen still holds it):
+    a restarted policy_gen has forgotten it, and would otherwise answer 404 for the step.
+    """
+    for attempt in range(cfg.run.step_retries + 1):
+        slices = split_prompts(items, len(workers))
+        try:
+            parts = ray.get([w.rollout.remote(s, adapter, step) for w, s in zip(workers, slices)])
+        except ray.exceptions.RayTaskError as e:
+            if attempt == cfg.run.step_retries:
+                raise RuntimeError(f"step {step}: rollout failed after {attempt + 1} attempts: {e}") from e
+            log.warning("step %d: rollout failed (%s); retrying the step", step, e)
+            if adapter is not None:
+                try:
+                    _sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None)
+                except Exception as sync_error:  # the redo reports the real failure if this mattered
+                    log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
+            continue
+        samples = [s for p in parts for s in p.samples]
+        retries: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.retries.items():
+                retries[k] = retries.get(k, 0) + v
+        return RolloutBatch(samples, max(p.time_generate for p in parts), max(p.time_score for p in parts),
+                            max(p.time_total for p in parts), retries)
+    raise AssertionError("unreachable")
+
+
+def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> RunSummary:
+    """Run PPO up to cfg.run.steps; `on_step(row)` is called after each step's metrics row (progress bars)."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    data = load_prompts(cfg)
+    order = PromptOrder(len(data.prompts), cfg.run.seed)
+    prompts_per_step = cfg.ppo.batch_size // cfg.ppo.completions_per_prompt
+    log.info("%d RL prompts (%d dropped as longer than %d tokens)", len(data.prompts), data.dropped, cfg.generation.max_prompt_tokens)
+
+    started_ray = init_ray(cfg.ray)
+    metrics: MetricsLogger | None = None
+    summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
+    try:
+        learner = make_learner(cfg)
+        workers = make_rollout_workers(cfg)
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        progress = Progress()
+        _unload_stale_adapters(cfg)
+        if ckpt is not None:
+            state = ray.get(learner.load_checkpoint.remote(str(ckpt)))
+            progress = Progress(state["step"], state["data_position"], adapter_name(run_dir, state["step"]))
+            path = run_dir / "adapters" / f"step-{progress.step:06d}"
+            ray.get(learner.save_adapter.remote(str(path)))  # rewrite: the folder may be pruned or newer
+            _sync_adapter(cfg, str(path), progress.adapter, None)
+            log.info("resumed from %s: step %d, data position %d", ckpt, progress.step, progress.position)
+        elif resume:
+            log.warning("--resume: no checkpoint in %s, starting fresh", run_dir)
+        summary.first_step, summary.last_step = progress.step + 1, progress.step
+        metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_step=progress.step)
+
+        def checkpoint() -> None:
+            state = {"step": progress.step, "data_position": progress.position}
+            ray.get(learner.save_checkpoint.remote(str(checkpoint_dir(run_dir, progress.step)), state))
+
+        pending: Pending | None = None  # a step whose update was sent to the learner
+        try:
+            while progress.step < cfg.run.steps:
+                k, pos = progress.step + 1, progress.position
+                items = [PromptItem(p, data.prompts[order(p)]) for p in range(pos, pos + prompts_per_step)]
+                batch = _rollout(cfg, workers, items, progress.adapter, k)
+                pending = Pending(k, learner.train_step.remote(batch.samples), batch, items)
+                _finish_step(cfg, learner, metrics, summary, pending, progress)
+                if on_step is not None:
+                    on_step(summary.metrics[-1])
+                if progress.step % cfg.run.checkpoint_every == 0 or progress.step == cfg.run.steps:
+                    checkpoint()
+        except KeyboardInterrupt:
+            # Ctrl-C: an update already sent to the learner is finished and counted (its
+            # weights have moved), a rollout in progress is dropped; then checkpoint.
+            summary.interrupted = True
+            if pending is not None and progress.step < pending.step:
+                _finish_step(cfg, learner, metrics, summary, pending, progress)
+            log.warning("interrupted: saving a checkpoint at step %d", progress.step)
+            if progress.step > 0:
+                checkpoint()
+        summary.last_step = progress.step
+        summary.final_adapter = str(run_dir / "adapters" / f"step-{progress.step:06d}") if progress.step else None
+        return summary
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if started_ray:
+            ray.shutdown()
+
+
+@dataclass
+class Progress:
+    step: int = 0  # last completed step
+    position: int = 0  # prompts consumed (the data position)
+    adapter: str | None = None  # adapter name policy_gen generates with (None = base model)
+
+
+@dataclass
+class Pending:
+    step: int
+    ref: object  # Ray ObjectRef of learner.train_step
+    batch: RolloutBatch
+    items: list[PromptItem]
+
+
+def _finish_step(cfg, learner, metrics: MetricsLogger, summary: RunSummary, pending: Pending, progress: Progress) -> None:
+    """Wait for the update, publish the adapter, log; then (and only then) advance `progress`."""
+    k, batch, items = pending.step, pending.batch, pending.items
+    stats = ray.get(pending.ref)
+    t0 = time.perf_counter()
+    path = ray.get(learner.save_adapter.remote(str(cfg.run_dir / "adapters" / f"step-{k:06d}")))
+    _sync_adapter(cfg, path, adapter_name(cfg.run_dir, k), progress.adapter)
+    t_sync = time.perf_counter() - t0
+    _prune_adapters(cfg, k)
+    stats.update({
+        "time/generate": batch.time_generate, "time/score": batch.time_score, "time/rollout": batch.time_total,
+        "time/sync": t_sync, "data/position": progress.position + len(items),
+        **{f"retries/{name}": v for name, v in batch.retries.items()},
+    })
+    s = batch.samples
+    rollouts = {
+        "positions": [it.index for it in items],
+        "r_pref": [x.r_pref for x in s], "r_abs": [x.r_abs for x in s],
+        "response_length": [len(x.response_ids) for x in s], "example": s[0].response_text[:200],
+    }
+    summary.metrics.append(metrics.log(k, stats, rollouts))
+    progress.step, progress.position, progress.adapter = k, progress.position + len(items), adapter_name(cfg.run_dir, k)
+    summary.last_step = k
+
+
+def _prune_adapters(cfg: PPOConfig, step: int) -> None:
+    keep = cfg.run.keep_adapters
+    if keep is None:
+        return
+    for old in sorted((cfg.run_dir / "adapters").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Per-step metrics: RUN/metrics.jsonl (one JSON object per step), RUN/rollouts.jsonl
+(per-sample scores, for the reward-distribution plots) and TensorBoard.
+
+On resume the files are cut back to the checkpoint's step first: steps after the last
+checkpoint are redone, and must appear once, not twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REQUIRED = ("step", "reward/pref", "reward/abs", "reward/crs", "kl/objective", "kl/coef",
+            "response_length/mean", "time/generate", "time/score", "time/learn", "time/sync")
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rollouts_path = self.run_dir / "rollouts.jsonl"
+        for p in (self.metrics_path, self.rollouts_path):
+            if resume_step > 0:
+                _truncate_jsonl(p, resume_step)
+            elif p.exists():
+                p.unlink()  # a fresh run in an old folder starts clean
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of redone steps from an interrupted run.
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, stats: dict, rollouts: dict | None = None) -> dict:
+        """Append one step; missing signals (w = 0 or 1) are written as null."""
+        row = {"step": step, **{k: None for k in REQUIRED if k != "step"}, **stats}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if rollouts is not None:
+            with self.rollouts_path.open("a") as f:
+                f.write(json.dumps({"step": step, **rollouts}) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
