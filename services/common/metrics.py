@@ -1,0 +1,86 @@
+"""Prometheus metrics for a reward service, on a per-app registry.
+
+A registry per app (not prometheus_client's global one) lets tests and benchmarks build many
+apps in one process without "Duplicated timeseries" errors. Requests are counted by a pure
+ASGI middleware, so 401s and 413s answered by the outer middleware are counted too.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.batcher import BatchStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class RewardMetrics:
+    def __init__(self, known_paths: frozenset[str]):
+        self.registry = CollectorRegistry()
+        self.known_paths = known_paths  # any other path is labelled "other": bounded cardinality
+        r = self.registry
+        self.requests = Counter("crs_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "crs_request_latency_seconds", "HTTP request latency", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("crs_queue_items", "Items waiting for the model worker", registry=r)
+        self.batch_rows = Histogram("crs_batch_items", "Items per forward pass", buckets=_ROW_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "crs_batch_tokens", "Padded tokens (rows x longest) per forward pass", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.forward_seconds = Histogram(
+            "crs_forward_seconds", "Model forward time per pass", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tokens_scored = Counter("crs_tokens_scored", "Real (unpadded) tokens scored", registry=r)
+        self.items_scored = Counter("crs_items_scored", "Items scored", registry=r)
+        self.padding_tokens = Counter("crs_padding_tokens", "Pad tokens fed to the model", registry=r)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        """Called from the worker thread; prometheus_client metrics are thread-safe."""
+        self.batch_rows.observe(stats.rows)
+        self.batch_tokens.observe(stats.padded_tokens)
+        self.forward_seconds.observe(stats.seconds)
+        self.tokens_scored.inc(stats.tokens)
+        self.items_scored.inc(stats.rows)
+        self.padding_tokens.inc(stats.padded_tokens - stats.tokens)
+
+    def endpoint(self, path: str) -> str:
+        return path if path in self.known_paths else "other"
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response by endpoint and status and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: RewardMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = self.metrics.endpoint(scope["path"])
+        start = time.perf_counter()
+        status = 500  # if the app dies before answering
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,175 @@
+"""`build_app(settings, kind)`: the FastAPI app both reward services run.
+
+Routes stay thin: validate (protocol.py), encode (engine, in a thread), await the batcher,
+shape the reply. The model loads in a background thread at startup so /health answers at
+once and /ready turns 200 only after the model is loaded and one batch has run (warm-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.common.batcher import DynamicBatcher, QueueFullError
+from services.common.chat import ChatFormat
+from services.common.engine import EngineOptions, RewardEngine, load_engine
+from services.common.http import APIError, add_common_middleware
+from services.common.metrics import MetricsMiddleware, RewardMetrics
+from services.common.protocol import (
+    GetRewardRequest,
+    GetRewardResponse,
+    ModelCard,
+    ModelList,
+    RewardKind,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+)
+from services.common.reward_settings import RewardServiceSettings
+from services.common.truncation import Truncated
+
+log = logging.getLogger(__name__)
+
+PATHS = frozenset({"/v1/score", "/get_reward", "/health", "/ready", "/v1/models", "/metrics"})
+RETRY_AFTER_S = "1"
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function (no overflow for large |x|)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+class RewardService:
+    """Everything a running service holds: settings, engine (once loaded), batcher, metrics."""
+
+    def __init__(self, settings: RewardServiceSettings, kind: RewardKind):
+        self.settings = settings
+        self.kind = kind
+        self.model_id = settings.served_model_id()
+        self.metrics = RewardMetrics(PATHS)
+        self.engine: RewardEngine | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+
+    def engine_options(self) -> EngineOptions:
+        s = self.settings
+        return EngineOptions(
+            model_path=s.model_path, dtype=s.dtype, device=s.device, max_tokens=s.max_tokens,
+            min_prompt_tokens=s.min_prompt_tokens, trust_remote_code=s.trust_remote_code,
+            chat=ChatFormat(s.chat_im_start, s.chat_im_end), torch_threads=s.torch_threads,
+        )
+
+    async def load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(load_engine, self.engine_options())
+            await asyncio.to_thread(engine.warmup)
+        except Exception as exc:  # keep serving /health so the failure is visible, not a crash loop
+            log.exception("loading %s failed", self.settings.model_path)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        s = self.settings
+        max_batch_tokens, max_padding = s.batch_defaults(engine.device.type)
+        batcher = DynamicBatcher(
+            engine.score_ids, max_batch_tokens=max_batch_tokens, max_wait_ms=s.max_wait_ms,
+            max_queue_items=s.max_queue_items, max_padding=max_padding, cross_request=s.batching,
+            on_batch=self.metrics.observe_batch, worker_init=engine.init_thread,
+        )
+        batcher.start()
+        self.metrics.queue_depth.set_function(lambda: batcher.queued_items)
+        self.engine, self.batcher = engine, batcher
+        log.info("%s ready: %s (%s, %s, max_tokens %d, batch tokens %d, padding %.2f)", self.kind, self.model_id,
+                 engine.device, engine.dtype, engine.max_tokens, max_batch_tokens, max_padding)
+
+    def require_ready(self) -> tuple[RewardEngine, DynamicBatcher]:
+        if self.engine is None or self.batcher is None:
+            why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, why, headers={"Retry-After": RETRY_AFTER_S})
+        return self.engine, self.batcher
+
+    def check_request(self, model: str | None, n_items: int, param: str) -> None:
+        if model is not None and model not in (self.model_id, self.settings.model_path):
+            raise APIError(404, f"The model `{model}` does not exist; this service serves `{self.model_id}`.", param="model")
+        if n_items > self.settings.max_items:
+            raise APIError(413, f"too many items: {n_items} > max_items={self.settings.max_items}; split the request", param=param)
+
+    async def score(self, encoded: list[Truncated]) -> list[float]:
+        _, batcher = self.require_ready()
+        try:
+            return await batcher.submit([e.ids for e in encoded])
+        except QueueFullError as exc:
+            raise APIError(503, f"overloaded, retry later: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
+    service = RewardService(settings, kind)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        loader = asyncio.create_task(service.load())
+        yield
+        loader.cancel()  # a load still running in its thread is abandoned with the process
+        if service.batcher is not None:
+            await service.batcher.stop()
+
+    title = {"preference": "reward_pref", "absolute": "reward_abs"}[kind]
+    app = FastAPI(title=f"crs-rlhf {title}", description=f"{kind} reward model scoring", lifespan=lifespan)
+    app.state.service = service
+
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        service.check_request(request.model, len(request.items), "items")
+        engine, _ = service.require_ready()
+        encoded = await asyncio.to_thread(engine.encode_items, request.items)
+        scores = await service.score(encoded)
+        return ScoreResponse(
+            model=service.model_id,
+            kind=kind,
+            scores=scores,
+            probabilities=[sigmoid(s) for s in scores] if kind == "absolute" else None,
+            truncated=[e.truncated for e in encoded],
+            usage=Usage(tokens=sum(len(e.ids) for e in encoded)),
+        )
+
+    @app.post("/get_reward", response_model=GetRewardResponse)
+    async def get_reward(request: GetRewardRequest) -> GetRewardResponse:
+        """OpenRLHF's remote reward protocol: queries are full templated texts, scored as is."""
+        service.check_request(None, len(request.query), "query")
+        engine, _ = service.require_ready()
+        encoded = await asyncio.to_thread(engine.encode_queries, request.query)
+        scores = await service.score(encoded)
+        # Absolute: rewards are logits (MISSION.md: the logit is the stronger RL signal), scores are probabilities.
+        probs = [sigmoid(s) for s in scores] if kind == "absolute" else scores
+        return GetRewardResponse(rewards=scores, scores=probs, extra_logs={})
+
+    @app.get("/health")
+    async def health() -> dict:
+        if service.load_error:
+            raise APIError(503, f"the model failed to load: {service.load_error}")
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        service.require_ready()
+        return {"status": "ready", "model": service.model_id}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        engine = service.engine
+        max_tokens = engine.max_tokens if engine else settings.max_tokens
+        dtype = str(engine.dtype).removeprefix("torch.") if engine else settings.dtype
+        return ModelList(data=[ModelCard(id=service.model_id, kind=kind, max_tokens=max_tokens, dtype=dtype)])
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return service.metrics.response()
+
+    add_common_middleware(app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401/413 too
+    return app

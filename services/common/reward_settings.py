@@ -1,0 +1,84 @@
+"""Settings shared by both reward services (one pydantic-settings model per process).
+
+`RewardPrefSettings` and `RewardAbsSettings` subclass this and only change the default port,
+so a flag (``--max-wait-ms``) and its variable (``CRS_MAX_WAIT_MS``) mean the same in both.
+Docker/k8s manifests import these classes: keep field names stable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from services.common.settings import ServiceSettings
+
+
+class RewardServiceSettings(ServiceSettings):
+    # --- the model
+    model_path: str = Field(
+        description="Local folder or hub id of a sequence-classification reward model (num_labels=1), "
+        "or a PEFT adapter folder (adapter_config.json) on top of one."
+    )
+    model_id: str | None = Field(
+        None, description="Served model name (checked against a request's 'model'); default: the folder name."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
+    trust_remote_code: bool = Field(False, description="Run a model repo's own Python code (off unless you trust it).")
+
+    # --- text and truncation (MISSION.md: <= 2048 tokens, the prompt keeps >= 256, cut from its beginning)
+    max_tokens: int = Field(
+        2048, gt=0, description="Token cap per item; lowered to the model's max_position_embeddings if smaller."
+    )
+    min_prompt_tokens: int = Field(256, ge=0, description="A truncated prompt keeps at least this many tokens.")
+    chat_im_start: str = Field("<|im_start|>", description="ChatML start-of-turn marker used to format items.")
+    chat_im_end: str = Field("<|im_end|>", description="ChatML end-of-turn marker used to format items.")
+
+    # --- request limits and the dynamic batcher
+    max_items: int = Field(4096, gt=0, description="Most items (or queries) in one request; more gets 413.")
+    batching: bool = Field(
+        True, description="Cross-request dynamic batching; off = one forward pass per request (a baseline)."
+    )
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one forward pass: rows x longest row (padding included). "
+        "Default: 2048 on CPU (bigger padded batches were slower there), 65536 on CUDA.",
+    )
+    max_padding: float | None = Field(
+        None, ge=0, description="Most pad tokens per real token in one forward pass; more starts a new "
+        "micro-batch. Default: 0.05 on CPU (padded, masked batches ran slower there than single rows), 1.0 on CUDA.",
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="Intra-op threads of the model worker (default: torch's choice, one per core)."
+    )
+    max_wait_ms: float = Field(
+        4.0, ge=0, description="How long the collector waits for more requests before running a batch."
+    )
+    max_queue_items: int = Field(
+        16384, gt=0, description="Items waiting to be scored; beyond this requests get 503 + Retry-After."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardServiceSettings":
+        if self.min_prompt_tokens >= self.max_tokens:
+            raise ValueError(
+                f"min_prompt_tokens ({self.min_prompt_tokens}) must be below max_tokens ({self.max_tokens})"
+            )
+        return self
+
+    def batch_defaults(self, device_type: str) -> tuple[int, float]:
+        """(max_batch_tokens, max_padding) with the per-device defaults filled in."""
+        cuda = device_type == "cuda"
+        tokens = self.max_batch_tokens or (65536 if cuda else 2048)
+        padding = self.max_padding if self.max_padding is not None else (1.0 if cuda else 0.05)
+        return tokens, padding
+
+    def served_model_id(self) -> str:
+        """Explicit id, else a local folder's name, else the hub id as given (like vLLM)."""
+        if self.model_id:
+            return self.model_id
+        path = Path(self.model_path)
+        return path.resolve().name if path.exists() else self.model_path

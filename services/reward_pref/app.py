@@ -1,0 +1,14 @@
+"""The preference reward service's app: the shared reward app with kind 'preference'."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.common.reward_app import build_app
+from services.reward_pref.settings import RewardPrefSettings
+
+KIND = "preference"
+
+
+def create_app(settings: RewardPrefSettings) -> FastAPI:
+    return build_app(settings, KIND)
