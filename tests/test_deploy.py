@@ -226,9 +226,8 @@ def test_healthcheck_script_probes_a_real_server():
     assert run("/ready", "--port", port) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/ppo/config.py should default services.api_key to $CRS_API_KEY "
-                   "(compose/k8s give the key to the Ray pods by env only); remove this marker when it does")
 def test_trainer_reads_the_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("CRS_API_KEY", "key-from-env")
     cfg = trainer_config(["crs-rlhf", "train", "--config", "/app/configs/cluster/ppo.yaml"])
     assert cfg.services.api_key == "key-from-env"
+    assert "key-from-env" not in cfg.model_dump_json()  # never written to the run folder

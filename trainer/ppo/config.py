@@ -9,6 +9,8 @@ Unknown keys are errors everywhere (`extra="forbid"`), so a typo names itself.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Literal
 
@@ -76,7 +78,9 @@ class ServicesSection(_Section):
     policy_model: str | None = Field(None, description="Base model id served by policy_gen; None = ask /v1/models.")
     reward_pref_urls: list[str] = Field(default_factory=list, description="Preference RM replicas, round-robin.")
     reward_abs_urls: list[str] = Field(default_factory=list, description="Absolute RM replicas, round-robin.")
-    api_key: str | None = None
+    # From $CRS_API_KEY by default (compose/k8s hand the key to the Ray pods by env only), and
+    # excluded from dumps so the key never lands in the run folder's config.yaml.
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("CRS_API_KEY") or None, exclude=True, repr=False)
     timeout_s: float = Field(120.0, gt=0, description="Per HTTP request.")
     retry_max_s: float = Field(300.0, gt=0, description="Give up on a request after retrying this long.")
     retry_max_attempts: int = Field(50, gt=0)
