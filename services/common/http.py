@@ -66,13 +66,19 @@ def error_response(
     return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
 
 
+_UNION_TAGS = frozenset({"pair", "messages"})
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     """Turn pydantic's error list into one readable sentence and the first bad field."""
     parts, first_param = [], None
     for err in exc.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        # Unions report each branch's failure; the branch tag in loc is noise for the user.
-        loc = [p for p in loc if not p.endswith("Item") and p not in ("function-after[_ends_with_assistant(), list[ChatMessage]]",)]
+        loc, prev = [], None
+        for part in err.get("loc", ()):
+            # Tagged unions put the branch tag right after the list index; noise for the user.
+            if not (part == "body" or (isinstance(prev, int) and part in _UNION_TAGS)):
+                loc.append(str(part))
+            prev = part
         where = ".".join(loc) or "body"
         first_param = first_param or where
         if err.get("type") == "json_invalid":

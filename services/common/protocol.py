@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 RewardKind = Literal["preference", "absolute"]
 Role = Literal["system", "user", "assistant"]
@@ -65,7 +65,17 @@ class MessagesItem(_Strict):
         return messages
 
 
-ScoreItem = Annotated[Union[PromptResponseItem, MessagesItem], Field(union_mode="left_to_right")]
+def _item_kind(value) -> str:
+    # Pick the branch by shape so a bad item reports one branch's errors, not both.
+    if isinstance(value, MessagesItem) or (isinstance(value, dict) and "messages" in value):
+        return "messages"
+    return "pair"
+
+
+ScoreItem = Annotated[
+    Union[Annotated[PromptResponseItem, Tag("pair")], Annotated[MessagesItem, Tag("messages")]],
+    Discriminator(_item_kind),
+]
 
 
 class ScoreRequest(_Strict):
