@@ -167,9 +167,17 @@ def run_demo(args: DemoArgs) -> int:
         urls = start_services(stack, models, run_dir, args.policy_backend, need_pref, need_abs)
 
         _stage(4, n, f"PPO for {args.steps} steps, CRS weight {args.crs_weight} (Ray, local)")
+        from tqdm import tqdm
+
         from trainer.ppo.driver import train
 
-        summary = train(ppo_config(args, models, urls, run_dir))
+        with tqdm(total=args.steps, desc="PPO", unit="step") as bar:
+            def on_step(row: dict) -> None:
+                bar.update(1)
+                bar.set_postfix({"crs": f"{row['reward/crs']:.3f}", "kl": f"{row['kl/objective']:.2f}",
+                                 "len": f"{row['response_length/mean']:.1f}"})
+
+            summary = train(ppo_config(args, models, urls, run_dir), on_step=on_step)
 
     _stage(5, n, "plots and summary")
     from trainer.plot import plot_run
@@ -183,8 +191,18 @@ def run_demo(args: DemoArgs) -> int:
     return 130 if summary.interrupted else 0
 
 
+def _quiet_libraries() -> None:
+    """The demo prints its own stages and bars; library chatter would bury them."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("CRS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     args = parse_args(argv)
     try:
         return run_demo(args)
