@@ -16,7 +16,6 @@ rollout time (> 1: overlap is faster).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile

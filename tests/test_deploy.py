@@ -18,8 +18,19 @@ from pathlib import Path
 import pytest
 
 from tests._deploy_support import (
-    DATA, MODEL_SERVICES, REPO, SETTINGS, as_argv, build_routes, field_env_names, load_compose, mounts,
-    port_bindings, read_env_file, settings_from_argv, trainer_config,
+    DATA,
+    MODEL_SERVICES,
+    REPO,
+    SETTINGS,
+    as_argv,
+    build_routes,
+    field_env_names,
+    load_compose,
+    mounts,
+    port_bindings,
+    read_env_file,
+    settings_from_argv,
+    trainer_config,
 )
 from trainer.serve import SERVICES
 

@@ -11,15 +11,23 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
 from tests._deploy_support import (
-    MODEL_SERVICES, REPO, SETTINGS, build_routes, env_names, field_env_names, labels_match, load_manifests,
-    pod_templates, settings_from_argv, trainer_config,
+    MODEL_SERVICES,
+    REPO,
+    SETTINGS,
+    build_routes,
+    env_names,
+    field_env_names,
+    labels_match,
+    load_manifests,
+    pod_templates,
+    settings_from_argv,
+    trainer_config,
 )
 
 K8S = REPO / "k8s"

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from services.common.chat import format_prompt, format_response
-from trainer.data import build_absolute_rows, build_preference_sets, filter_trees, fixture_path, load_oasst, with_targets
+from trainer.data import (
+    build_absolute_rows,
+    build_preference_sets,
+    filter_trees,
+    fixture_path,
+    load_oasst,
+    with_targets,
+)
 from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
 
 TINY = dict(max_tokens=512, min_prompt_tokens=128)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.chat import CHATML, ChatFormat
-from services.common.truncation import Truncated, truncate_left, truncate_pair
+from services.common.truncation import Truncated, special_affixes, truncate_left, truncate_pair
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
-
-
-def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer's own config adds around a text (BOS; BERT's CLS/SEP).
-
-    Found by diffing one encoding with and without special tokens, so we add exactly what
-    the model saw in training and nothing when the tokenizer adds nothing (our tiny models).
-    """
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain) :])
-    return [], []
 
 
 def _load_model_and_tokenizer(opts: EngineOptions, dtype: torch.dtype):
@@ -111,7 +97,7 @@ class RewardEngine:
         self.opts = opts
         self.device = device
         self.dtype = next(model.parameters()).dtype
-        self.prefix, self.suffix = _special_affixes(tokenizer)
+        self.prefix, self.suffix = special_affixes(tokenizer)
         # Fast tokenizers are not safe under concurrent calls that touch their settings;
         # encoding runs in worker threads, so it is serialised (it is cheap next to a forward).
         self._tok_lock = threading.Lock()

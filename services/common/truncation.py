@@ -67,3 +67,17 @@ def truncate_left(ids: Sequence[int], max_tokens: int) -> Truncated:
     if len(ids) <= max_tokens:
         return Truncated(list(ids), False)
     return Truncated(list(ids[len(ids) - max_tokens :]), True)
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer's own config adds around a text (BOS; BERT's CLS/SEP).
+
+    Found by diffing one encoding with and without special tokens, so training and serving add
+    exactly what the model saw and nothing when the tokenizer adds nothing (our tiny models).
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []

@@ -37,7 +37,7 @@ from trainer.data.builders import (
     build_sft_threads,
     with_targets,
 )
-from trainer.data.filters import FilterReport, Filtered, TreeSplit, filter_trees, split_by_tree, top_languages
+from trainer.data.filters import Filtered, FilterReport, TreeSplit, filter_trees, split_by_tree, top_languages
 from trainer.data.labels import KNOWN_LABELS, WEIGHTINGS, UnknownLabelError, resolve_weighting
 from trainer.data.oasst import Label, Message, MessageTree, OasstFormatError, load_oasst
 

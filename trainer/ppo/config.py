@@ -10,7 +10,6 @@ Unknown keys are errors everywhere (`extra="forbid"`), so a typo names itself.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Literal
 

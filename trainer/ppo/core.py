@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 # --------------------------------------------------------------------------- masked stats
 
 

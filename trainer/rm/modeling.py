@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.chat import format_prompt, format_response
-from services.common.truncation import truncate_pair
+from services.common.truncation import special_affixes, truncate_pair
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel (or the model itself)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
-
-
-def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """Special tokens the tokenizer adds around a text (BOS...), as the scoring engine adds them."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain) :])
-    return [], []
 
 
 def encode_reply(tokenizer, prompt: list[dict], reply: str, max_tokens: int, min_prompt_tokens: int) -> list[int]:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from services.common.chat import format_conversation, format_prompt, format_response
+from services.common.truncation import special_affixes
 from trainer.data import build_sft_threads, filter_trees, fixture_path, load_oasst, split_by_tree, top_languages
 from trainer.rm.common import EmptyDataError, write_outputs
 from trainer.rm.loop import cpu_threads, seed_everything, train_loop
-from trainer.rm.modeling import device_and_dtype, load_tokenizer, pad_rows, save_model, special_affixes, wrap_lora
+from trainer.rm.modeling import device_and_dtype, load_tokenizer, pad_rows, save_model, wrap_lora
 from trainer.sft.config import SFTConfig
 
 log = logging.getLogger(__name__)
