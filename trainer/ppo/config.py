@@ -133,4 +133,5 @@ class PPOConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir)
+        # Absolute: adapter paths are sent to policy_gen, another process with its own cwd.
+        return Path(self.run.output_dir).resolve()
