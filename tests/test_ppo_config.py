@@ -76,3 +76,10 @@ def test_split_prompts_keeps_order_and_covers_all():
     assert [len(p) for p in parts] == [3, 2, 2]
     assert [it.index for p in parts for it in p] == list(range(7))
     assert len(split_prompts(items[:2], 4)) == 2  # no empty slices for idle workers
+
+
+def test_run_dir_is_absolute_so_policy_gen_can_find_adapters(tmp_path, monkeypatch):
+    # policy_gen is another process with its own cwd: a relative adapter path would 404 there.
+    monkeypatch.chdir(tmp_path)
+    cfg = PPOConfig.model_validate({"run": {"output_dir": "runs/rel"}})
+    assert cfg.run_dir == tmp_path / "runs" / "rel"
