@@ -95,8 +95,16 @@ def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir
         specs["reward_pref"] = ("services.reward_pref", ["--model-path", str(models["reward_pref"])])
     if need_abs:
         specs["reward_abs"] = ("services.reward_abs", ["--model-path", str(models["reward_abs"])])
-    specs["policy_gen"] = ("services.policy_gen", [
-        "--backend", backend, "--model-path", str(models["policy"]), "--adapter-root", str(run_dir.resolve())])
+    # fp32 like the learner, which recomputes log π in fp32: vLLM would serve the fp32 tiny model
+    # in bf16 (hf: on GPUs), and PPO's ratio would then be off by ~2 % on some tokens.
+    policy_args = ["--backend", backend, "--model-path", str(models["policy"]),
+                   "--adapter-root", str(run_dir.resolve()), "--dtype", "float32"]
+    if backend == "vllm":
+        # vLLM reserves this share of memory for its KV cache up front (on CPU: of NUMA node 0,
+        # refused if not free right now). The tiny policy needs a few MB, and the learner and the
+        # reward services share the machine: the default 0.5 fails on a busy box.
+        policy_args += ["--gpu-memory-utilization", "0.15"]
+    specs["policy_gen"] = ("services.policy_gen", policy_args)
     procs = {}
     for name, (module, args) in specs.items():
         port = free_port()
