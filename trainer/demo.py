@@ -194,8 +194,10 @@ def run_demo(args: DemoArgs) -> int:
     print(summary_table(summary.metrics))
     print(f"\nrun folder: {run_dir}\n  metrics:  {run_dir / 'metrics.jsonl'}\n  plots:    "
           + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}")
-    print(f"done in {time.monotonic() - t0:.0f}s" + (" (interrupted; resume with crs-rlhf train --resume)"
-                                                    if summary.interrupted else ""))
+    print(f"done in {time.monotonic() - t0:.0f}s")
+    if summary.interrupted:
+        print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
+              f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
     return 130 if summary.interrupted else 0
 
 
