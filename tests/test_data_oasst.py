@@ -46,6 +46,16 @@ def test_both_formats_give_identical_trees(raw, tmp_path):
     assert load_oasst(path) == raw
 
 
+def test_a_datasets_folder_gives_the_same_trees(raw, tmp_path):
+    # Users with network pass "OpenAssistant/oasst1"; offline, the same code path reads a
+    # `save_to_disk` folder of the flat table (HF's own layout: labels as a struct of lists).
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(str(fixture_path("messages")))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "oasst1"))
+    assert load_oasst(tmp_path / "oasst1") == raw
+
+
 def test_fixture_generator_is_deterministic_and_matches_shipped_files(tmp_path):
     make_fixture.write(tmp_path / "t.jsonl.gz", tmp_path / "m.parquet")
     assert (tmp_path / "t.jsonl.gz").read_bytes() == fixture_path("trees").read_bytes()
