@@ -73,14 +73,14 @@ class PolicyClient:
             base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self._api.close()
 
     async def __aenter__(self) -> "PolicyClient":
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.close()
+        await self.aclose()
 
     async def _retry(self, fn, *args, **kwargs):
         retrying = AsyncRetrying(

@@ -75,7 +75,7 @@ class RolloutWorker:
             model = adapter or self.base_model
             return await self._run(policy, pref, abs_, prompts, model, step, overlap)
         finally:
-            await policy.close()
+            await policy.aclose()
             for c in (pref, abs_):
                 if c is not None:
                     await c.aclose()
