@@ -74,3 +74,15 @@ def test_cli_lists_commands(capsys):
     for name in ("demo", "make-tiny-models", "serve", "train-rm", "train-sft", "train", "plot"):
         assert name in out
     assert main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("argv", [["services.reward_abs"], ["services.policy_gen", "--model-path", "x", "--backend", "tgi"]])
+def test_a_bad_setting_is_a_usage_error_not_a_traceback(argv):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CRS_")}
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert ("--model-path (or CRS_MODEL_PATH)" if len(argv) == 1 else "--backend (or CRS_BACKEND)") in proc.stderr

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 from fastapi import FastAPI
 
 from services.common.reward_settings import RewardServiceSettings
-from services.common.settings import parse_settings
+from services.common.settings import settings_or_exit
 
 
 def serve(
@@ -19,7 +19,7 @@ def serve(
 ) -> int:
     import uvicorn
 
-    settings = parse_settings(cls, argv, prog=prog)
+    settings = settings_or_exit(cls, argv, prog=prog)
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

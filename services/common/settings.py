@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -33,3 +33,18 @@ def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | 
     argv = list(sys.argv[1:] if argv is None else argv)
     source = CliSettingsSource(cls, cli_parse_args=argv, cli_prog_name=prog, cli_kebab_case=True)
     return cls(_cli_settings_source=source)
+
+
+def settings_or_exit(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
+    """`parse_settings` for a process entry point: a bad setting is a usage error (exit 2)
+    that names the flag and its env var, not a traceback."""
+    try:
+        return parse_settings(cls, argv, prog)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            flag, env = "--" + field.replace("_", "-"), "CRS_" + field.upper()
+            lines.append(f"  {flag} (or {env}): {err['msg']}")
+        print(f"{prog or cls.__name__}: invalid settings\n" + "\n".join(lines) + "\n(--help lists them)", file=sys.stderr)
+        raise SystemExit(2) from None

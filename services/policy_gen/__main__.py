@@ -13,10 +13,9 @@ import sys
 import threading
 import time
 
-from pydantic import ValidationError
 
 from services.common.process import free_port
-from services.common.settings import parse_settings
+from services.common.settings import settings_or_exit
 from services.policy_gen.settings import PolicyGenSettings
 
 log = logging.getLogger("services.policy_gen")
@@ -39,11 +38,7 @@ def _healthy(url: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = parse_settings(PolicyGenSettings, argv, prog="python -m services.policy_gen")
-    except ValidationError as exc:
-        print(f"policy_gen: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(PolicyGenSettings, argv, prog="python -m services.policy_gen")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from services.policy_gen.app import create_app
 
