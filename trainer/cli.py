@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("trainer.demo", "the main job: tiny models, SFT + reward models, reward/policy services, PPO"),
     "make-tiny-models": ("trainer.tiny_models", "write tiny local models (policy, reward_pref, reward_abs)"),
-    "serve": ("trainer.serve", "run a service: reward-pref | reward-abs | policy-gen"),
+    "serve": ("trainer.serve", "run a service: reward-pref | reward-abs | reward-shared | policy-gen"),
     "train-sft": ("trainer.sft.cli", "supervised fine-tuning on OASST threads"),
     "train-rm": ("trainer.rm.cli", "train a reward model: preference | absolute"),
     "train": ("trainer.ppo.cli", "PPO with the Combined Reward Signal (Ray)"),

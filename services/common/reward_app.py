@@ -74,6 +74,13 @@ class RewardService:
             log.exception("loading %s failed", self.settings.model_path)
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
+        self.attach_engine(engine)
+
+    def attach_engine(self, engine: RewardEngine) -> None:
+        """Serve with a loaded, warmed engine: a batcher over it, then /ready says 200.
+
+        Separate from `load` so the shared-base mode (services/reward_shared) can hand in
+        engines that share one model."""
         s = self.settings
         max_batch_tokens, max_padding = s.batch_defaults(engine.device.type)
         batcher = DynamicBatcher(
