@@ -6,7 +6,6 @@ real HTTP, including both ports hammered at once (the adapters must not leak int
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,18 +47,6 @@ def adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return {"preference": make_adapter(base, root / "pref-lora", 1), "absolute": make_adapter(base, root / "abs-lora", 2)}
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 def rss_kib(svc: ServiceProcess) -> int:
     for line in Path(f"/proc/{svc.proc.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -78,7 +65,7 @@ def shared(tiny_models, adapters, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "reward_shared.log"
     with ServiceProcess(argv, pref_port, log_path=log, startup_timeout=180) as svc:
         abs_url = f"http://127.0.0.1:{abs_port}"
-        wait_ready(abs_url)
+        svc.wait_ready(abs_url)
         yield svc, {"preference": svc.url, "absolute": abs_url}
 
 

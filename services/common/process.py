@@ -65,19 +65,22 @@ class ServiceProcess:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
-    def wait_ready(self) -> "ServiceProcess":
+    def wait_ready(self, url: str | None = None) -> "ServiceProcess":
+        """Poll `url` (default: this service's own) + ready_path; a process serving several
+        ports (services.reward_shared) is waited on once per port."""
+        url = url or self.url
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready{self._log_hint()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                if httpx.get(url + self.ready_path, timeout=2.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(f"{self.name} was not ready on {self.url}{self.ready_path} within {self.startup_timeout:.0f}s{self._log_hint()}")
+        raise TimeoutError(f"{self.name} was not ready on {url}{self.ready_path} within {self.startup_timeout:.0f}s{self._log_hint()}")
 
     def _log_hint(self) -> str:
         if not self.log_path or not self.log_path.exists():
