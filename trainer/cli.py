@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-rm": ("trainer.rm.cli", "train a reward model: preference | absolute"),
     "train": ("trainer.ppo.cli", "PPO with the Combined Reward Signal (Ray)"),
     "plot": ("trainer.plot", "draw a PPO run's figures as PNG"),
+    "sweep": ("trainer.sweep", "a grid of PPO runs (e.g. CRS weights) sharing one set of services"),
+    "eval": ("trainer.eval.cli", "evaluation: prompts, generate, judge, rm-score, rm-bench, report, annotate, rank"),
+    "data-report": ("trainer.data.report", "counts and label figures of an Open Assistant export"),
 }
 
 
