@@ -75,8 +75,23 @@ def test_scores_match_the_service_and_keep_order(pref_service):
 
     got = asyncio.run(go())
     direct = httpx.post(pref_service.url + "/v1/score", json={"items": [i.model_dump() for i in items]}).json()
-    assert got.scores == direct["scores"] and len(got.scores) == 3  # empty reply sent as " ", not dropped
+    assert got.scores == direct["scores"] and len(got.scores) == 3
     assert got.probabilities is None
+
+
+def test_empty_reply_is_scored_as_empty_not_as_a_space(pref_service):
+    """A policy that ends its turn at once is judged on the empty reply itself."""
+    assert messages_item(CONV, "").messages[-1].content == ""
+
+    async def go():
+        async with RewardClient([pref_service.url]) as client:
+            return await client.score([messages_item(CONV, ""), messages_item(CONV, " ")])
+
+    empty, space = asyncio.run(go()).scores
+    pair = httpx.post(pref_service.url + "/v1/score",
+                      json={"items": [{"prompt": CONV[0]["content"], "response": ""}]}).json()
+    assert pair["scores"][0] == pytest.approx(empty, abs=1e-6)  # both forms template the same empty reply
+    assert empty != space  # the old " " placeholder scored a different text
 
 
 def test_dead_replica_is_skipped_round_robin(pref_service):

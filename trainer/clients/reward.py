@@ -58,11 +58,11 @@ def _retry_after(resp: httpx.Response) -> float | None:
 def messages_item(messages: Sequence[dict], response: str) -> MessagesItem:
     """A conversation (ending in the user turn) plus the policy's reply, as the service wants it.
 
-    An empty reply (the policy emitted end-of-turn at once) is sent as a single space: the
-    contract rejects empty content, and the scored text differs only by that space.
+    An empty reply (the policy emitted end-of-turn at once) is scored as it is: it is a real
+    outcome the reward model should judge, not something to paper over with a placeholder.
     """
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return MessagesItem(messages=[*turns, {"role": "assistant", "content": response if response.strip() else " "}])
+    return MessagesItem(messages=[*turns, {"role": "assistant", "content": response}])
 
 
 class RewardClient:

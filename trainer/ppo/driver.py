@@ -26,7 +26,8 @@ from typing import Callable
 
 import ray
 
-from trainer.clients.policy import PolicyClient
+from trainer.clients.policy import AdapterTableFull, PolicyClient
+from trainer.clients.wait import Target, wait_ready
 from trainer.config_io import dump_config
 from trainer.ppo.actors import init_ray, make_learner, make_rollout_workers
 from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
@@ -34,8 +35,13 @@ from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import RolloutBatch
 from trainer.ppo.metrics import MetricsLogger
 from trainer.ppo.rollout import PromptItem, split_prompts
+from trainer.ppo.signals import Interrupted, stop_on_signals
 
 log = logging.getLogger("crs_rlhf.ppo")
+
+
+class StepFailed(RuntimeError):
+    """A step's rollout still failed after `run.step_retries` redos (a service is down or broken)."""
 
 
 @dataclass
@@ -54,6 +60,7 @@ class RunSummary:
     dropped_prompts: int
     metrics: list[dict] = field(default_factory=list)  # this call's rows of metrics.jsonl
     final_adapter: str | None = None
+    exit_code: int = 0  # 130 after SIGINT, 143 after SIGTERM (checkpoint saved either way)
 
 
 class PromptOrder:
@@ -109,15 +116,47 @@ def _unload_stale_adapters(cfg: PPOConfig) -> list[str]:
 
 
 def _sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None) -> None:
-    """Load the new adapter into policy_gen, then unload the previous one (a new name and folder each step)."""
+    """Unload the previous adapter, then load the new one (a new name and folder each step).
+
+    Unload first, so a trainer holds at most one of policy_gen's `--max-loras` slots and N
+    trainers sharing one policy_gen need N slots, not 2N (load-then-unload made two trainers
+    crash on the default 2). Nothing generates with `previous` here: the step's rollouts
+    are done. A table that is still full (more trainers than slots) is waited out.
+    """
     async def go():
         s = cfg.services
         async with PolicyClient(s.policy_url, model=previous or "", api_key=s.api_key, timeout_s=s.timeout_s) as client:
-            await client.load_adapter(path, name)
             if previous and previous != name:
                 await client.unload_adapter(previous)
+            await _load_waiting_for_a_slot(client, path, name, cfg.run.adapter_slot_wait_s)
 
     asyncio.run(go())
+
+
+async def _load_waiting_for_a_slot(client: PolicyClient, path: str, name: str, wait_s: float) -> None:
+    """load_adapter, retried with backoff (0.5 s → 10 s) while policy_gen's adapter table is full."""
+    deadline, delay = time.monotonic() + wait_s, 0.5
+    while True:
+        try:
+            return await client.load_adapter(path, name)
+        except AdapterTableFull as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AdapterTableFull(
+                    f"{e}; waited {wait_s:.0f}s (run.adapter_slot_wait_s) for a free slot. Each trainer sharing this "
+                    "policy_gen holds one adapter: start it with --max-loras >= the number of trainers") from None
+            log.warning("policy_gen's adapter table is full (another trainer is syncing?); retrying %s in %.1fs", name, delay)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+
+def service_targets(cfg: PPOConfig) -> list[Target]:
+    """The services this run calls: policy_gen, and each reward service its CRS weight uses."""
+    s, w = cfg.services, cfg.crs.weight
+    targets = [Target("policy_gen", s.policy_url)]
+    targets += [Target("reward_pref", u) for u in s.reward_pref_urls] if w > 0 else []
+    targets += [Target("reward_abs", u) for u in s.reward_abs_urls] if w < 1 else []
+    return targets
 
 
 def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: str | None, step: int) -> RolloutBatch:
@@ -132,8 +171,10 @@ def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: st
             parts = ray.get([w.rollout.remote(s, adapter, step) for w, s in zip(workers, slices)])
         except ray.exceptions.RayTaskError as e:
             if attempt == cfg.run.step_retries:
-                raise RuntimeError(f"step {step}: rollout failed after {attempt + 1} attempts: {e}") from e
+                raise StepFailed(f"step {step}: rollout failed after {attempt + 1} attempts: {e}") from e
             log.warning("step %d: rollout failed (%s); retrying the step", step, e)
+            # A service that restarted answers again only once its model is loaded.
+            wait_ready(service_targets(cfg), cfg.services.wait_ready_s)
             if adapter is not None:
                 try:
                     _sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None)
@@ -143,8 +184,8 @@ def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: st
         samples = [s for p in parts for s in p.samples]
         retries: dict[str, int] = {}
         for p in parts:
-            for k, v in p.retries.items():
-                retries[k] = retries.get(k, 0) + v
+            for k, v in p.retries.items():  # None for a signal this run does not use
+                retries[k] = None if v is None else (retries.get(k) or 0) + v
         return RolloutBatch(samples, max(p.time_generate for p in parts), max(p.time_score for p in parts),
                             max(p.time_total for p in parts), retries)
     raise AssertionError("unreachable")
@@ -160,9 +201,13 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     prompts_per_step = cfg.ppo.batch_size // cfg.ppo.completions_per_prompt
     log.info("%d RL prompts (%d dropped as longer than %d tokens)", len(data.prompts), data.dropped, cfg.generation.max_prompt_tokens)
 
+    resume = resume or cfg.run.resume == "auto"
+    wait_ready(service_targets(cfg), cfg.services.wait_ready_s)  # a fresh cluster starts the trainer first
     started_ray = init_ray(cfg.ray)
     metrics: MetricsLogger | None = None
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
+    stop = stop_on_signals()  # after ray.init, which sets a SIGTERM handler that would exit unsaved
+    stop.__enter__()
     try:
         learner = make_learner(cfg)
         workers = make_rollout_workers(cfg)
@@ -177,9 +222,12 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
             _sync_adapter(cfg, str(path), progress.adapter, None)
             log.info("resumed from %s: step %d, data position %d", ckpt, progress.step, progress.position)
         elif resume:
-            log.warning("--resume: no checkpoint in %s, starting fresh", run_dir)
+            log.info("resume: no checkpoint in %s, starting fresh", run_dir)
+        elif latest_checkpoint(run_dir) is not None:
+            log.warning("starting fresh in %s, which has checkpoints up to %s: its metrics are replaced "
+                        "(pass --resume or set run.resume: auto to continue it)", run_dir, latest_checkpoint(run_dir).name)
         summary.first_step, summary.last_step = progress.step + 1, progress.step
-        metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_step=progress.step)
+        metrics = MetricsLogger.for_run(cfg, resume_step=progress.step)
 
         def checkpoint() -> None:
             state = {"step": progress.step, "data_position": progress.position}
@@ -197,10 +245,11 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
                     on_step(summary.metrics[-1])
                 if progress.step % cfg.run.checkpoint_every == 0 or progress.step == cfg.run.steps:
                     checkpoint()
-        except KeyboardInterrupt:
-            # Ctrl-C: an update already sent to the learner is finished and counted (its
-            # weights have moved), a rollout in progress is dropped; then checkpoint.
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C or SIGTERM: an update already sent to the learner is finished and counted
+            # (its weights have moved), a rollout in progress is dropped; then checkpoint.
             summary.interrupted = True
+            summary.exit_code = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
             if pending is not None and progress.step < pending.step:
                 _finish_step(cfg, learner, metrics, summary, pending, progress)
             log.warning("interrupted: saving a checkpoint at step %d", progress.step)
@@ -210,6 +259,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
         summary.final_adapter = str(run_dir / "adapters" / f"step-{progress.step:06d}") if progress.step else None
         return summary
     finally:
+        stop.__exit__(None, None, None)
         if metrics is not None:
             metrics.close()
         if started_ray:
@@ -256,9 +306,19 @@ def _finish_step(cfg, learner, metrics: MetricsLogger, summary: RunSummary, pend
     summary.last_step = k
 
 
-def _prune_adapters(cfg: PPOConfig, step: int) -> None:
+def _prune_adapters(cfg: PPOConfig, step: int) -> list[Path]:
+    """Delete adapters/step-* folders beyond the newest `run.keep_adapters`, except checkpoints'.
+
+    Kept: the newest N (the one policy_gen serves, `step`, is always the newest) and every step
+    that has a checkpoint (the policy you would evaluate or resume from). Returns the deleted.
+    """
     keep = cfg.run.keep_adapters
     if keep is None:
-        return
-    for old in sorted((cfg.run_dir / "adapters").glob("step-*"))[:-keep]:
+        return []
+    adapters = sorted((cfg.run_dir / "adapters").glob("step-*"))
+    checkpointed = {p.name for p in (cfg.run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file()}
+    protected = {p.name for p in adapters[-keep:]} | checkpointed | {f"step-{step:06d}"}
+    deleted = [p for p in adapters if p.name not in protected]
+    for old in deleted:
         shutil.rmtree(old, ignore_errors=True)
+    return deleted

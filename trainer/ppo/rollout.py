@@ -136,7 +136,8 @@ class RolloutWorker:
                     gen_logprobs=r.response_logprobs, response_text=r.text, finish_reason=r.finish_reason,
                     r_pref=rp, r_abs=ra,
                 ))
-        retries = {c.name: c.failures for c in (pref, abs_) if c is not None}
+        # Both keys always: an unused signal (w = 0 or 1) is None, so every metrics row has every key.
+        retries = {"reward_pref": pref.failures if pref else None, "reward_abs": abs_.failures if abs_ else None}
         return RolloutBatch(
             samples=samples, time_generate=(last_gen if overlap else t_gen) - t0,
             time_score=t_end - (last_gen if overlap else t_gen), time_total=t_end - t0, retries=retries,
