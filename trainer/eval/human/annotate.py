@@ -95,8 +95,7 @@ def transfer(argv: list[str]) -> int:
         print(f"{PROG} {argv[0]}: {e}", file=sys.stderr)
         return 2
     store = AnnotationStore(path)
-    for row in rows:
-        store.append(row)
+    store.append(*rows)
     print(f"appended {len(rows)} rows to {path}")
     return 0
 

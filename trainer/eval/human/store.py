@@ -61,17 +61,27 @@ class AnnotationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self.rows: list[AnnotationRow] = read_jsonl(self.path) if self.path.exists() else []
+        self.rows: list[AnnotationRow] = []
+        if self.path.exists():
+            self.rows, torn_at = _read_jsonl(self.path)
+            # Cut a torn fragment (or end a hand-edited last line) so the next row starts on a line of its own.
+            if torn_at is not None:
+                with open(self.path, "r+b") as f:
+                    f.truncate(torn_at)
+            elif not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size:
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
 
-    def append(self, row: AnnotationRow) -> None:
-        line = row.model_dump_json() + "\n"
+    def append(self, *rows: AnnotationRow) -> None:
+        """Write `rows` durably (flush + fsync) before returning, then remember them."""
+        text = "".join(r.model_dump_json() + "\n" for r in rows)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            self.rows.append(row)
+            self.rows.extend(rows)
 
     def latest_for(self, annotator: str, group: str) -> dict[str, AnnotationRow]:
         """{prompt_id: the annotator's counting row} for one annotator in one group."""
@@ -81,20 +91,27 @@ class AnnotationStore:
 
 
 def read_jsonl(path: str | Path) -> list[AnnotationRow]:
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    return _read_jsonl(Path(path))[0]
+
+
+def _read_jsonl(path: Path) -> tuple[list[AnnotationRow], int | None]:
+    """(rows, byte offset of a torn last line or None). Every complete write ends in a newline,
+    so only a last line without one can be a torn write; anything else that fails is an error."""
+    data = path.read_bytes()
+    unterminated = bool(data) and not data.endswith(b"\n")
     rows = []
+    lines = data.decode("utf-8").split("\n")
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(AnnotationRow.model_validate_json(line))
         except ValidationError as e:
-            if i == len(lines) and not line.rstrip().endswith("}"):
+            if unterminated and i == len(lines):
                 log.warning("%s:%d: skipping a torn last line (an interrupted write)", path, i)
-                continue
+                return rows, data.rfind(b"\n") + 1
             raise ValueError(f"{path}:{i}: not an annotation row: {_first_error(e)}") from None
-    return rows
+    return rows, None
 
 
 def _first_error(e: ValidationError) -> str:
