@@ -1,0 +1,169 @@
+"""Packed scoring equals each item scored alone (fp32, <= 1e-5): Llama- and BERT-shaped RMs.
+
+The reference is independent of the packed code: the reward engine's padded path with one
+item per forward for the Llama RM, and the plain `model(input_ids).logits` for BERT.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from services.common.packed_forward import PackedScorer, PackingOptions, dense_block_mask, model_kind
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama_engine(tiny_models):
+    from services.common.engine import EngineOptions, load_engine
+
+    return load_engine(EngineOptions(str(tiny_models["reward_pref"]), device="cpu", dtype="float32"))
+
+
+def fresh_llama(engine):
+    """A second copy of the engine's model: the scorer switches its attention implementation."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(engine.opts.model_path, dtype=torch.float32).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=256, num_labels=1, pad_token_id=0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def mixed_rows(n: int, hi: int, vocab: int, seed: int, lo: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def alone_bert(model, rows) -> list[float]:
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([r])).logits[0, 0].item() for r in rows]
+
+
+def assert_close(packed, alone):
+    diff = max(abs(a - b) for a, b in zip(packed, alone))
+    assert diff <= TOL, f"packed vs alone max |diff| = {diff:.2e} > {TOL}"
+
+
+def test_dense_mask_is_block_diagonal_causal():
+    seq = torch.tensor([[0, 0, 1, 1, 1, -6]])  # two items, then one pad with its own id
+    m = dense_block_mask(seq, causal=True)[0, 0].int()
+    assert m.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    b = dense_block_mask(seq, causal=False)[0, 0].int()
+    assert b[2].tolist() == [0, 0, 1, 1, 1, 0] and b[0].tolist() == [1, 1, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_llama_packed_equals_alone(llama_engine, attention):
+    vocab = llama_engine.model.config.vocab_size
+    # Short and long items, one that fills a row by itself, one of a single token.
+    rows = mixed_rows(16, 30, vocab, seed=1) + mixed_rows(6, 120, vocab, seed=11, lo=60) + [[5] * 128, [7]]
+    alone = [llama_engine.score_ids([r])[0] for r in rows]
+    scorer = PackedScorer(fresh_llama(llama_engine), pad_id=llama_engine.pad_id, max_tokens=128,
+                          options=PackingOptions(row_tokens=128, buckets=(32, 64, 128), attention=attention))
+    result = scorer.score(rows)
+    sizes = [len(r.items) for r in result.plan.rows]
+    assert 1 in sizes and max(sizes) >= 4, sizes  # rows holding one item and rows holding many
+    assert any(r.length > r.used for r in result.plan.rows)  # a padded tail is exercised too
+    assert_close(result.scores, alone)
+
+
+def test_positions_alone_do_not_isolate_items(llama_engine):
+    """Why the mask is needed: one causal mask over a packed row (positions restarting at 0)
+    changes every item after the first."""
+    rows = [[11, 12, 13, 14], [21, 22, 23]]
+    alone = [llama_engine.score_ids([r])[0] for r in rows]
+    model = fresh_llama(llama_engine)
+    with torch.inference_mode():
+        ids = torch.tensor([rows[0] + rows[1]])
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+        causal = torch.ones(1, 1, 7, 7, dtype=torch.bool).tril()
+        h = model.model(input_ids=ids, position_ids=pos, attention_mask=causal).last_hidden_state[0]
+        leaked = model.score(h[[3, 6]]).float()[:, 0].tolist()
+    assert abs(leaked[0] - alone[0]) <= TOL  # the first item sees only itself either way
+    assert abs(leaked[1] - alone[1]) > 1e-4  # the second one saw the first
+
+
+def test_bert_packed_equals_alone():
+    model = tiny_bert()
+    rows = mixed_rows(24, 16, 300, seed=2) + mixed_rows(6, 60, 300, seed=12, lo=30) + [[9] * 64, [4]]
+    alone = alone_bert(model, rows)
+    scorer = PackedScorer(model, pad_id=0, max_tokens=64,
+                          options=PackingOptions(row_tokens=64, buckets=(16, 32, 64), attention="sdpa"))
+    assert scorer.kind == "bert"
+    result = scorer.score(rows)
+    sizes = [len(r.items) for r in result.plan.rows]
+    assert 1 in sizes and max(sizes) >= 4, sizes
+    assert_close(result.scores, alone)
+
+
+def test_flex_attention_on_cpu_equals_alone(llama_engine):
+    """FlexAttention with a BlockMask, on CPU (transformers compiles flex once: ~30 s here)."""
+    rows = mixed_rows(12, 60, llama_engine.model.config.vocab_size, seed=3) + [[6] * 128]
+    alone = [llama_engine.score_ids([r])[0] for r in rows]
+    scorer = PackedScorer(fresh_llama(llama_engine), pad_id=llama_engine.pad_id, max_tokens=128,
+                          options=PackingOptions(row_tokens=128, buckets=(128,), attention="flex"))
+    assert scorer.model.config._attn_implementation == "flex_attention"
+    assert_close(scorer.score_ids(rows), alone)
+
+    bert = tiny_bert(1)
+    rows = mixed_rows(12, 60, 300, seed=4)
+    scorer = PackedScorer(bert, pad_id=0, max_tokens=128,
+                          options=PackingOptions(row_tokens=128, buckets=(128,), attention="flex"))
+    assert_close(scorer.score_ids(rows), alone_bert_fresh(rows))
+
+
+def alone_bert_fresh(rows):
+    # The scorer switched `bert` to flex; score alone on an identical sdpa copy (same seed).
+    return alone_bert(tiny_bert(1), rows)
+
+
+def test_compiled_backbone_never_recompiles_after_warmup(llama_engine):
+    """Fixed bucket shapes: warm-up compiles each once; new mixes of lengths add no graph."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    scorer = PackedScorer(fresh_llama(llama_engine), pad_id=llama_engine.pad_id, max_tokens=128,
+                          options=PackingOptions(row_tokens=128, buckets=(64, 128), attention="sdpa",
+                                                 compile=True, compile_backend=counting_backend))
+    scorer.warmup()
+    after_warmup = len(compiles)
+    assert after_warmup >= 2  # one graph (at least) per bucket
+    rows = mixed_rows(12, 100, llama_engine.model.config.vocab_size, seed=5) + [[3] * 20]
+    assert_close(scorer.score_ids(rows), [llama_engine.score_ids([r])[0] for r in rows])
+    assert len(compiles) == after_warmup, "a new row shape or mask recompiled the backbone under load"
+
+
+def test_unsupported_models_and_budgets_are_refused_clearly(llama_engine):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=80, num_labels=1))
+    with pytest.raises(ValueError, match="--packing off"):
+        model_kind(roberta)
+    with pytest.raises(ValueError, match="raise the row budget"):
+        PackedScorer(fresh_llama(llama_engine), pad_id=0, max_tokens=256, options=PackingOptions(row_tokens=128))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PackedScorer(fresh_llama(llama_engine), pad_id=0, max_tokens=128,
+                     options=PackingOptions(row_tokens=128, attention="flash"))
