@@ -80,3 +80,58 @@ def test_step_changes_lora_and_checkpoint_round_trips(tiny_models, tmp_path, lea
         torch.testing.assert_close(a, b, msg=k)
     path = learner.save_adapter(tmp_path / "adapters" / "step-000001")
     assert (tmp_path / "adapters" / "step-000001" / "adapter_model.safetensors").is_file(), path
+
+
+def _sched_cfg(tiny_models, tmp_path, **ppo):
+    return PPOConfig.model_validate({
+        "model": {"policy_path": str(tiny_models["policy"])},
+        "optim": {"lr": 1e-2, "max_grad_norm": None},
+        "ppo": ppo,
+        "run": {"output_dir": str(tmp_path)},
+    })
+
+
+def _even_samples(n, seed=0, resp_len=4):
+    """Equal response lengths: a masked mean over 4 rows is then the mean of two 2-row means."""
+    g = torch.Generator().manual_seed(seed)
+    return [RolloutSample(i, torch.randint(10, 250, (3 + i % 3,), generator=g).tolist(),
+                          torch.randint(10, 250, (resp_len,), generator=g).tolist(), [0.0] * resp_len, "x", "length",
+                          r_pref=float(i % 4), r_abs=-float(i % 3)) for i in range(n)]
+
+
+def _record_steps(learner) -> list[list[torch.Tensor]]:
+    """The gradients the optimizer sees at each of its steps (a real hook, no stand-in)."""
+    seen: list[list[torch.Tensor]] = []
+    learner.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+    return seen
+
+
+@pytest.mark.parametrize("ppo,expected", [
+    ({"batch_size": 16, "ppo_epochs": 4, "mini_batch_size": 2, "grad_accum": 8}, 4),  # thesis (TRL 0.7): 1 per epoch
+    ({"batch_size": 16, "ppo_epochs": 4, "num_minibatches": 4}, 16),  # the default: 1 per minibatch
+    ({"batch_size": 16, "ppo_epochs": 2, "mini_batch_size": 4, "grad_accum": 2}, 4),
+])
+def test_update_takes_the_scheduled_number_of_optimizer_steps(tiny_models, tmp_path, learner_cls, ppo, expected):
+    cfg = _sched_cfg(tiny_models, tmp_path, **ppo)
+    assert cfg.optimizer_steps_per_batch == expected
+    learner = learner_cls(cfg)
+    seen = _record_steps(learner)
+    stats = learner.update(learner.make_experience(_even_samples(16))[0])
+    assert len(seen) == expected == stats["ppo/optimizer_steps"]
+    adam_steps = {int(s["step"]) for s in learner.optimizer.state.values()}
+    assert adam_steps == {expected}
+
+
+def test_grad_accum_averages_minibatch_gradients(tiny_models, tmp_path, learner_cls):
+    # 2 minibatches of 2 accumulated == 1 minibatch of 4: the step sees the mean gradient, not the sum.
+    grads = {}
+    for name, ppo in (("accum", {"mini_batch_size": 2, "grad_accum": 2}), ("whole", {"mini_batch_size": 4, "grad_accum": 1})):
+        learner = learner_cls(_sched_cfg(tiny_models, tmp_path, batch_size=4, ppo_epochs=1, **ppo))
+        seen = _record_steps(learner)
+        learner.update(learner.make_experience(_even_samples(4))[0])
+        assert len(seen) == 1
+        grads[name] = seen[0]
+    assert len(grads["accum"]) == len(grads["whole"]) > 0
+    for a, b in zip(grads["accum"], grads["whole"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.process import ServiceProcess, free_port, python_module
-
 log = logging.getLogger("crs_rlhf.demo")
 
 # The tiny run's PPO settings. They differ from the thesis defaults only where tiny random
@@ -87,35 +85,9 @@ def train_models(models: dict[str, Path], out: Path, seed: int) -> dict[str, Pat
 def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir: Path, backend: str,
                    need_pref: bool, need_abs: bool) -> dict[str, str]:
     """Start the services concurrently (model loading overlaps), then wait for each /ready."""
-    logs = run_dir / "logs"
-    # Keep the children's threads in check: three services and Ray share 2 cores here.
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    specs = {}
-    if need_pref:
-        specs["reward_pref"] = ("services.reward_pref", ["--model-path", str(models["reward_pref"])])
-    if need_abs:
-        specs["reward_abs"] = ("services.reward_abs", ["--model-path", str(models["reward_abs"])])
-    # fp32 like the learner, which recomputes log π in fp32: vLLM would serve the fp32 tiny model
-    # in bf16 (hf: on GPUs), and PPO's ratio would then be off by ~2 % on some tokens.
-    policy_args = ["--backend", backend, "--model-path", str(models["policy"]),
-                   "--adapter-root", str(run_dir.resolve()), "--dtype", "float32"]
-    if backend == "vllm":
-        # vLLM reserves this share of memory for its KV cache up front (on CPU: of NUMA node 0,
-        # refused if not free right now). The tiny policy needs a few MB, and the learner and the
-        # reward services share the machine: the default 0.5 fails on a busy box.
-        policy_args += ["--gpu-memory-utilization", "0.15"]
-    specs["policy_gen"] = ("services.policy_gen", policy_args)
-    procs = {}
-    for name, (module, args) in specs.items():
-        port = free_port()
-        proc = ServiceProcess(python_module(module, *args, "--port", str(port)), port, env=env,
-                              log_path=logs / f"{name}.log", name=name, startup_timeout=600)
-        stack.callback(proc.stop)
-        procs[name] = proc.start()
-    for name, proc in procs.items():
-        proc.wait_ready()
-        print(f"  {name:12s} {proc.url}   (log: {proc.log_path})", flush=True)
-    return {name: proc.url for name, proc in procs.items()}
+    from trainer.local_services import start_local_services
+
+    return start_local_services(stack, models, run_dir, backend, need_pref, need_abs, logs=run_dir / "logs")
 
 
 def ppo_config(args: DemoArgs, models: dict[str, Path], urls: dict[str, str], run_dir: Path):

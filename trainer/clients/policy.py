@@ -46,6 +46,10 @@ class Rollout:
     finish_reason: str  # "stop" | "length"
 
 
+class AdapterTableFull(RuntimeError):
+    """policy_gen holds `--max-loras` adapters already (other trainers' included): unload one or wait."""
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIConnectionError):  # includes timeouts
         return True
@@ -147,8 +151,11 @@ class PolicyClient:
             await self._post_text("/load_lora_adapter", body)
         except openai.BadRequestError as exc:
             # A retried load whose first try succeeded before the connection dropped.
-            if "already been loaded" not in str(exc):
-                raise
+            if "already been loaded" in str(exc):
+                return
+            if "max_loras" in str(exc):  # a 400, but one that another trainer's unload resolves
+                raise AdapterTableFull(str(exc)) from exc
+            raise
 
     async def unload_adapter(self, name: str) -> bool:
         """True if it was unloaded, False if the server did not hold it (e.g. after a restart)."""

@@ -1,14 +1,18 @@
 """`PPOConfig`: the one validated config of a PPO run, grouped like the thesis describes it.
 
-Defaults are the thesis's (MISSION §1.3): Adam (0.9, 0.95, 1e-8), lr 1.41e-5, weight decay
-1e-6, batch 16, 4 PPO epochs, initial β 0.002 (adaptive), clip 0.4 for policy and value,
-score clip 4, prompts ≤ 1024 tokens, ≤ 512 new tokens, top_k 0 / top_p 1, GAE γ 1 / λ 0.95,
-LoRA r 16 / alpha 32 on all linear layers, CRS weight 0.25 on the absolute RM's logit.
+Defaults follow the thesis (docs/method.md): Adam (0.9, 0.95, 1e-8), lr 1.41e-5, weight
+decay 1e-6, batch 16, 4 PPO epochs, initial β 0.002 (Table 8; the thesis text and code use
+0.02, the preset configs/thesis/ppo_*.yaml does), clip 0.4 for policy and value, score clip
+4, prompts ≤ 1024 tokens, ≤ 512 new tokens, LoRA r 16 / alpha 32 on all linear layers, CRS
+weight 0.25 on the absolute RM's logit; top_k 0 / top_p 1 and GAE γ 1 / λ 0.95 are TRL's
+defaults, which the thesis code ran with. The update schedule defaults to 4 minibatches
+with clipping (ours); the thesis preset uses TRL 0.7's mini-batch 2 × accumulation 8.
 Unknown keys are errors everywhere (`extra="forbid"`), so a typo names itself.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -33,14 +37,18 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 1e-6
-    max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables it.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables it (thesis / TRL 0.7: off).")
 
 
 class PPOSection(_Section):
     batch_size: int = Field(16, gt=0, description="Rollouts (prompt × completion) per PPO step.")
     completions_per_prompt: int = Field(1, gt=0, description="n: samples per prompt; batch_size must divide by it.")
     ppo_epochs: int = Field(4, gt=0)
-    num_minibatches: int = Field(4, gt=0, description="Minibatches per epoch; batch_size must divide by it.")
+    num_minibatches: int = Field(4, gt=0, description="Minibatches per epoch (used when mini_batch_size is unset).")
+    # TRL semantics: a forward/backward pass sees mini_batch_size samples, and the optimizer
+    # steps once per grad_accum of them, so each epoch takes batch_size / (mini · accum) steps.
+    mini_batch_size: int | None = Field(None, gt=0, description="Samples per forward/backward; None = batch_size / num_minibatches.")
+    grad_accum: int = Field(1, gt=0, description="Minibatches whose gradients are summed (averaged) into one optimizer step.")
     clip_range: float = Field(0.4, gt=0, description="Policy ratio clip ε.")
     clip_range_value: float = Field(0.4, gt=0, description="Value clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (shared backbone: keep it small).")
@@ -85,6 +93,8 @@ class ServicesSection(_Section):
     retry_max_attempts: int = Field(50, gt=0)
     unhealthy_cooldown_s: float = Field(5.0, ge=0, description="A failing URL is skipped for this long.")
     max_concurrency: int = Field(16, gt=0, description="Generation requests in flight per rollout worker.")
+    wait_ready_s: float = Field(900.0, ge=0, description="Wait this long for every service's /ready before step 1 "
+                                "(and before redoing a step after a service dropped out); vLLM can take minutes to load.")
 
 
 class RaySection(_Section):
@@ -103,7 +113,16 @@ class RunSection(_Section):
     step_retries: int = Field(2, ge=0, description="A rollout that still fails after client retries is redone this often.")
     overlap_scoring: bool = Field(True, description="Score each completion as it arrives (false: after all generation).")
     tensorboard: bool = True
-    keep_adapters: int | None = Field(None, description="Delete older adapters/step-* folders beyond this many.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra loggers beside metrics.jsonl: 'wandb' needs `pip install crs-rlhf[wandb]`.")
+    wandb_project: str = Field("crs-rlhf", description="W&B project (WANDB_MODE=offline works without an account).")
+    keep_adapters: int | None = Field(
+        3, ge=1, description="Keep the newest N adapters/step-* folders plus those of checkpoints; null = keep all.")
+    adapter_slot_wait_s: float = Field(
+        600.0, ge=0, description="A full policy_gen adapter table (another trainer's sync) is retried this long.")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue from the run folder's latest checkpoint when there is one, else start "
+        "fresh (cluster jobs: a resubmitted job picks up where it stopped); never: start fresh (`--resume` sets auto).")
 
 
 class PPOConfig(_Section):
@@ -122,14 +141,36 @@ class PPOConfig(_Section):
         p = self.ppo
         if p.batch_size % p.completions_per_prompt:
             raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.completions_per_prompt {p.completions_per_prompt}")
-        if p.batch_size % p.num_minibatches:
-            raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.num_minibatches {p.num_minibatches}")
+        if p.mini_batch_size is None:
+            if p.batch_size % p.num_minibatches:
+                raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.num_minibatches {p.num_minibatches}")
+        elif "num_minibatches" in p.model_fields_set and p.num_minibatches * p.mini_batch_size != p.batch_size:
+            raise ValueError("set either ppo.num_minibatches or ppo.mini_batch_size, not both "
+                             f"({p.num_minibatches} × {p.mini_batch_size} != batch_size {p.batch_size})")
+        if p.batch_size % (self.mini_batch_size * p.grad_accum):
+            raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum "
+                             f"({self.mini_batch_size} × {p.grad_accum}); e.g. the thesis's 16 = 2 × 8")
+        if "wandb" in self.run.report_to and importlib.util.find_spec("wandb") is None:
+            raise ValueError("run.report_to includes 'wandb' but wandb is not installed: "
+                             "pip install 'crs-rlhf[wandb]' (or remove wandb from run.report_to)")
         w = self.crs.weight
         if w > 0 and not self.services.reward_pref_urls and self.services.policy_url:
             raise ValueError(f"crs.weight {w} > 0 needs services.reward_pref_urls (or set crs.weight 0)")
         if w < 1 and not self.services.reward_abs_urls and self.services.policy_url:
             raise ValueError(f"crs.weight {w} < 1 needs services.reward_abs_urls (or set crs.weight 1)")
         return self
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Samples per forward/backward pass (ppo.mini_batch_size, or batch_size / num_minibatches)."""
+        p = self.ppo
+        return p.mini_batch_size or p.batch_size // p.num_minibatches
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """ppo_epochs × batch_size / (mini_batch_size × grad_accum): thesis 4 × 16 / (2 × 8) = 4."""
+        p = self.ppo
+        return p.ppo_epochs * p.batch_size // (self.mini_batch_size * p.grad_accum)
 
     @property
     def run_dir(self) -> Path:

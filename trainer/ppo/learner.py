@@ -132,15 +132,23 @@ class Learner:
     # ------------------------------------------------------------------ update
 
     def update(self, exp: Experience) -> dict:
-        """PPO epochs over shuffled minibatches; returns means of the per-minibatch stats."""
+        """PPO epochs over shuffled minibatches; returns means of the per-minibatch stats.
+
+        TRL's schedule: each epoch reshuffles the batch and walks it in backward batches of
+        mini_batch_size × grad_accum samples; every minibatch's loss is divided by grad_accum
+        and backpropagated, and the optimizer steps once per backward batch (so the step sees
+        the mean of its minibatches' losses). grad_accum 1 is the plain one-step-per-minibatch.
+        """
         p, o = self.cfg.ppo, self.cfg.optim
         self.model.train()
-        mb_size = exp.size // p.num_minibatches
+        mb_size, accum = self.cfg.mini_batch_size, p.grad_accum
         acc: dict[str, list[float]] = {}
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        steps = 0
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(exp.size, generator=self.generator).to(self.device)
-            for idx in perm.split(mb_size):
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, idx in enumerate(perm.split(mb_size)):
                 fwd = self.forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_len)
                 mask = exp.response_mask[idx]
                 logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[idx])  # (b, A)
@@ -148,16 +156,19 @@ class Learner:
                 vf = core.value_loss(fwd.values, exp.values[idx], exp.returns[idx], mask, p.clip_range_value)
                 entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
                 loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-                self.optimizer.step()
+                (loss / accum).backward()
+                if (i + 1) % accum == 0:
+                    if o.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    steps += 1
                 for k, v in (("loss/policy", pg.loss), ("loss/value", vf.loss), ("policy/clipfrac", pg.clipfrac),
                              ("policy/approx_kl", pg.approx_kl), ("policy/entropy", entropy), ("value/clipfrac", vf.clipfrac)):
                     acc.setdefault(k, []).append(float(v.detach()))
         stats = {k: sum(v) / len(v) for k, v in acc.items()}
         stats["value/explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.response_mask).item()
+        stats["ppo/optimizer_steps"] = steps
         return stats
 
     def train_step(self, samples: list[RolloutSample]) -> dict:

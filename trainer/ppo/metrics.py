@@ -1,5 +1,6 @@
 """Per-step metrics: RUN/metrics.jsonl (one JSON object per step), RUN/rollouts.jsonl
-(per-sample scores, for the reward-distribution plots) and TensorBoard.
+(per-sample scores, for the reward-distribution plots), TensorBoard, and optionally
+Weights & Biases (`run.report_to: [wandb]`; WANDB_MODE=offline writes RUN/wandb/ only).
 
 On resume the files are cut back to the checkpoint's step first: steps after the last
 checkpoint are redone, and must appear once, not twice.
@@ -7,6 +8,7 @@ checkpoint are redone, and must appear once, not twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,8 +29,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
+def require_wandb():
+    """Import wandb or say how to get it: it is an optional extra, never a hard dependency."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("run.report_to includes 'wandb' but wandb is not installed: "
+                           "pip install 'crs-rlhf[wandb]' (or remove wandb from run.report_to)") from None
+    return wandb
+
+
+def _start_wandb(run_dir: Path, project: str, config: dict | None, resume_step: int):
+    wandb = require_wandb()
+    # One W&B run per run folder (id from its name and path), so a resumed run continues it.
+    run_id = "crs-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(project=project, name=run_dir.name, id=run_id, dir=str(run_dir), config=config or {},
+                      resume="allow" if resume_step else None, reinit=True)
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int = 0,
+                 wandb: bool = False, wandb_project: str = "crs-rlhf", config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -44,6 +65,15 @@ class MetricsLogger:
 
             # purge_step drops events of redone steps from an interrupted run.
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.wandb_run = _start_wandb(self.run_dir, wandb_project, config, resume_step) if wandb else None
+
+    @classmethod
+    def for_run(cls, cfg, resume_step: int = 0) -> "MetricsLogger":
+        """The logger a PPOConfig asks for (run.tensorboard / run.report_to)."""
+        r = cfg.run
+        return cls(cfg.run_dir, tensorboard=r.tensorboard or "tensorboard" in r.report_to, resume_step=resume_step,
+                   wandb="wandb" in r.report_to, wandb_project=r.wandb_project,
+                   config=json.loads(cfg.model_dump_json()))
 
     def log(self, step: int, stats: dict, rollouts: dict | None = None) -> dict:
         """Append one step; missing signals (w = 0 or 1) are written as null."""
@@ -58,9 +88,15 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb_run.log(numeric, step=step)
         return row
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
