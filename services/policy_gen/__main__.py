@@ -13,10 +13,10 @@ import sys
 import threading
 import time
 
-
 from services.common.process import free_port
 from services.common.settings import settings_or_exit
 from services.policy_gen.settings import PolicyGenSettings
+from services.policy_gen.vllm_launcher import scrub_own_cmdline
 
 log = logging.getLogger("services.policy_gen")
 
@@ -39,6 +39,7 @@ def _healthy(url: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit(PolicyGenSettings, argv, prog="python -m services.policy_gen")
+    scrub_own_cmdline(settings.api_key)  # a key given as --api-key leaves the process list
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from services.policy_gen.app import create_app
 

@@ -6,7 +6,9 @@
   unset field means the same on both backends;
 - `--logprobs-mode processed_logprobs`: logprobs after temperature/top-k/top-p, what the hf
   backend returns too (vLLM's default is raw logprobs);
-- host 127.0.0.1: vLLM accepts any lora_path, so only policy_gen may reach it.
+- host 127.0.0.1: vLLM accepts any lora_path, so only policy_gen may reach it;
+- the API key goes to vLLM as $VLLM_API_KEY, never as a flag: a command line is world-readable
+  in /proc/<pid>/cmdline, and the command we log is passed through `redact_argv` first.
 """
 
 from __future__ import annotations
@@ -17,12 +19,48 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from services.policy_gen.settings import PolicyGenSettings
 
 log = logging.getLogger(__name__)
 
 VLLM_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+# Flags whose value is a secret, whether given as `--flag VALUE` or `--flag=VALUE`.
+SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "--token"})
+REDACTED = "***"
+
+
+def redact_argv(argv: list[str], secrets: tuple[str | None, ...] = ()) -> list[str]:
+    """`argv` fit for a log line: values of SECRET_FLAGS and any of `secrets` become ***.
+
+    >>> redact_argv(["vllm", "--api-key", "k1", "--token=t", "--x", "say-k1"], ("k1",))
+    ['vllm', '--api-key', '***', '--token=***', '--x', 'say-***']
+    """
+    out, hide_next = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            arg = REDACTED
+        elif eq and flag in SECRET_FLAGS:
+            arg = f"{flag}={REDACTED}"
+        for secret in secrets:
+            if secret:
+                arg = arg.replace(secret, REDACTED)
+        out.append(arg)
+        hide_next = arg in SECRET_FLAGS
+    return out
+
+
+def vllm_environment(settings: PolicyGenSettings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """vLLM's environment: ours plus VLLM_ENV, and the key as VLLM_API_KEY (vLLM reads it there).
+
+    Without a key, an inherited VLLM_API_KEY is dropped: vLLM would demand a key we never send."""
+    env = {**(os.environ if base is None else base), **VLLM_ENV}
+    env.pop("VLLM_API_KEY", None)
+    if settings.api_key:
+        env["VLLM_API_KEY"] = settings.api_key
+    return env
 
 
 def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys.executable) -> list[str]:
@@ -44,11 +82,33 @@ def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys
     ]  # fmt: skip
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
-    if settings.api_key:
-        # vLLM would otherwise trust anything on loopback; give it the same key we check.
-        argv += ["--api-key", settings.api_key]
+    # No --api-key here: vLLM gets the same key we check through vllm_environment().
     argv += shlex.split(settings.vllm_extra_args)
     return argv
+
+
+def scrub_own_cmdline(secret: str | None) -> bool:
+    """Linux: blank `secret` out of this process's /proc/self/cmdline (world-readable).
+
+    The kernel serves cmdline from the argv strings on our own stack (arg_start..arg_end in
+    /proc/self/stat), so overwriting them in place hides a key given as `--api-key`; until
+    then (interpreter start-up) it was visible, which is why deployments use $CRS_API_KEY."""
+    if not secret or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        stat = Path("/proc/self/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+        start, end = int(fields[48 - 3]), int(fields[49 - 3])
+        raw = ctypes.string_at(start, end - start)
+        needle = secret.encode()
+        if needle not in raw:
+            return False
+        ctypes.memmove(start, raw.replace(needle, b"*" * len(needle)), len(raw))
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _die_with_parent() -> None:
@@ -72,10 +132,10 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "VLLMServer":
-        log.info("starting vLLM: %s", shlex.join(self.argv))
+        log.info("starting vLLM: %s", shlex.join(redact_argv(self.argv, (self.settings.api_key,))))
         self.proc = subprocess.Popen(
             self.argv,
-            env={**os.environ, **VLLM_ENV},
+            env=vllm_environment(self.settings),
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
