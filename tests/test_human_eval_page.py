@@ -16,7 +16,7 @@ from trainer.eval.human.tasks import prompt_sequence, response_order
 MODELS = ["abs", "crs", "pref"]
 KEY = "s3cret-key"
 XSS_PROMPT = '<script>window.__xss = "script"</script>'
-XSS_OUTPUT = '<img src=x onerror="window.__xss = \'img\'">'
+XSS_OUTPUT = "<img src=x onerror=\"window.__xss = 'img'\">"
 
 
 def instruction(i: int) -> str:
@@ -31,7 +31,10 @@ def output(model: str, i: int) -> str:
 def eval_dir(tmp_path) -> Path:
     (tmp_path / "outputs").mkdir()
     for m in MODELS:
-        rows = [{"id": i, "instruction": instruction(i), "output": output(m, i), "generator": m, "dataset": "t"} for i in range(5)]
+        rows = [
+            {"id": i, "instruction": instruction(i), "output": output(m, i), "generator": m, "dataset": "t"}
+            for i in range(5)
+        ]
         (tmp_path / "outputs" / f"{m}.json").write_text(json.dumps(rows))
     # Prompts 1, 2, 4 are the human split; 0 and 3 belong to another split and must not show up.
     split = {0: "judge", 1: "human", 2: "human", 3: "judge", 4: "human"}
@@ -41,8 +44,17 @@ def eval_dir(tmp_path) -> Path:
 
 def server(eval_dir: Path, port: int, api_key: str | None = KEY) -> ServiceProcess:
     argv = python_module(
-        "trainer.eval.human.annotate", "--dir", str(eval_dir), "--models", ",".join(MODELS),
-        "--prompts-split", "human", "--groups", "2", "--port", str(port),
+        "trainer.eval.human.annotate",
+        "--dir",
+        str(eval_dir),
+        "--models",
+        ",".join(MODELS),
+        "--prompts-split",
+        "human",
+        "--groups",
+        "2",
+        "--port",
+        str(port),
     )
     if api_key:
         argv += ["--api-key", api_key]
@@ -91,7 +103,9 @@ def test_api_auth_validation_and_restart(eval_dir):
         assert submit({"1": 1, "2": 1, "3": 2}, group="9").json()["error"]["message"].startswith("unknown group '9'")
         assert submit({"1": 1, "2": 1, "3": 2}, prompt_id="0").status_code == 404  # not in the human split
         assert submit({"1": 1, "2": 1, "3": 2}, annotator="  ").status_code == 400
-        r = httpx.post(svc.url + "/api/annotations", content=b"{not json", headers={**auth, "content-type": "application/json"})
+        r = httpx.post(
+            svc.url + "/api/annotations", content=b"{not json", headers={**auth, "content-type": "application/json"}
+        )
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         assert httpx.get(svc.url + "/api/items/7", params=who, headers=auth).status_code == 404
         assert rows(eval_dir) == []  # nothing invalid was stored
@@ -117,15 +131,25 @@ def test_bad_settings_exit_with_a_message(eval_dir, tmp_path):
 
     bad = subprocess.run(
         python_module("trainer.eval.human.annotate", "--dir", str(eval_dir), "--models", "abs,nope"),
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert bad.returncode == 2 and "outputs/nope.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---------------------------------------------------------------- the page in a browser
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _browser_or_skip():

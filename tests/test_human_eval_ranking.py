@@ -153,7 +153,11 @@ def row(prompt, group, who, ranking):
 
 
 def test_latest_row_per_prompt_group_annotator_counts():
-    rows = [row("p", "g", "x", order("A", "B")), row("p", "g", "y", order("A", "B")), row("p", "g", "x", order("B", "A"))]
+    rows = [
+        row("p", "g", "x", order("A", "B")),
+        row("p", "g", "y", order("A", "B")),
+        row("p", "g", "x", order("B", "A")),
+    ]
     kept = latest_rows(rows)
     assert len(kept) == 2 and kept[0]["ranking"] == order("B", "A")
 

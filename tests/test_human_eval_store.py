@@ -14,7 +14,10 @@ from trainer.eval.human.tasks import load_prompts, prompt_sequence, response_ord
 def write_outputs(d, models, ids, prompts_split=None):
     (d / "outputs").mkdir(parents=True, exist_ok=True)
     for m in models:
-        rows = [{"id": i, "instruction": f"question {i}", "output": f"{m} answers {i}", "generator": m, "dataset": "t"} for i in ids]
+        rows = [
+            {"id": i, "instruction": f"question {i}", "output": f"{m} answers {i}", "generator": m, "dataset": "t"}
+            for i in ids
+        ]
         (d / "outputs" / f"{m}.json").write_text(json.dumps(rows))
     if prompts_split:
         (d / "prompts.jsonl").write_text("".join(json.dumps({"id": i, "split": s}) + "\n" for i, s in prompts_split))
@@ -52,7 +55,13 @@ def test_a_bad_line_in_the_middle_is_an_error_with_its_line_number(tmp_path):
 
 def test_csv_round_trip(tmp_path):
     rows = [
-        AnnotationRow(prompt_id="p1", group="1", annotator="ann", ranking={"abs": 1, "crs": 3, "pref": 1}, order=["crs", "abs", "pref"]),
+        AnnotationRow(
+            prompt_id="p1",
+            group="1",
+            annotator="ann",
+            ranking={"abs": 1, "crs": 3, "pref": 1},
+            order=["crs", "abs", "pref"],
+        ),
         AnnotationRow(prompt_id="p2", group="2", annotator="bo, b", ranking={"abs": 2, "crs": 1, "pref": 2}, order=[]),
     ]
     write_csv(rows, tmp_path / "a.csv")
@@ -69,23 +78,50 @@ def test_csv_without_rank_columns_says_what_it_needs(tmp_path):
 
 
 def test_argilla_import_v1_v2_and_hf_shapes(tmp_path):
-    v1 = [{
-        "fields": {"prompt": "q"}, "metadata": {"prompt_id": "p1", "team": "g2"},
-        "responses": [
-            {"user_id": "u1", "status": "submitted",
-             "values": {"rank": {"value": [{"value": "r-1", "rank": 1}, {"value": "r-2", "rank": 1}, {"value": "r-3", "rank": 2}]}}},
-            {"user_id": "u2", "status": "discarded", "values": {"rank": {"value": [{"value": "r-1", "rank": 1}]}}},
-        ],
-    }]
+    v1 = [
+        {
+            "fields": {"prompt": "q"},
+            "metadata": {"prompt_id": "p1", "team": "g2"},
+            "responses": [
+                {
+                    "user_id": "u1",
+                    "status": "submitted",
+                    "values": {
+                        "rank": {
+                            "value": [
+                                {"value": "r-1", "rank": 1},
+                                {"value": "r-2", "rank": 1},
+                                {"value": "r-3", "rank": 2},
+                            ]
+                        }
+                    },
+                },
+                {"user_id": "u2", "status": "discarded", "values": {"rank": {"value": [{"value": "r-1", "rank": 1}]}}},
+            ],
+        }
+    ]
     (tmp_path / "v1.json").write_text(json.dumps(v1))
-    rows = import_argilla(tmp_path / "v1.json", question="rank", prompt_id_field="prompt_id", group_field="team",
-                          option_map={"r-1": "abs", "r-2": "crs", "r-3": "pref"})
+    rows = import_argilla(
+        tmp_path / "v1.json",
+        question="rank",
+        prompt_id_field="prompt_id",
+        group_field="team",
+        option_map={"r-1": "abs", "r-2": "crs", "r-3": "pref"},
+    )
     assert [(r.prompt_id, r.group, r.annotator, r.ranking, r.source) for r in rows] == [
         ("p1", "g2", "u1", {"abs": 1, "crs": 1, "pref": 2}, "argilla")
     ]
 
-    v2 = {"id": "p2", "responses": {"rank": [{"user_id": "u3", "status": "submitted", "value": ["pref", "abs", "crs"]}]}}
-    hf = {"id": "p3", "rank": [{"user_id": "u4", "status": "submitted", "value": {"value": ["abs", "crs", "pref"], "rank": [2, 1, 3]}}]}
+    v2 = {
+        "id": "p2",
+        "responses": {"rank": [{"user_id": "u3", "status": "submitted", "value": ["pref", "abs", "crs"]}]},
+    }
+    hf = {
+        "id": "p3",
+        "rank": [
+            {"user_id": "u4", "status": "submitted", "value": {"value": ["abs", "crs", "pref"], "rank": [2, 1, 3]}}
+        ],
+    }
     (tmp_path / "v2.jsonl").write_text(json.dumps(v2) + "\n" + json.dumps(hf) + "\n")
     rows = import_argilla(tmp_path / "v2.jsonl", question="rank")
     assert [(r.prompt_id, r.group, r.ranking) for r in rows] == [

@@ -41,7 +41,13 @@ def serve(argv: list[str]) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     engine = AnnotationEngine(prompts, models, groups, store, seed=s.seed)
-    app = build_app(engine, title=s.title, api_key=s.api_key, max_body_bytes=s.max_body_bytes)
+    app = build_app(
+        engine,
+        title=s.title,
+        api_key=s.api_key,
+        max_body_bytes=s.max_body_bytes,
+        body_read_timeout_s=getattr(s, "body_read_timeout_s", None),
+    )
     print(
         f"annotation page: http://{s.host}:{s.port}/  ({len(prompts)} prompts x {len(models)} responses, "
         f"groups {', '.join(groups)}; {len(store.rows)} rows already in {store.path})",
@@ -88,8 +94,14 @@ def transfer(argv: list[str]) -> int:
             pairs = [p.split("=", 1) for p in args.option_map.split(",") if p.strip()]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError("--option-map takes option=model pairs separated by commas")
-            rows = import_argilla(args.file, question=args.question, prompt_id_field=args.prompt_id_field,
-                                  group=args.group, group_field=args.group_field, option_map=dict(pairs))
+            rows = import_argilla(
+                args.file,
+                question=args.question,
+                prompt_id_field=args.prompt_id_field,
+                group=args.group,
+                group_field=args.group_field,
+                option_map=dict(pairs),
+            )
         _check(rows, [m.strip() for m in args.models.split(",")] if args.models else None)
     except (OSError, ValueError) as e:
         print(f"{PROG} {argv[0]}: {e}", file=sys.stderr)
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("export", "import", "import-argilla"):
         return transfer(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
     return serve(argv)
 
 

@@ -23,14 +23,25 @@ OPEN_PATHS = ("/", "/app.js", "/app.css", "/health", "/ready", "/api/config")
 CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'"
 
 
-def build_app(engine: AnnotationEngine, *, title: str = "Rank the responses", api_key: str | None = None,
-              max_body_bytes: int = 1024 * 1024) -> FastAPI:
+def build_app(
+    engine: AnnotationEngine,
+    *,
+    title: str = "Rank the responses",
+    api_key: str | None = None,
+    max_body_bytes: int = 1024 * 1024,
+    body_read_timeout_s: float | None = None,
+) -> FastAPI:
     app = FastAPI(title="crs-rlhf annotation", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
     def static(name: str, media_type: str):
         def handler() -> FileResponse:
-            return FileResponse(STATIC / name, media_type=media_type, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+            return FileResponse(
+                STATIC / name,
+                media_type=media_type,
+                headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+            )
+
         return handler
 
     app.get("/", include_in_schema=False)(static("index.html", "text/html"))
@@ -47,8 +58,13 @@ def build_app(engine: AnnotationEngine, *, title: str = "Rank the responses", ap
 
     @app.get("/api/config", response_model=ConfigResponse)
     def config() -> ConfigResponse:
-        return ConfigResponse(title=title, auth_required=api_key is not None, groups=engine.groups, k=engine.k,
-                              total=len(engine.prompt_ids))
+        return ConfigResponse(
+            title=title,
+            auth_required=api_key is not None,
+            groups=engine.groups,
+            k=engine.k,
+            total=len(engine.prompt_ids),
+        )
 
     @app.get("/api/session", response_model=SessionResponse)
     def session(annotator: str = Query(...), group: str = Query(...)) -> SessionResponse:
@@ -63,6 +79,7 @@ def build_app(engine: AnnotationEngine, *, title: str = "Rank the responses", ap
         return engine.submit(req)
 
     # Auth outermost so an unauthenticated body is never read.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    slow_body = {"read_timeout_s": body_read_timeout_s} if body_read_timeout_s else {}
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, **slow_body)
     app.add_middleware(ApiKeyMiddleware, api_key=api_key, exempt=OPEN_PATHS)
     return app

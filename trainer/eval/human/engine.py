@@ -6,7 +6,7 @@ every submit), so a restart resumes every annotator exactly where the file says 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from services.common.http import APIError
 from trainer.eval.human.protocol import ItemResponse, SessionResponse, ShownResponse, SubmitRequest, SubmitResponse
@@ -18,7 +18,14 @@ MAX_NAME = 100
 
 
 class AnnotationEngine:
-    def __init__(self, prompts: Sequence[Prompt], models: Sequence[str], groups: Sequence[str], store: AnnotationStore, seed: int = 0):
+    def __init__(
+        self,
+        prompts: Sequence[Prompt],
+        models: Sequence[str],
+        groups: Sequence[str],
+        store: AnnotationStore,
+        seed: int = 0,
+    ):
         self.prompts = {p.id: p for p in prompts}
         self.prompt_ids = [p.id for p in prompts]
         self.models = list(models)
@@ -71,7 +78,11 @@ class AnnotationEngine:
             saved = done[prompt.id].ranking
             ranking = {str(i): saved[m] for i, m in enumerate(order, 1) if m in saved}
         return ItemResponse(
-            index=index, total=len(seq), done=len(done), prompt_id=prompt.id, instruction=prompt.instruction,
+            index=index,
+            total=len(seq),
+            done=len(done),
+            prompt_id=prompt.id,
+            instruction=prompt.instruction,
             responses=[ShownResponse(key=str(i), text=prompt.outputs[m]) for i, m in enumerate(order, 1)],
             ranking=ranking,
         )
@@ -88,8 +99,11 @@ class AnnotationEngine:
         except RankingError as e:
             raise APIError(400, str(e), param="ranking") from None
         row = AnnotationRow(
-            prompt_id=req.prompt_id, group=group, annotator=annotator,
-            ranking={order[i]: by_label[label] for i, label in enumerate(labels)}, order=order,
+            prompt_id=req.prompt_id,
+            group=group,
+            annotator=annotator,
+            ranking={order[i]: by_label[label] for i, label in enumerate(labels)},
+            order=order,
         )
         self.store.append(row)
         return SubmitResponse(saved=True, done=len(self._done(annotator, group)), total=len(self.prompt_ids))

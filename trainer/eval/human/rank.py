@@ -30,10 +30,12 @@ def report_markdown(result: HumanEvalResult, source: str) -> str:
     lines = [
         "# Human evaluation",
         "",
-        f"{n_rankings} rankings of {n_items} prompt×group items from `{source}` (the latest answer per prompt, "
-        f"group and annotator), merged per item with Tideman's ranked pairs and scored with normalised "
-        f"Borda points (rank r of K → (K − r + 1)/K; tied places share the average). Mean over prompts per "
-        f"group, then mean ± sd over {len(result.groups)} group(s).",
+        (
+            f"{n_rankings} rankings of {n_items} prompt×group items from `{source}` (the latest answer per prompt, "
+            f"group and annotator), merged per item with Tideman's ranked pairs and scored with normalised "
+            f"Borda points (rank r of K → (K − r + 1)/K; tied places share the average). Mean over prompts per "
+            f"group, then mean ± sd over {len(result.groups)} group(s)."
+        ),
         "",
         "| model | Borda mean | sd over groups | " + " | ".join(f"group {g}" for g in result.groups) + " | prompts |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in result.groups) + " | ---: |",
@@ -43,8 +45,14 @@ def report_markdown(result: HumanEvalResult, source: str) -> str:
         per = " | ".join(_fmt(b["per_group"].get(g)) for g in result.groups)
         lines.append(f"| {m} | {_fmt(b['mean'])} | {_fmt(b['sd'])} | {per} | {b['prompts']} |")
     firsts = {m: sum(1 for tiers in result.tiers.values() if m in tiers[0]) for m in models}
-    lines += ["", "Merged first place (ties count for each tied model): "
-              + ", ".join(f"{m} {firsts[m]}/{n_items}" for m in models), "", "![Borda points](human_borda.png)", ""]
+    lines += [
+        "",
+        "Merged first place (ties count for each tied model): "
+        + ", ".join(f"{m} {firsts[m]}/{n_items}" for m in models),
+        "",
+        "![Borda points](human_borda.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -27,8 +27,8 @@ the points of a prompt summing to (K + 1) / 2 whatever the ties.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 Ranking = Mapping[str, int]
 
@@ -49,7 +49,8 @@ def validate_ranking(ranking: Mapping[str, object], candidates: Sequence[str]) -
     if missing or extra:
         parts = [f"missing {', '.join(missing)}" if missing else "", f"unknown {', '.join(extra)}" if extra else ""]
         raise RankingError(
-            f"a ranking must rank exactly the {k} responses ({', '.join(candidates)}): " + "; ".join(p for p in parts if p)
+            f"a ranking must rank exactly the {k} responses ({', '.join(candidates)}): "
+            + "; ".join(p for p in parts if p)
         )
     out: dict[str, int] = {}
     for name in candidates:

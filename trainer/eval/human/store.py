@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import threading
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -52,7 +53,7 @@ class AnnotationRow(BaseModel):
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class AnnotationStore:
@@ -123,7 +124,9 @@ def read_rows(path: str | Path) -> list[AnnotationRow]:
     """annotations from .jsonl (our file) or .csv (our export format)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such annotations file (crs-rlhf eval annotate writes DIR/annotations.jsonl)")
+        raise FileNotFoundError(
+            f"{path}: no such annotations file (crs-rlhf eval annotate writes DIR/annotations.jsonl)"
+        )
     return read_csv(path) if path.suffix.lower() == ".csv" else read_jsonl(path)
 
 
@@ -202,7 +205,9 @@ def import_argilla(
         where = f"{path}: record {i}"
         prompt_id = _lookup(rec, prompt_id_field)
         if prompt_id is None:
-            raise ValueError(f"{where}: no {prompt_id_field!r} in metadata, fields or the record (set --prompt-id-field)")
+            raise ValueError(
+                f"{where}: no {prompt_id_field!r} in metadata, fields or the record (set --prompt-id-field)"
+            )
         grp = str(_lookup(rec, group_field)) if group_field and _lookup(rec, group_field) is not None else group
         for user, status, value in _responses(rec, question):
             if status not in (None, "submitted"):
@@ -210,7 +215,11 @@ def import_argilla(
             ranking = {option_map.get(opt, opt): rank for opt, rank in _ranks(value, where)}
             rows.append(
                 AnnotationRow(
-                    prompt_id=prompt_id, group=grp, annotator=user, ranking=ranking, source="argilla",
+                    prompt_id=prompt_id,
+                    group=grp,
+                    annotator=user,
+                    ranking=ranking,
+                    source="argilla",
                     time=str(rec.get("updated_at") or rec.get("inserted_at") or now_iso()),
                 )
             )

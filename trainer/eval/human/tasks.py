@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _read_outputs(path: Path, model: str) -> dict[str, dict]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected an AlpacaEval list of outputs") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'id', 'instruction', 'output'}} rows")
+        raise ValueError(f"{path}: expected a JSON list of {{'id', 'instruction', 'output'}} rows")  # noqa: TRY004
     out = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
@@ -51,7 +51,10 @@ def _split_ids(path: Path, split: str) -> list[str]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
         if "id" not in row:
             raise ValueError(f"{path}:{n}: a prompt row needs an 'id'")
         seen_splits.add(row.get("split"))
@@ -59,7 +62,10 @@ def _split_ids(path: Path, split: str) -> list[str]:
             ids.append(str(row["id"]))
     if not ids:
         found = ", ".join(sorted(str(s) for s in seen_splits))
-        raise ValueError(f"{path}: no prompts with split {split!r} (splits in the file: {found}); use --prompts-split all for every prompt")
+        raise ValueError(
+            f"{path}: no prompts with split {split!r} (splits in the file: {found}); "
+            "use --prompts-split all for every prompt"
+        )
     return ids
 
 
@@ -84,7 +90,11 @@ def load_prompts(directory: str | Path, models: Sequence[str], split: str = "hum
         if not ids:
             raise ValueError(f"the outputs of {', '.join(models)} in {directory}/outputs share no prompt id")
     return [
-        Prompt(id=i, instruction=str(outputs[models[0]][i]["instruction"]), outputs={m: str(outputs[m][i]["output"]) for m in models})
+        Prompt(
+            id=i,
+            instruction=str(outputs[models[0]][i]["instruction"]),
+            outputs={m: str(outputs[m][i]["output"]) for m in models},
+        )
         for i in ids
     ]
 
