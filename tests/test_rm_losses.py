@@ -59,8 +59,13 @@ def test_absolute_losses_hand_computed():
     assert absolute_loss_terms(z, t, "sigmoid_mse").tolist() == pytest.approx(
         [(0.5 - 0.3) ** 2, (1 / (1 + math.exp(-2)) - 1) ** 2], abs=1e-6)
     zp, tp = torch.tensor([1.5, -0.5, 0.5]), torch.tensor([1.0, 0.0, 0.2])
-    assert absolute_loss_terms(zp, tp, "mse_penalty").tolist() == pytest.approx([0.25 + 0.25, 0.25 + 0.25, 0.09])
-    assert absolute_loss_terms(zp, tp, "mse_penalty", penalty=2.0).tolist() == pytest.approx([0.75, 0.75, 0.09])
+    # Thesis form (default): 2 % of the linear excess: 0.25 + 0.02 * 0.5.
+    assert absolute_loss_terms(zp, tp, "mse_penalty").tolist() == pytest.approx([0.26, 0.26, 0.09])
+    sq = dict(penalty_form="squared")
+    assert absolute_loss_terms(zp, tp, "mse_penalty", 1.0, **sq).tolist() == pytest.approx([0.25 + 0.25, 0.25 + 0.25, 0.09])
+    assert absolute_loss_terms(zp, tp, "mse_penalty", 2.0, **sq).tolist() == pytest.approx([0.75, 0.75, 0.09])
+    with pytest.raises(ValueError, match="mse_penalty form"):
+        absolute_loss_terms(zp, tp, "mse_penalty", penalty_form="cubic")
     w = torch.tensor([2.0, 1.0])
     assert float(absolute_loss(z, t, "logistic", w)) == pytest.approx((2 * math.log(2) + L2) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="unknown absolute loss"):
@@ -71,14 +76,18 @@ def test_parse_remedies_thesis_names():
     assert parse_remedies(["augment", "under_s_8k", "wgt_s_075"]) == Remedies(augment=True, under_s=8000, wgt_s=0.75)
     assert parse_remedies(["over_s", "under_s_16000", "wgt_s_0.5"]) == Remedies(over_s=2.0, under_s=16000, wgt_s=0.5)
     assert parse_remedies(["over_s_1.5", "wgt_s_05"]) == Remedies(over_s=1.5, wgt_s=0.5)
-    for bad in ("oversample", "under_s", "over_s_3", "wgt_s"):
+    for bad in ("oversample", "under_s", "over_s_3", "wgt_s", "wgt_1"):
         with pytest.raises(ValueError):
             parse_remedies([bad])
 
 
 def test_ranges_and_bins():
-    assert [label_range(t) for t in (0.0, 0.39, 0.4, 0.89, 0.9, 1.0)] == ["low", "low", "mid", "mid", "high", "high"]
-    assert [mid_bin(t) for t in (0.4, 0.49, 0.5, 0.6, 0.7, 0.8, 0.89)] == [0, 0, 1, 2, 3, 4, 4]
+    # Thesis ranges: 0-0.40 low (0.4 itself is low), 0.41-0.89 mid, 0.90-1.0 high.
+    assert [label_range(t) for t in (0.0, 0.39, 0.4, 0.41, 0.89, 0.9, 1.0)] == [
+        "low", "low", "low", "mid", "mid", "high", "high"]
+    assert label_range(0.1 + 0.3) == "low" and label_range(0.4000000000000001) == "low"  # vote means carry float noise
+    # Mid bins closed on the right: (0.4, 0.5], (0.5, 0.6], ..., (0.8, 0.9).
+    assert [mid_bin(t) for t in (0.41, 0.5, 0.51, 0.6, 0.61, 0.7, 0.8, 0.81, 0.89)] == [0, 0, 1, 1, 2, 2, 3, 4, 4]
 
 
 def test_over_sample_duplicates_low_rows():
@@ -90,7 +99,7 @@ def test_over_sample_duplicates_low_rows():
 
 
 def test_under_sample_mid_is_stratified():
-    mids = [0.4 + 0.1 * b + 0.02 * k for b in range(5) for k in range(4)]  # 4 per bin
+    mids = [0.42 + 0.1 * b + 0.02 * k for b in range(5) for k in range(4)]  # 4 per bin: 0.42..0.48, ..., 0.82..0.88
     targets = [0.1, 0.2] + mids + [0.95]
     idx = under_sample_mid(targets, 10, seed=3)  # 10 / 5 = 2 per bin
     kept = [targets[i] for i in idx]

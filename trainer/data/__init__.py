@@ -8,17 +8,21 @@ Public API (everything returns plain dataclasses or OpenAI-style message lists
   flat message table (``.parquet`` / ``.jsonl[.gz]``, trees rebuilt from ``parent_id``), or a
   Hugging Face `datasets` name / ``save_to_disk`` folder (network users only).
 - ``filter_trees(trees, tree_states=("ready_for_export",), drop_deleted=True, drop_synthetic=True,
-  langs=None) -> Filtered(trees, report)``; ``report.describe()`` says what each filter removed.
+  drop_rejected=True, langs=None) -> Filtered(trees, report)``; ``report.describe()`` says what each
+  filter removed (``drop_rejected``: messages whose ``review_result`` is false).
 - ``top_languages(trees, n)``, ``split_by_tree(trees, eval_fraction, seed) -> TreeSplit(train, eval)``.
-- ``build_sft_threads(trees) -> list[conversation]`` — root to an assistant turn along the
-  best-ranked replies, one per tree.
+- ``build_sft_threads(trees, mode="best_ranked"|"greedy") -> list[conversation]`` — every thread
+  along best-ranked (or unranked) replies, Open Assistant's definition; ``greedy``: one per tree.
 - ``build_preference_sets(trees, min_replies=2, max_replies=4) -> list[PreferenceSet]`` —
   ``prompt`` (ends with a user turn) and ``replies`` best first.
-- ``build_absolute_rows(trees) -> list[AbsoluteRow]`` — ``(prompt, reply, labels)``;
+- ``build_absolute_rows(trees, source="ranked"|"labelled", required=SIX_LABELS) -> list[AbsoluteRow]``
+  — ``(prompt, reply, labels)``: the ranked sets' replies with all six labels (the thesis);
   ``with_targets(rows, weighting="quality"|"w2"|"w3"|{label: weight}) -> LabelledRows`` sets
   ``target`` and counts rows dropped for a missing label.
 - ``build_rl_prompts(trees, tokenizer=None, max_prompt_tokens=1024) -> list[conversation]``
-  (each ends with a user message; over-long prompts are dropped when a tokenizer is given).
+  (each ends with a user message; over-long prompts are dropped when a tokenizer is given);
+  ``build_rl_prompt_split(raw_trees, RLPromptOptions(langs, held_out_fraction, fraction,
+  incomplete_trees, ...), tokenizer) -> RLPromptSplit(train, held_out, ...)`` — the thesis's RL prompts.
 - ``fixture_path(fmt="trees"|"messages") -> Path`` — the shipped fixture (both files hold the
   same trees; regenerate with ``python -m trainer.data.fixtures.make_fixture``).
 """
@@ -38,8 +42,9 @@ from trainer.data.builders import (
     with_targets,
 )
 from trainer.data.filters import Filtered, FilterReport, TreeSplit, filter_trees, split_by_tree, top_languages
-from trainer.data.labels import KNOWN_LABELS, WEIGHTINGS, UnknownLabelError, resolve_weighting
+from trainer.data.labels import KNOWN_LABELS, SIX_LABELS, WEIGHTINGS, UnknownLabelError, resolve_weighting
 from trainer.data.oasst import Label, Message, MessageTree, OasstFormatError, load_oasst
+from trainer.data.rl import RM_LANGS, RLPromptOptions, RLPromptSplit, build_rl_prompt_split
 
 _FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _FIXTURE_FILES = {"trees": "oasst_trees.jsonl.gz", "messages": "oasst_messages.parquet"}
@@ -54,7 +59,7 @@ def fixture_path(fmt: str = "trees") -> Path:
 
 __all__ = [
     "AbsoluteRow", "FilterReport", "Filtered", "KNOWN_LABELS", "Label", "LabelledRows", "Message", "MessageTree",
-    "OasstFormatError", "PreferenceSet", "TreeSplit", "UnknownLabelError", "WEIGHTINGS", "build_absolute_rows",
-    "build_preference_sets", "build_rl_prompts", "build_sft_threads", "filter_trees", "fixture_path", "load_oasst",
+    "OasstFormatError", "PreferenceSet", "RLPromptOptions", "RLPromptSplit", "RM_LANGS", "SIX_LABELS", "TreeSplit", "UnknownLabelError", "WEIGHTINGS", "build_absolute_rows",
+    "build_preference_sets", "build_rl_prompt_split", "build_rl_prompts", "build_sft_threads", "filter_trees", "fixture_path", "load_oasst",
     "resolve_weighting", "split_by_tree", "top_languages", "with_targets",
 ]

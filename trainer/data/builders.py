@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 from services.common.chat import format_prompt, normalise_role
-from trainer.data.labels import resolve_weighting, weighted_target
+from trainer.data.labels import SIX_LABELS, resolve_weighting, weighted_target
 from trainer.data.oasst import Message, MessageTree
 
 Conversation = list[dict[str, str]]
@@ -63,20 +63,48 @@ def _ranked(replies: Sequence[Message]) -> list[Message]:
     return sorted(replies, key=lambda m: (m.rank is None, m.rank if m.rank is not None else 0, order[id(m)]))
 
 
-def build_sft_threads(trees: Sequence[MessageTree]) -> list[Conversation]:
-    """One thread per tree: root -> best-ranked reply at each turn, cut at the last assistant turn."""
-    threads = []
+def _greedy_thread(tree: MessageTree) -> Conversation:
+    thread, node = [], tree.root
+    while True:
+        thread.append(_turn(node))
+        if not node.replies:
+            return thread
+        node = _ranked(node.replies)[0]
+
+
+def _best_ranked_threads(msg: Message, prefix: list[Message]) -> Iterator[list[Message]]:
+    """Root-to-leaf paths whose every message is best-ranked (rank 0) or unranked (None)."""
+    if msg.rank is not None and msg.rank > 0:
+        return
+    here = prefix + [msg]
+    kids = [c for c in msg.replies if c.rank is None or c.rank == 0]
+    if not msg.replies or not kids:
+        yield here
+    for child in kids:
+        yield from _best_ranked_threads(child, here)
+
+
+def build_sft_threads(trees: Sequence[MessageTree], mode: str = "best_ranked") -> list[Conversation]:
+    """SFT threads, each cut after its last assistant turn (threads with no assistant turn are skipped).
+
+    ``best_ranked`` (Open Assistant's SFT definition, the thesis's): EVERY root-to-leaf thread
+    along best-ranked or unranked messages, so a tree with two unranked replies, or a best reply
+    with two follow-ups, gives several threads; a thread that only differs by a trailing prompter
+    leaf is kept once. ``greedy``: one thread per tree, the best reply at each turn.
+    """
+    if mode not in ("best_ranked", "greedy"):
+        raise ValueError(f"SFT thread mode must be 'best_ranked' or 'greedy', got {mode!r}")
+    threads, seen = [], set()
     for tree in trees:
-        thread, node = [], tree.root
-        while True:
-            thread.append(_turn(node))
-            if not node.replies:
-                break
-            node = _ranked(node.replies)[0]
-        while thread and thread[-1]["role"] != "assistant":
-            thread.pop()
-        if len(thread) >= 2:
-            threads.append(thread)
+        paths = ([_greedy_thread(tree)] if mode == "greedy"
+                 else [[_turn(m) for m in p] for p in _best_ranked_threads(tree.root, [])])
+        for thread in paths:
+            while thread and thread[-1]["role"] != "assistant":
+                thread.pop()
+            key = (tree.tree_id, len(thread), tuple(m["content"] for m in thread))
+            if len(thread) >= 2 and key not in seen:
+                seen.add(key)
+                threads.append(thread)
     return threads
 
 
@@ -96,14 +124,34 @@ def build_preference_sets(
     return sets
 
 
-def build_absolute_rows(trees: Sequence[MessageTree]) -> list[AbsoluteRow]:
-    """Every assistant reply that carries at least one label (count > 0), with its history."""
+def build_absolute_rows(
+    trees: Sequence[MessageTree], source: str = "ranked", required: Sequence[str] | None = SIX_LABELS
+) -> list[AbsoluteRow]:
+    """Assistant replies with their history and labels (name -> mean value, labels with count > 0).
+
+    ``source="ranked"`` (the thesis): the replies of the ranked sets (a prompter message with >= 2
+    ranked assistant replies; every ranked reply, best first) with every label in `required`
+    (default: the six the weightings use). ``source="labelled"``: every assistant reply with at
+    least one label; pass ``required=None`` to leave the label check to `with_targets` (the
+    weighting's own labels), which is how rows were chosen before.
+    """
+    if source not in ("ranked", "labelled"):
+        raise ValueError(f"absolute rows source must be 'ranked' or 'labelled', got {source!r}")
     rows = []
     for tree in trees:
         for history, msg in _paths(tree.root, []):
-            labels = {k: v.value for k, v in msg.labels.items() if v.count > 0}
-            if msg.role == "assistant" and labels:
-                rows.append(AbsoluteRow(history, msg.text, labels, tree.tree_id))
+            if source == "ranked":
+                if msg.role != "prompter":
+                    continue
+                ranked = [m for m in _ranked(msg.replies) if m.role == "assistant" and m.rank is not None]
+                here = history + [_turn(msg)]
+                candidates = [(here, m) for m in ranked] if len(ranked) >= 2 else []
+            else:
+                candidates = [(history, msg)] if msg.role == "assistant" else []
+            for prompt, reply in candidates:
+                labels = {k: v.value for k, v in reply.labels.items() if v.count > 0}
+                if labels and all(k in labels for k in (required or ())):
+                    rows.append(AbsoluteRow(prompt, reply.text, labels, tree.tree_id))
     return rows
 
 

@@ -1,7 +1,7 @@
 """Label aggregation: one scalar target per reply from OASST's Likert labels in [0, 1].
 
-Weightings from the thesis (MISSION.md section 1): `w2`, `w3`, and `quality` alone (the
-final choice: the weighted targets bunched around 0.5 and made the model over-conservative).
+Weightings from the thesis (docs/method.md): `w2`, `w3`, and `quality` alone (the final
+choice: the weighted targets bunched around 0.5 and made the model over-conservative).
 A label with weight 0 is not needed, so `w3` keeps replies that lack `violence` or `humor`.
 """
 
@@ -17,6 +17,9 @@ KNOWN_LABELS = frozenset(
         "violence",
     }
 )
+
+# The six labels the thesis's weightings are built from; its absolute rows need all six.
+SIX_LABELS = ("violence", "creativity", "helpfulness", "humor", "toxicity", "quality")
 
 WEIGHTINGS: dict[str, dict[str, float]] = {
     "w2": {"violence": -0.05, "creativity": 0.15, "helpfulness": 0.25, "humor": 0.05, "toxicity": -0.1, "quality": 0.4},

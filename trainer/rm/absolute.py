@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer.data import AbsoluteRow, build_absolute_rows, with_targets
+from trainer.data.labels import SIX_LABELS
 from trainer.rm.augment import augment_rows
 from trainer.rm.common import load_split, require, setup_model, write_outputs
 from trainer.rm.config import AbsoluteRMConfig
@@ -52,12 +53,15 @@ def apply_remedies(rows: list[AbsoluteRow], cfg: AbsoluteRMConfig) -> TrainingSe
         low = [r for r in rows if label_range(r.target) == "low"]
         new = augment_rows(low, cfg.augment, cfg.model.base, seed).rows
         rows, added = rows + new, len(new)
-    if rem.over_s:
-        rows = [rows[i] for i in over_sample([r.target for r in rows], rem.over_s, seed)]
+    if rem.over_s or rem.over_s_to:
+        rows = [rows[i] for i in over_sample([r.target for r in rows], rem.over_s or 2.0, seed, to=rem.over_s_to)]
     if rem.under_s:
         rows = [rows[i] for i in under_sample_mid([r.target for r in rows], rem.under_s, seed)]
     targets = [r.target for r in rows]
-    weights = low_weights(targets, rem.wgt_s) if rem.wgt_s else [1.0] * len(rows)
+    if rem.wgt_s or rem.wgt_fixed:
+        weights = low_weights(targets, rem.wgt_s or rem.wgt_fixed, fixed=bool(rem.wgt_fixed))
+    else:
+        weights = [1.0] * len(rows)
     return TrainingSet(rows, weights, before, range_counts(targets), added)
 
 
@@ -77,7 +81,8 @@ def predict(model, items: list[_Item], cfg: AbsoluteRMConfig, pad_id: int, devic
     bs = cfg.train.batch_size
     for i in range(0, len(items), bs):
         z, t, _ = _batch(model, items[i : i + bs], pad_id, device)
-        loss_sum += float(absolute_loss(z, t, cfg.loss.kind, penalty=cfg.loss.penalty)) * len(t)
+        loss_sum += float(absolute_loss(z, t, cfg.loss.kind, penalty=cfg.loss.penalty,
+                                        penalty_form=cfg.loss.penalty_form)) * len(t)
         preds += prediction(z, cfg.loss.kind).tolist()
     return preds, loss_sum / max(len(items), 1)
 
@@ -93,8 +98,9 @@ def _train(cfg: AbsoluteRMConfig) -> Path:
     seed_everything(cfg.train.seed)
     out = Path(cfg.output_dir)
     split, story = load_split(cfg.data)
-    train_l = with_targets(build_absolute_rows(split.train), cfg.weighting)
-    eval_l = with_targets(build_absolute_rows(split.eval), cfg.weighting)
+    source, required = (cfg.rows, SIX_LABELS) if cfg.rows == "ranked" else (cfg.rows, None)
+    train_l = with_targets(build_absolute_rows(split.train, source, required), cfg.weighting)
+    eval_l = with_targets(build_absolute_rows(split.eval, source, required), cfg.weighting)
     story += f"; {train_l.dropped + eval_l.dropped} replies dropped for missing labels {train_l.missing}"
     require(train_l.rows, "labelled training replies", story)
     model, tok, device = setup_model(cfg.model)
@@ -108,7 +114,7 @@ def _train(cfg: AbsoluteRMConfig) -> Path:
 
     def loss_fn(mdl, batch):
         z, t, w = _batch(mdl, batch, pad, device)
-        return absolute_loss(z, t, cfg.loss.kind, w, cfg.loss.penalty)
+        return absolute_loss(z, t, cfg.loss.kind, w, cfg.loss.penalty, cfg.loss.penalty_form)
 
     result = train_loop(model, train_items, loss_fn, cfg.train, out / "checkpoint", desc="rm-absolute")
     preds, eval_loss = predict(model, eval_items, cfg, pad, device)
@@ -131,7 +137,7 @@ def _card(cfg: AbsoluteRMConfig, m: dict, table: str) -> str:
 Sequence classifier (`num_labels=1`) from `{cfg.model.base}`, {'LoRA' if cfg.model.lora else 'full fine-tuning'},
 {'merged weights' if cfg.model.merge or not cfg.model.lora else 'peft adapter'}. Input: ChatML (`services.common.chat`).
 Target: label weighting `{cfg.weighting}`; loss `{cfg.loss.kind}`; remedies {m['remedies'] or 'none'}.
-Serve the raw logit as r_abs (MISSION.md section 4); sigmoid(logit) is the predicted rating{' (mse_penalty: the logit itself)' if cfg.loss.kind == 'mse_penalty' else ''}.
+Serve the raw logit as r_abs (docs/method.md); sigmoid(logit) is the predicted rating{' (mse_penalty: the logit itself)' if cfg.loss.kind == 'mse_penalty' else ''}.
 
 {table}
 Train rows per range before/after remedies: {m['train_ranges_before']} -> {m['train_ranges_after']}.

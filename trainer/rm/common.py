@@ -22,7 +22,7 @@ def load_split(data: DataSection) -> tuple[TreeSplit, str]:
     """Filtered trees split by tree; also a sentence saying what each filter removed."""
     trees = load_oasst(data.path or fixture_path("trees"))
     filtered = filter_trees(trees, tree_states=data.tree_states, drop_deleted=data.drop_deleted,
-                            drop_synthetic=data.drop_synthetic, langs=data.langs)
+                            drop_synthetic=data.drop_synthetic, drop_rejected=data.drop_rejected, langs=data.langs)
     story = f"{data.path or 'fixture'}: {filtered.report.describe()}"
     if not filtered.trees:
         raise EmptyDataError(f"no trees left after filtering ({story}); check data.langs / data.tree_states")

@@ -1,7 +1,7 @@
 """Configs of `crs-rlhf train-rm` (one pydantic model per command; unknown keys are errors).
 
 Defaults run on the shipped fixture and the tiny models in well under a minute; each field
-says the thesis value where it differs (MISSION.md section 1).
+says the thesis value where it differs (docs/method.md); `configs/thesis/` has the thesis's runs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class DataSection(_Section):
     tree_states: list[str] | None = ["ready_for_export"]
     drop_deleted: bool = True
     drop_synthetic: bool = True
+    drop_rejected: bool = Field(True, description="drop messages whose review_result is false (with their replies)")
     eval_fraction: float = Field(0.15, ge=0, lt=1, description="share of TREES held out for eval")
     split_seed: int = 0
 
@@ -64,7 +65,9 @@ class PreferenceRMConfig(_Section):
 
 class AbsoluteLossSection(_Section):
     kind: Literal["logistic", "sigmoid_mse", "mse_penalty"] = Field("logistic", description="thesis choice: logistic")
-    penalty: float = Field(1.0, ge=0, description="mse_penalty: weight of the out-of-[0, 1] penalty")
+    penalty: float = Field(0.02, ge=0, description="mse_penalty: weight of the out-of-[0, 1] penalty (thesis 0.02)")
+    penalty_form: Literal["linear", "squared"] = Field(
+        "linear", description="mse_penalty: penalty on the excess itself (thesis) or on its square")
 
 
 class AbsoluteTrain(TrainSection):
@@ -80,10 +83,13 @@ class AbsoluteRMConfig(_Section):
     model: ModelSection
     data: DataSection = DataSection()
     weighting: str | dict[str, float] = Field("quality", description="w2, w3, quality (thesis final) or {label: weight}")
+    rows: Literal["ranked", "labelled"] = Field(
+        "ranked", description="'ranked' (thesis): replies of the ranked sets with all six labels; 'labelled': "
+        "every labelled reply, only the weighting's labels required")
     loss: AbsoluteLossSection = AbsoluteLossSection()
     remedies: list[str] = Field(
-        default_factory=list, description="any of augment, over_s, under_s_N, wgt_s_X (thesis best: "
-        "augment, under_s_8k, wgt_s_075)"
+        default_factory=list, description="any of augment, over_s[_F|_N], under_s_N, wgt_s_X, wgt_A_B (thesis "
+        "best: augment, under_s_8k, wgt_s_075)"
     )
     augment: AugmentSection = AugmentSection()
     train: AbsoluteTrain = AbsoluteTrain()

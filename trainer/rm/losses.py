@@ -1,4 +1,4 @@
-"""Reward-model losses as small pure functions (MISSION.md section 1).
+"""Reward-model losses as small pure functions (docs/method.md).
 
 Preference: for a prompt with K ranked replies (best first) every one of the C(K, 2) pairs
 (w, l) with w ranked above l contributes ``-log sigmoid(r_w - r_l)``, optionally plus the
@@ -64,12 +64,20 @@ def pairwise_stats(scores: Sequence[float], set_sizes: Sequence[int]) -> tuple[i
 AbsoluteLoss = Literal["logistic", "sigmoid_mse", "mse_penalty"]
 
 
-def absolute_loss_terms(z: torch.Tensor, t: torch.Tensor, kind: AbsoluteLoss, penalty: float = 1.0) -> torch.Tensor:
+PenaltyForm = Literal["linear", "squared"]
+THESIS_PENALTY = 0.02  # the thesis code's mse_penalty: 2 % of the linear excess
+
+
+def absolute_loss_terms(
+    z: torch.Tensor, t: torch.Tensor, kind: AbsoluteLoss, penalty: float = THESIS_PENALTY,
+    penalty_form: PenaltyForm = "linear",
+) -> torch.Tensor:
     """Per-sample loss, (B,) from logits z (B,) and targets t (B,).
 
     logistic:    BCE(sigmoid(z), t)              (the thesis's choice)
     sigmoid_mse: (sigmoid(z) - t)^2
-    mse_penalty: (z - t)^2 + penalty * (relu(-z) + relu(z - 1))^2   (raw logit kept in [0, 1])
+    mse_penalty: (z - t)^2 + penalty * e, e = relu(-z) + relu(z - 1), the raw logit's distance
+                 outside [0, 1]; "linear" (the thesis, penalty 0.02) or "squared" (penalty * e^2)
     """
     if kind == "logistic":
         return F.binary_cross_entropy_with_logits(z, t, reduction="none")
@@ -77,15 +85,18 @@ def absolute_loss_terms(z: torch.Tensor, t: torch.Tensor, kind: AbsoluteLoss, pe
         return (torch.sigmoid(z) - t) ** 2
     if kind == "mse_penalty":
         outside = F.relu(-z) + F.relu(z - 1.0)  # distance outside [0, 1]
-        return (z - t) ** 2 + penalty * outside**2
+        if penalty_form not in ("linear", "squared"):
+            raise ValueError(f"unknown mse_penalty form {penalty_form!r}; use linear or squared")
+        return (z - t) ** 2 + penalty * (outside if penalty_form == "linear" else outside**2)
     raise ValueError(f"unknown absolute loss {kind!r}; use logistic, sigmoid_mse or mse_penalty")
 
 
 def absolute_loss(
-    z: torch.Tensor, t: torch.Tensor, kind: AbsoluteLoss, weights: torch.Tensor | None = None, penalty: float = 1.0
+    z: torch.Tensor, t: torch.Tensor, kind: AbsoluteLoss, weights: torch.Tensor | None = None,
+    penalty: float = THESIS_PENALTY, penalty_form: PenaltyForm = "linear",
 ) -> torch.Tensor:
     """Mean of w * loss: wgt_s_X multiplies an under-represented sample's loss by its weight."""
-    terms = absolute_loss_terms(z, t, kind, penalty)  # (B,)
+    terms = absolute_loss_terms(z, t, kind, penalty, penalty_form)  # (B,)
     return (terms if weights is None else terms * weights).mean()
 
 

@@ -24,7 +24,7 @@ def range_metrics(preds: Sequence[float], targets: Sequence[float]) -> dict[str,
 def write_table(path: Path, m: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| targets | n | MSE | MAE |", "| --- | --- | --- | --- |"]
-    for key, label in (("below_0.4", "< 0.4"), ("mid", "0.4 - 0.9"), ("above_0.9", ">= 0.9")):
+    for key, label in (("below_0.4", "0 - 0.40"), ("mid", "0.41 - 0.89"), ("above_0.9", "0.90 - 1.0")):
         lines.append(f"| {label} | {m[f'n_{key}']} | {fmt(m[f'mse_{key}'])} | {fmt(m[f'mae_{key}'])} |")
     text = "\n".join(lines) + f"\n\neval_loss {m['eval_loss']:.4f} (before training {m['initial_eval_loss']:.4f})\n"
     path.write_text(text)

@@ -1,15 +1,18 @@
 """The thesis's remedies for uneven absolute labels, as pure functions over targets.
 
-Ranges (MISSION.md, thesis Tables 6-7): low t < 0.4, mid 0.4 <= t < 0.9, high t >= 0.9.
-Names follow the thesis: ``over_s`` (duplicate low rows, up to 2x), ``under_s_N`` (mid range
-in 5 equal-width bins, N/5 rows each), ``wgt_s_X`` (low rows' loss x X * total / n_low), and
-``augment`` (paraphrases, trainer/rm/augment.py). They combine in that order: augment, over_s,
-under_s, then weights computed on the final set (the thesis's 42956 / 8208 = 5.23 example
-counts the duplicates).
+Ranges as the thesis writes them (docs/method.md): low 0-0.40 (a label of exactly 0.4 is
+low, as the thesis code's ``labels <= threshold``), mid 0.41-0.89, high 0.90-1.0. Names follow
+the thesis: ``over_s`` (duplicate low rows, up to 2x; ``over_s_8k`` = up to 8000 low rows),
+``under_s_N`` (mid range in 5 equal-width bins closed on the right, (0.4, 0.5] ... (0.8, 0.9),
+N/5 rows each), ``wgt_s_X`` (low rows' loss x X * total / n_low), ``wgt_A_B`` (a fixed weight
+A.B on low rows: ``wgt_1_4`` = 1.4), and ``augment`` (paraphrases, trainer/rm/augment.py).
+They combine in that order: augment, over_s, under_s, then weights computed on the final set
+(the thesis's 42956 / 8208 = 5.23 example counts the duplicates).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -17,29 +20,36 @@ from typing import Sequence
 
 LOW_MAX, HIGH_MIN = 0.4, 0.9
 MID_BINS = 5
+_EPS = 1e-9  # OASST labels are means of votes: 0.4 may arrive as 0.39999999999999997 or 0.4000000000000001
 
 
 def label_range(t: float) -> str:
-    return "low" if t < LOW_MAX else "high" if t >= HIGH_MIN else "mid"
+    """low t <= 0.4, high t >= 0.9, mid in between (the thesis's 0-0.40 / 0.41-0.89 / 0.90-1.0)."""
+    return "low" if t <= LOW_MAX + _EPS else "high" if t >= HIGH_MIN - _EPS else "mid"
 
 
 def mid_bin(t: float, bins: int = MID_BINS) -> int:
-    """Equal-width bin of a mid-range target over [0.4, 0.9)."""
-    return min(int((t - LOW_MAX) / ((HIGH_MIN - LOW_MAX) / bins) + 1e-9), bins - 1)
+    """Equal-width, right-closed bin of a mid target: (0.4, 0.5] -> 0, ..., (0.8, 0.9) -> 4."""
+    width = (HIGH_MIN - LOW_MAX) / bins
+    return min(max(math.ceil((t - LOW_MAX) / width - 1e-6) - 1, 0), bins - 1)
 
 
 @dataclass(frozen=True)
 class Remedies:
     augment: bool = False
     over_s: float | None = None  # duplication factor for low rows, in (1, 2]
+    over_s_to: int | None = None  # or: duplicate low rows until there are this many (each at most once)
     under_s: int | None = None  # N: mid rows kept (N / 5 per bin)
-    wgt_s: float | None = None  # X
+    wgt_s: float | None = None  # X, scaled by total / n_low
+    wgt_fixed: float | None = None  # a fixed loss weight on low rows
 
     def names(self) -> list[str]:
         out = ["augment"] if self.augment else []
         out += [f"over_s_{self.over_s:g}"] if self.over_s else []
+        out += [f"over_s_{self.over_s_to}"] if self.over_s_to else []
         out += [f"under_s_{self.under_s}"] if self.under_s else []
         out += [f"wgt_s_{self.wgt_s:g}"] if self.wgt_s else []
+        out += [f"wgt_{self.wgt_fixed:g}".replace(".", "_")] if self.wgt_fixed else []
         return out
 
 
@@ -53,26 +63,40 @@ def _number(text: str) -> float:
 
 
 def parse_remedies(names: Sequence[str]) -> Remedies:
-    """['augment', 'under_s_8k', 'wgt_s_075', 'over_s'] -> Remedies; unknown names are errors."""
+    """['augment', 'under_s_8k', 'wgt_s_075', 'over_s_8k', 'wgt_1_4'] -> Remedies; unknown names are errors."""
     fields: dict = {}
     for name in names:
-        m = re.fullmatch(r"(over_s|under_s|wgt_s)(?:_([0-9.]+k?))?|augment", name.strip())
+        name = name.strip()
+        fixed = re.fullmatch(r"wgt_(\d+)_(\d+)", name)  # Table 6's wgt_1_4: a fixed weight 1.4
+        if fixed:
+            fields["wgt_fixed"] = float(f"{fixed.group(1)}.{fixed.group(2)}")
+            continue
+        m = re.fullmatch(r"(over_s|under_s|wgt_s)(?:_([0-9.]+k?))?|augment", name)
         if not m:
-            raise ValueError(f"unknown remedy {name!r}; use augment, over_s[_F], under_s_N (e.g. 8k), wgt_s_X (e.g. 075)")
+            raise ValueError(f"unknown remedy {name!r}; use augment, over_s[_F or _N, e.g. over_s_8k], under_s_N "
+                             "(e.g. under_s_8k), wgt_s_X (e.g. wgt_s_075) or wgt_A_B (a fixed weight, e.g. wgt_1_4)")
         kind, arg = m.group(1) or "augment", m.group(2)
         if kind == "augment":
             fields["augment"] = True
         elif kind == "over_s":
             f = _number(arg) if arg else 2.0
-            if not 1.0 < f <= 2.0:
-                raise ValueError(f"{name}: over_s duplicates low rows up to 2x; factor must be in (1, 2]")
-            fields["over_s"] = f
+            if f >= 100 and f == int(f):  # a row count, as in over_s_8k
+                fields["over_s_to"] = int(f)
+            elif not 1.0 < f <= 2.0:
+                raise ValueError(f"{name}: over_s duplicates low rows up to 2x: give a factor in (1, 2] or a "
+                                 "target count of low rows (e.g. over_s_8k)")
+            else:
+                fields["over_s"] = f
         elif arg is None:
             raise ValueError(f"{name}: {kind} needs a number, e.g. under_s_8k or wgt_s_075")
         elif kind == "under_s":
             fields["under_s"] = int(_number(arg))
         else:
             fields["wgt_s"] = _number(arg)
+    if fields.get("wgt_s") and fields.get("wgt_fixed"):
+        raise ValueError("choose one of wgt_s_X (scaled weight) and wgt_A_B (fixed weight)")
+    if fields.get("over_s") and fields.get("over_s_to"):
+        raise ValueError("choose one of over_s_F (a factor) and over_s_N (a count of low rows)")
     return Remedies(**fields)
 
 
@@ -83,10 +107,12 @@ def range_counts(targets: Sequence[float]) -> dict[str, int]:
     return counts
 
 
-def over_sample(targets: Sequence[float], factor: float = 2.0, seed: int = 0) -> list[int]:
-    """Indices: every row once, plus round((factor-1) * n_low) low rows a second time."""
+def over_sample(targets: Sequence[float], factor: float = 2.0, seed: int = 0, to: int | None = None) -> list[int]:
+    """Indices: every row once, plus round((factor-1) * n_low) low rows a second time; with `to`,
+    enough low rows a second time to reach `to` low rows (never more than 2x: 4104 -> 8000 for 8k)."""
     low = [i for i, t in enumerate(targets) if label_range(t) == "low"]
-    extra = random.Random(seed).sample(low, round((factor - 1.0) * len(low)))
+    n_extra = min(max(to - len(low), 0), len(low)) if to is not None else round((factor - 1.0) * len(low))
+    extra = random.Random(seed).sample(low, n_extra)
     return list(range(len(targets))) + sorted(extra)
 
 
@@ -103,8 +129,9 @@ def under_sample_mid(targets: Sequence[float], n: int, seed: int = 0, bins: int 
     return sorted(keep)
 
 
-def low_weights(targets: Sequence[float], x: float) -> list[float]:
-    """X * total / n_low for low rows, 1 for the rest (thesis: 0.75 * 42956 / 8208 = 3.93)."""
+def low_weights(targets: Sequence[float], x: float, fixed: bool = False) -> list[float]:
+    """X * total / n_low for low rows, 1 for the rest (thesis: 0.75 * 42956 / 8208 = 3.93);
+    `fixed`: X itself on low rows (wgt_1_4 -> 1.4)."""
     n_low = sum(label_range(t) == "low" for t in targets)
-    w_low = x * len(targets) / n_low if n_low else 1.0
+    w_low = x if fixed else x * len(targets) / n_low if n_low else 1.0
     return [w_low if label_range(t) == "low" else 1.0 for t in targets]

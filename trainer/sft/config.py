@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.rm.loop import TrainSection
@@ -29,8 +31,22 @@ class SFTDataSection(_Section):
     top_languages: int | None = Field(20, description="keep the N most frequent languages (thesis: top 20)")
     langs: list[str] | None = Field(None, description="explicit language list (overrides top_languages)")
     tree_states: list[str] | None = ["ready_for_export"]
+    threads: Literal["best_ranked", "greedy"] = Field(
+        "best_ranked", description="'best_ranked' (Open Assistant, thesis): every thread along best-ranked or "
+        "unranked replies; 'greedy': one thread per tree")
+    drop_rejected: bool = Field(True, description="drop messages whose review_result is false (with their replies)")
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 0
+
+
+class PreSFTSection(_Section):
+    """Optional first stage on instruction data (the thesis: Alpaca, Dolly, GSM8K), then OASST."""
+
+    paths: list[str] = Field(default_factory=list, description="Alpaca/Dolly/GSM8K JSON or JSONL files; empty = no stage")
+    format: Literal["auto", "alpaca", "dolly", "gsm8k"] = "auto"
+    max_examples_per_file: int | None = Field(None, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop the first stage after this many optimizer steps")
 
 
 class SFTTrain(TrainSection):
@@ -51,4 +67,5 @@ class SFTConfig(_Section):
     output_dir: str = "runs/sft"
     model: SFTModelSection
     data: SFTDataSection = SFTDataSection()
+    pre_sft: PreSFTSection = PreSFTSection()
     train: SFTTrain = SFTTrain()

@@ -23,6 +23,7 @@ from trainer.rm.common import EmptyDataError, write_outputs
 from trainer.rm.loop import cpu_threads, seed_everything, train_loop
 from trainer.rm.modeling import device_and_dtype, load_tokenizer, pad_rows, save_model, wrap_lora
 from trainer.sft.config import SFTConfig
+from trainer.sft.instructions import load_instructions
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label id that cross-entropy skips
@@ -83,15 +84,24 @@ def eval_loss(model, examples: list[SFTExample], pad_id: int, device, batch_size
 def load_threads(cfg: SFTConfig) -> tuple[list, list, str]:
     d = cfg.data
     trees = load_oasst(d.path or fixture_path("trees"))
-    kept = filter_trees(trees, tree_states=d.tree_states).trees
+    kept = filter_trees(trees, tree_states=d.tree_states, drop_rejected=d.drop_rejected).trees
     langs = d.langs or (top_languages(kept, d.top_languages) if d.top_languages else None)
-    filtered = filter_trees(trees, tree_states=d.tree_states, langs=langs)
-    story = f"{d.path or 'fixture'}: {filtered.report.describe()} (languages {langs})"
+    filtered = filter_trees(trees, tree_states=d.tree_states, langs=langs, drop_rejected=d.drop_rejected)
+    story = f"{d.path or 'fixture'}: {filtered.report.describe()} (languages {langs}; {d.threads} threads)"
     split = split_by_tree(filtered.trees, d.eval_fraction, d.split_seed)
-    train = build_sft_threads(split.train)
+    train = build_sft_threads(split.train, d.threads)
     if not train:
         raise EmptyDataError(f"no SFT threads after filtering ({story})")
-    return train, build_sft_threads(split.eval), story
+    return train, build_sft_threads(split.eval, d.threads), story
+
+
+def pre_sft_examples(cfg: SFTConfig, tok) -> list[SFTExample]:
+    """The first stage's examples (empty when pre_sft.paths is empty)."""
+    p = cfg.pre_sft
+    convs = [c for path in p.paths for c in load_instructions(path, p.format, p.max_examples_per_file)]
+    if p.paths and not convs:
+        raise EmptyDataError(f"no instruction examples in {p.paths}")
+    return [encode_thread(tok, c, cfg.model.max_tokens) for c in convs]
 
 
 def train_sft(cfg: SFTConfig) -> Path:
@@ -118,15 +128,24 @@ def _train(cfg: SFTConfig) -> Path:
     eval_ex = [encode_thread(tok, t, m.max_tokens) for t in eval_threads] or train_ex
     pad, bs = tok.pad_token_id, cfg.train.batch_size
     before = eval_loss(model, eval_ex, pad, device, bs)
+    pre = pre_sft_examples(cfg, tok)
+    pre_metrics = {}
+    if pre:  # stage 1 on instruction data; its own checkpoint folder, so a resume knows which stage it is in
+        stage = cfg.train.model_copy(update={"epochs": cfg.pre_sft.epochs, "max_steps": cfg.pre_sft.max_steps})
+        r1 = train_loop(model, pre, lambda mdl, b: mdl(**_batch(b, pad, device)).loss, stage,
+                        out / "checkpoint-pre-sft", desc="pre-sft")
+        pre_metrics = {"pre_sft_examples": len(pre), "pre_sft_steps": r1.steps, "pre_sft_loss_history": r1.losses,
+                       "eval_loss_after_pre_sft": eval_loss(model, eval_ex, pad, device, bs)}
     result = train_loop(model, train_ex, lambda mdl, b: mdl(**_batch(b, pad, device)).loss, cfg.train,
                         out / "checkpoint", desc="sft")
     after = eval_loss(model, eval_ex, pad, device, bs)
     metrics = {"eval_loss": after, "initial_eval_loss": before, "eval_perplexity": math.exp(min(after, 50.0)),
                "train_threads": len(train_ex), "eval_threads": len(eval_threads), "steps": result.steps,
-               "train_loss_history": result.losses, "data": story}
+               "train_loss_history": result.losses, "data": story, **pre_metrics}
     save_model(model, tok, out, merge=m.merge, base=m.base)
     card = (f"# SFT policy (crs-rlhf)\n\nCausal LM from `{m.base}`, {'LoRA' if m.lora else 'full fine-tuning'}, "
-            f"{'merged' if m.merge or not m.lora else 'peft adapter'}. ChatML threads (best-ranked OASST replies), "
+            f"{'merged' if m.merge or not m.lora else 'peft adapter'}. ChatML threads (best-ranked OASST replies"
+            f"{', after a first stage on ' + str(len(pre)) + ' instruction examples' if pre else ''}), "
             f"loss on assistant tokens only.\n\neval_loss {after:.4f} (before {before:.4f}), {result.steps} steps.\n"
             f"Data: {story}. Full config: `config.yaml`.\n")
     write_outputs(out, cfg, metrics, card)

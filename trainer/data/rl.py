@@ -1,0 +1,98 @@
+"""RL prompts as the thesis drew them: languages, a held-out split by tree, a fraction, incomplete trees.
+
+`build_rl_prompt_split(trees, RLPromptOptions(...), tokenizer)` takes the trees as loaded (not
+yet filtered) because "incomplete trees" changes which tree states pass. A tree is held out
+when a hash of (split_seed, tree id) falls below `held_out_fraction`: the decision depends on
+the tree alone, so it is the same whatever languages, states or fraction a run picks, and
+evaluation prompts drawn from ``held_out`` (or from `is_held_out`) can never have been seen
+during PPO. The fraction is taken from the training prompts after the split, so 10 % and
+37.5 % runs share one held-out set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.data.builders import Conversation, build_rl_prompts
+from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees
+from trainer.data.oasst import MessageTree
+
+RM_LANGS = ["en", "es", "fr", "de"]
+# The share of trees the thesis presets and `crs-rlhf data-report` hold out. The option's own
+# default is 0: a PPO config that names a small prompt file of its own trains on all of it.
+THESIS_HELD_OUT = 0.05
+
+
+class RLPromptOptions(BaseModel):
+    """Which OASST prompts PPO trains on (the PPO config's ``run.prompts``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    langs: list[str] | None = Field(
+        default_factory=lambda: list(RM_LANGS),
+        description="root languages kept: the reward models' languages (thesis en, es, fr, de); null = all")
+    held_out_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of TREES kept out of PPO for evaluation, by a hash of the tree id "
+        "(thesis presets 0.05; 0 = none)")
+    split_seed: int = Field(0, description="seed of the held-out split (use the same one for eval prompts)")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the training prompts used (thesis: 0.1, 0.375)")
+    fraction_seed: int = 0
+    incomplete_trees: bool = Field(
+        False, description="also take prefixes from trees still growing or being ranked (the thesis's text "
+        "says it did: its presets set true); false = ready_for_export trees only")
+    drop_rejected: bool = Field(True, description="drop messages whose review_result is false")
+
+
+@dataclass
+class RLPromptSplit:
+    train: list[Conversation]  # what PPO samples from (after `fraction`)
+    held_out: list[Conversation]  # prompts of the held-out trees: the OASST evaluation source
+    held_out_tree_ids: list[str]
+    dropped_long: int = 0  # train prompts over max_prompt_tokens (dropped, not cut)
+    train_before_fraction: int = 0
+    per_language: dict[str, int] = field(default_factory=dict)  # train prompts per root language
+    report: FilterReport | None = None
+
+
+def is_held_out(tree_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a tree belongs to the held-out share: uniform in [0, 1) from sha1(seed:tree_id)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(f"{seed}:{tree_id}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def sample_fraction(items: Sequence, fraction: float, seed: int = 0) -> list:
+    """A seeded subset of round(fraction * n) items (at least one), in their original order."""
+    if fraction >= 1.0 or not items:
+        return list(items)
+    k = max(1, round(fraction * len(items)))
+    keep = sorted(random.Random(seed).sample(range(len(items)), k))
+    return [items[i] for i in keep]
+
+
+def build_rl_prompt_split(
+    trees: Sequence[MessageTree], opts: RLPromptOptions | None = None, tokenizer=None, max_prompt_tokens: int = 1024
+) -> RLPromptSplit:
+    """Filter, split by tree, build prompts (over-long ones dropped with a tokenizer), take the fraction."""
+    opts = opts or RLPromptOptions()
+    states = (READY, *INCOMPLETE) if opts.incomplete_trees else (READY,)
+    filtered = filter_trees(trees, tree_states=states, langs=opts.langs, drop_rejected=opts.drop_rejected)
+    held = [is_held_out(t.tree_id, opts.held_out_fraction, opts.split_seed) for t in filtered.trees]
+    train_trees = [t for t, h in zip(filtered.trees, held) if not h]
+    eval_trees = [t for t, h in zip(filtered.trees, held) if h]
+    per_tree = []  # (lang, prompt) in tree order, so per-language counts follow the fraction
+    for tree in train_trees:
+        per_tree += [(tree.lang, p) for p in build_rl_prompts([tree], tokenizer, max_prompt_tokens)]
+    total = sum(len(build_rl_prompts([t])) for t in train_trees) if tokenizer is not None else len(per_tree)
+    chosen = sample_fraction(per_tree, opts.fraction, opts.fraction_seed)
+    return RLPromptSplit(
+        train=[p for _, p in chosen], held_out=build_rl_prompts(eval_trees),
+        held_out_tree_ids=[t.tree_id for t in eval_trees], dropped_long=total - len(per_tree),
+        train_before_fraction=len(per_tree), per_language=dict(Counter(lang for lang, _ in chosen)),
+        report=filtered.report)
