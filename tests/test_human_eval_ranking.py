@@ -196,3 +196,24 @@ def test_aggregate_single_group_has_no_sd_and_rejects_mixed_model_sets():
         aggregate([row("p", "g", "x", {"A": 2, "B": 2})])
     with pytest.raises(ValueError, match="no rows"):
         aggregate([])
+
+
+def test_simulated_annotators_recover_the_true_order():
+    # 3 groups x 4 annotators x 15 prompts, each ranking by a noisy utility (ties when close):
+    # the merged Borda means must come out in the utilities' order, every prompt's points sum
+    # to (K + 1) / 2, and a perfectly undecided panel gives everyone the middle, (K + 1) / (2K).
+    import random
+
+    rng, util = random.Random(0), {"abs": 0.8, "crs": 0.5, "pref": 0.2}
+    rows = []
+    for g in "123":
+        for a in range(4):
+            for p in range(15):
+                q = {m: round((u + rng.gauss(0, 0.35)) / 0.3) for m, u in util.items()}
+                rows.append(row(str(p), g, f"a{a}", {m: 1 + sum(v > q[m] for v in q.values()) for m in q}))
+    res = aggregate(rows)
+    means = {m: b["mean"] for m, b in res.borda.items()}
+    assert sorted(means, key=means.get, reverse=True) == ["abs", "crs", "pref"]
+    assert all(sum(p.values()) == pytest.approx(2.0) for p in res.points.values())
+    undecided = aggregate([row("p", "1", w, {"abs": 1, "crs": 1, "pref": 1}) for w in "xyz"])
+    assert {m: b["mean"] for m, b in undecided.borda.items()} == pytest.approx(dict.fromkeys(util, 2 / 3))

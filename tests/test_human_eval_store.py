@@ -204,6 +204,22 @@ def test_rank_command_writes_rankings_report_and_chart(tmp_path, capsys):
     assert "abs" in capsys.readouterr().out
 
 
+def test_rank_reads_an_exported_csv_the_same_way(tmp_path):
+    store = AnnotationStore(tmp_path / "annotations.jsonl")
+    store.append(
+        AnnotationRow(prompt_id="p", group="1", annotator="x", ranking={"a": 1, "b": 2}),
+        AnnotationRow(prompt_id="p", group="1", annotator="x", ranking={"a": 2, "b": 1}),  # changed: this one counts
+        AnnotationRow(prompt_id="q", group="1", annotator="x", ranking={"a": 1, "b": 1}),
+    )
+    write_csv(store.rows, tmp_path / "a.csv")
+    assert rank.main(["--annotations", str(tmp_path / "annotations.jsonl"), "--out", str(tmp_path / "j")]) == 0
+    assert rank.main(["--annotations", str(tmp_path / "a.csv"), "--out", str(tmp_path / "c")]) == 0
+    from_jsonl = json.loads((tmp_path / "j" / "rankings.json").read_text())
+    assert from_jsonl == json.loads((tmp_path / "c" / "rankings.json").read_text())
+    assert from_jsonl["tiers"] == {"1/p": [["b"], ["a"]], "1/q": [["a", "b"]]}
+    assert from_jsonl["borda"]["b"]["mean"] == pytest.approx((1.0 + 0.75) / 2)
+
+
 def test_rank_command_reports_a_missing_file(tmp_path, capsys):
     assert rank.main(["--annotations", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such annotations file" in capsys.readouterr().err

@@ -37,17 +37,17 @@ def serve(argv: list[str]) -> int:
         models, groups = s.model_list(), s.group_list()
         prompts = load_prompts(s.dir, models, s.prompts_split)
         store = AnnotationStore(Path(s.dir) / "annotations.jsonl")
-    except (OSError, ValueError) as e:
+        engine = AnnotationEngine(prompts, models, groups, store, seed=s.seed)
+        app = build_app(
+            engine,
+            title=s.title,
+            api_key=s.api_key,
+            max_body_bytes=s.max_body_bytes,
+            body_read_timeout_s=getattr(s, "body_read_timeout_s", None),
+        )
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    engine = AnnotationEngine(prompts, models, groups, store, seed=s.seed)
-    app = build_app(
-        engine,
-        title=s.title,
-        api_key=s.api_key,
-        max_body_bytes=s.max_body_bytes,
-        body_read_timeout_s=getattr(s, "body_read_timeout_s", None),
-    )
     print(
         f"annotation page: http://{s.host}:{s.port}/  ({len(prompts)} prompts x {len(models)} responses, "
         f"groups {', '.join(groups)}; {len(store.rows)} rows already in {store.path})",

@@ -31,6 +31,12 @@ def build_app(
     max_body_bytes: int = 1024 * 1024,
     body_read_timeout_s: float | None = None,
 ) -> FastAPI:
+    missing = [n for n in ("index.html", "app.js", "app.css") if not (STATIC / n).is_file()]
+    if missing:  # a wheel built without the package data; fail at start, not on the first page view
+        raise RuntimeError(
+            f"the annotation page's files are missing from {STATIC} ({', '.join(missing)}); "
+            "reinstall crs-rlhf from a source tree (pip install -e .) or add trainer/eval/human/static to package data"
+        )
     app = FastAPI(title="crs-rlhf annotation", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 

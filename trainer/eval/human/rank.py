@@ -67,7 +67,8 @@ def plot_borda(result: HumanEvalResult, path: Path) -> None:
     sds = [result.borda[m]["sd"] or 0.0 for m in models]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(models), 3.6))
     bars = ax.bar(models, means, yerr=sds, capsize=6, color="#0a66c2")
-    ax.bar_label(bars, labels=[f"{v:.2f}" for v in means], padding=3)
+    for bar, mean, sd in zip(bars, means, sds, strict=True):  # above the error bar, not on it
+        ax.text(bar.get_x() + bar.get_width() / 2, mean + sd + 0.02, f"{mean:.2f}", ha="center", va="bottom")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("normalised Borda points")
     ax.set_title(f"Human ranking ({len(result.groups)} group(s), ± sd over groups)")
