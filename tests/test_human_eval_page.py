@@ -224,7 +224,8 @@ def test_page_in_a_real_browser(eval_dir):
             click_rank("2", 1)
             page.click("#submit")
             page.wait_for_function("document.getElementById('progress').textContent === '2 of 3'")
-            assert "Saved" in page.text_content("#message")
+            assert "Saved" in page.text_content("#message") and page.text_content("#done") == "1 answered"
+            assert page.text_content("#state") == ""  # a prompt not answered yet
 
             # Prompt 2: keys (focus a response, press its rank) and a drag into rank 3.
             assert shown_prompt() == seq[1]
@@ -247,6 +248,7 @@ def test_page_in_a_real_browser(eval_dir):
             # Go back and change prompt 2's answer: the saved ranking is shown, then edited.
             page.click("#prev")
             page.wait_for_function("document.getElementById('progress').textContent === '2 of 3'")
+            assert "saved ranking is shown" in page.text_content("#state")
             on = {k: page.get_attribute(f'.card[data-key="{k}"] button.on', "data-rank") for k in "123"}
             assert on == {"1": "2", "2": "1", "3": "3"}
             click_rank("3", 1)

@@ -62,8 +62,7 @@ function showLogin(message) {
   $("task").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
-  $("progress").textContent = "";
-  $("who").textContent = "";
+  for (const id of ["progress", "done", "who"]) $(id).textContent = "";
   const saved = JSON.parse(localStorage.getItem(STORE) || "null");
   if (saved) {
     $("name").value = saved.annotator || "";
@@ -108,7 +107,10 @@ async function load(i) {
 
 function setProgress() {
   $("progress").textContent = `${item.index + 1} of ${item.total}`;
-  $("progress").title = `${item.done} of ${item.total} answered`;
+  $("done").textContent = `${item.done} answered`;
+  $("state").textContent = item.ranking
+    ? "You answered this one; your saved ranking is shown. Change it and save again to update it."
+    : "";
 }
 
 function render() {
