@@ -180,6 +180,7 @@ def test_page_in_a_real_browser(eval_dir):
             page.goto(svc.url + "/")
 
             # Log in: the key field is there because the server has --api-key; a wrong key is refused.
+            assert page.is_visible("#key")
             page.fill("#name", "ann")
             page.select_option("#group", "2")
             page.fill("#key", "wrong")
@@ -254,6 +255,18 @@ def test_page_in_a_real_browser(eval_dir):
             click_rank("3", 1)
             page.click("#submit")
             page.wait_for_function("document.getElementById('progress').textContent === '3 of 3'")
+
+            # Without --api-key there is no key field, and a new annotator starts at their first prompt.
+            svc.stop()
+            svc = server(eval_dir, port, api_key=None).__enter__()
+            page = browser.new_page(bypass_csp=True)
+            page.goto(svc.url + "/")
+            page.wait_for_selector("#login:not([hidden])")
+            assert not page.is_visible("#key") and page.is_visible("#name")
+            page.fill("#name", "bob")
+            page.click("#start")
+            page.wait_for_selector("#task:not([hidden])")
+            assert page.text_content("#progress") == "1 of 3" and page.text_content("#done") == "0 answered"
             browser.close()
     finally:
         svc.stop()
