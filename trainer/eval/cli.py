@@ -140,7 +140,9 @@ def run_config(path: str, overrides: list[str]) -> None:
     cfg = load_config(EvalConfig, path, overrides)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts_path = Path(cfg.prompts_file) if cfg.prompts_file else out / "prompts.jsonl"
+    # The sampled sets (all splits) stay apart from prompts.jsonl, which `generate` writes as
+    # the set actually evaluated (one split of them, with `use_split`).
+    prompts_path = Path(cfg.prompts_file) if cfg.prompts_file else out / "prompt_sets.jsonl"
     if cfg.prompts:
         p = cfg.prompts
         print("[eval] prompts")
