@@ -42,7 +42,16 @@ class RolloutActor:
         self.worker = RolloutWorker(cfg, worker_index)
 
     def rollout(self, prompts, adapter, step, overlap=None):
-        return self.worker.rollout(prompts, adapter, step, overlap)
+        try:
+            return self.worker.rollout(prompts, adapter, step, overlap)
+        except Exception as e:
+            # Client exceptions (openai's, httpx's) need their response object to unpickle, so
+            # Ray would hand the driver an UnserializableException instead: send plain text.
+            raise RolloutError(f"{type(e).__name__}: {e}") from None
+
+
+class RolloutError(RuntimeError):
+    """A rollout worker's failure, as text that crosses process boundaries intact."""
 
 
 @ray.remote(num_cpus=1)

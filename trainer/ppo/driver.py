@@ -84,13 +84,12 @@ class PromptOrder:
 def load_prompts(cfg: PPOConfig) -> PromptSet:
     from transformers import AutoTokenizer
 
-    from trainer.data import build_rl_prompts, filter_trees, fixture_path, load_oasst
+    from trainer.data import build_rl_prompt_split, fixture_path, load_oasst
 
     source = fixture_path() if cfg.run.data_source == "fixture" else cfg.run.data_source
-    trees = filter_trees(load_oasst(source)).trees
     tok = AutoTokenizer.from_pretrained(cfg.model.policy_path)
-    kept = build_rl_prompts(trees, tok, cfg.generation.max_prompt_tokens)
-    return PromptSet(prompts=kept, dropped=len(build_rl_prompts(trees)) - len(kept))
+    split = build_rl_prompt_split(load_oasst(source), cfg.run.prompts, tok, cfg.generation.max_prompt_tokens)
+    return PromptSet(prompts=split.train, dropped=split.dropped_long)
 
 
 def run_tag(run_dir: Path) -> str:
@@ -113,6 +112,16 @@ def _unload_stale_adapters(cfg: PPOConfig) -> list[str]:
             return stale
 
     return asyncio.run(go())
+
+
+def _release_adapter_slot(cfg: PPOConfig) -> None:
+    """A finished (or interrupted) run frees its policy_gen slot for the next trainer: the adapter
+    stays on disk, and `--resume` loads it again. Best effort: a run that trained is not failed
+    because policy_gen went away at the end."""
+    try:
+        _unload_stale_adapters(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure here only costs a slot until the next start
+        log.warning("could not unload this run's adapter from policy_gen: %s", e)
 
 
 def _sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None) -> None:
@@ -169,7 +178,7 @@ def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: st
         slices = split_prompts(items, len(workers))
         try:
             parts = ray.get([w.rollout.remote(s, adapter, step) for w, s in zip(workers, slices)])
-        except ray.exceptions.RayTaskError as e:
+        except ray.exceptions.RayError as e:  # a worker's error (RayTaskError) or a lost worker
             if attempt == cfg.run.step_retries:
                 raise StepFailed(f"step {step}: rollout failed after {attempt + 1} attempts: {e}") from e
             log.warning("step %d: rollout failed (%s); retrying the step", step, e)
@@ -257,6 +266,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
                 checkpoint()
         summary.last_step = progress.step
         summary.final_adapter = str(run_dir / "adapters" / f"step-{progress.step:06d}") if progress.step else None
+        _release_adapter_slot(cfg)
         return summary
     finally:
         stop.__exit__(None, None, None)
