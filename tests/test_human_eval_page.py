@@ -126,17 +126,18 @@ def test_api_auth_validation_and_restart(eval_dir):
     assert all(r["order"] == order and r["prompt_id"] == pid and r["source"] == "page" for r in got)
 
 
-def test_bad_settings_exit_with_a_message(eval_dir, tmp_path):
+def test_bad_settings_and_a_second_server_exit_with_a_message(eval_dir):
     import subprocess
 
-    bad = subprocess.run(
-        python_module("trainer.eval.human.annotate", "--dir", str(eval_dir), "--models", "abs,nope"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv = python_module("trainer.eval.human.annotate", "--dir", str(eval_dir), *args)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    bad = run("--models", "abs,nope")
     assert bad.returncode == 2 and "outputs/nope.json" in bad.stderr and "Traceback" not in bad.stderr
+    with server(eval_dir, free_port()):
+        second = run("--models", ",".join(MODELS), "--port", str(free_port()))
+    assert second.returncode == 2 and "already serves" in second.stderr
 
 
 # ---------------------------------------------------------------- the page in a browser

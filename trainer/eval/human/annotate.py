@@ -25,6 +25,25 @@ from trainer.eval.human.store import AnnotationRow, AnnotationStore, import_argi
 PROG = "crs-rlhf eval annotate"
 
 
+def _one_server_per_folder(directory: Path):
+    """Hold an exclusive lock on DIR/.annotate.lock for the server's lifetime.
+
+    Each server keeps the rows in memory; two on one folder would both append to the file but
+    each page would only know its own server's answers. The OS drops the lock when we exit.
+    """
+    import fcntl
+
+    f = open(directory / ".annotate.lock", "w")  # noqa: SIM115 - must stay open
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(
+            f"another 'eval annotate' server already serves {directory}; use that one (or stop it)"
+        ) from None
+    return f
+
+
 def serve(argv: list[str]) -> int:
     import uvicorn
 
@@ -36,6 +55,7 @@ def serve(argv: list[str]) -> int:
     try:
         models, groups = s.model_list(), s.group_list()
         prompts = load_prompts(s.dir, models, s.prompts_split)
+        lock = _one_server_per_folder(Path(s.dir))  # noqa: F841 - held until the process exits
         store = AnnotationStore(Path(s.dir) / "annotations.jsonl")
         engine = AnnotationEngine(prompts, models, groups, store, seed=s.seed)
         app = build_app(
