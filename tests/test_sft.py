@@ -65,3 +65,43 @@ def test_lora_sft_adapter_output(tiny_models, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
     assert AutoPeftModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_instruction_files_in_three_formats(tmp_path):
+    from trainer.sft.instructions import load_instructions
+
+    alpaca = tmp_path / "alpaca_data.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+                                  {"instruction": "Say hi.", "input": "", "output": "Hi!"}]))
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text(json.dumps({"instruction": "Summarise.", "context": "A long text.", "response": "Short.",
+                                 "category": "summarization"}) + "\n")
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    assert load_instructions(alpaca) == [
+        [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]]
+    assert load_instructions(dolly)[0][0]["content"] == "Summarise.\n\nA long text."
+    assert load_instructions(gsm)[0][1]["content"] == "2 + 2 = 4\n#### 4"
+    assert len(load_instructions(alpaca, max_examples=1)) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    with pytest.raises(ValueError, match="Alpaca"):
+        load_instructions(bad)
+    with pytest.raises(FileNotFoundError, match="pre_sft.paths"):
+        load_instructions(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_pre_sft_stage_runs_first(tiny_models, tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Repeat {w}.", "input": "", "output": w} for w in
+                                ("apple", "river", "stone", "cloud")]))
+    cfg = SFTConfig(model={"base": str(tiny_models["policy"]), "max_tokens": 256},
+                    pre_sft={"paths": [str(data)], "max_steps": 2}, train={"max_steps": 2},
+                    output_dir=str(tmp_path / "sft"))
+    m = json.loads((train_sft(cfg) / "metrics.json").read_text())
+    assert (m["pre_sft_examples"], m["pre_sft_steps"], m["steps"]) == (4, 2, 2)
+    assert m["eval_loss_after_pre_sft"] != m["initial_eval_loss"]  # the first stage changed the model
+    assert "best_ranked threads" in m["data"]
+    assert (tmp_path / "sft" / "checkpoint-pre-sft" / "checkpoint.pt").exists()
