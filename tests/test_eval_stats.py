@@ -83,3 +83,12 @@ def test_correlations_by_hand():
     assert c.spearman == pytest.approx(1.0) and 0.8 < c.pearson < 1.0
     assert math.isnan(stats.correlation([1, 1, 1], [1, 2, 3]).pearson)
     assert math.isnan(stats.correlation([1], [2]).spearman)
+
+
+def test_discrete_verdicts_given_separately():
+    # both orders: a prompt whose orders disagree is a draw even if its soft mean is 0.49
+    r = stats.win_rate([0.49, 0.9], discrete=[0.5, 1.0])
+    assert (r.n_wins, r.n_wins_base, r.n_draws) == (1, 0, 1)
+    assert r.win_rate == pytest.approx(0.695) and r.discrete_win_rate == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="one verdict per preference"):
+        stats.win_rate([0.5], discrete=[])

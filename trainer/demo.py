@@ -4,7 +4,9 @@
     2. SFT + preference RM + absolute RM on the shipped OASST fixture
     3. start reward_pref, reward_abs and policy_gen as real processes on free loopback ports
     4. PPO with the Combined Reward Signal under a local Ray cluster
-    5. metrics.jsonl, TensorBoard, PNG plots and a summary table in the run folder
+    5. held-out evaluation: PPO policy vs SFT on eval-tree prompts, judged by both reward
+       models (win rate ± SE) and, with --judge-url, by an LLM judge (trainer/eval/demo_eval.py)
+    6. metrics.jsonl, TensorBoard, PNG plots and a summary table in the run folder
 
 Every child process is stopped on the way out: normal end, error or Ctrl-C (the PPO driver
 saves a checkpoint on Ctrl-C first, so `crs-rlhf train --resume` can pick the run up).
@@ -43,6 +45,8 @@ class DemoArgs:
     policy_backend: str
     seed: int
     train_models: bool
+    judge_url: str | None = None
+    judge_model: str | None = None
 
 
 def parse_args(argv: list[str] | None) -> DemoArgs:
@@ -55,12 +59,15 @@ def parse_args(argv: list[str] | None) -> DemoArgs:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-train", dest="train_models", action="store_false",
                    help="skip SFT and RM training; serve the untrained tiny models")
+    p.add_argument("--judge-url", help="OpenAI-compatible judge for the held-out eval (API key: OPENAI_API_KEY)")
+    p.add_argument("--judge-model", help="the judge's model id (default: the first one it serves)")
     a = p.parse_args(argv)
     if not 0.0 <= a.crs_weight <= 1.0:
         p.error("--crs-weight must be in [0, 1]")
     if a.steps < 1:
         p.error("--steps must be at least 1")
-    return DemoArgs(Path(a.out), a.steps, a.crs_weight, a.policy_backend, a.seed, a.train_models)
+    return DemoArgs(Path(a.out), a.steps, a.crs_weight, a.policy_backend, a.seed, a.train_models,
+                    a.judge_url, a.judge_model)
 
 
 def _stage(i: int, n: int, text: str) -> float:
@@ -128,7 +135,7 @@ def summary_table(rows: list[dict]) -> str:
 def run_demo(args: DemoArgs) -> int:
     from trainer.tiny_models import make_tiny_models
 
-    n = 5
+    n = 6
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = _stage(1, n, f"building tiny models in {out / 'tiny-models'}")
@@ -159,11 +166,20 @@ def run_demo(args: DemoArgs) -> int:
 
             summary = train(ppo_config(args, models, urls, run_dir), on_step=on_step)
 
-    _stage(5, n, "plots and summary")
+        held_out = None
+        if not summary.interrupted:
+            _stage(5, n, "held-out evaluation: PPO policy vs SFT on eval-tree prompts")
+            from trainer.eval.demo_eval import heldout_eval
+
+            held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=args.judge_url, judge_model=args.judge_model)
+
+    _stage(6, n, "plots and summary")
     from trainer.plot import plot_run
 
     pngs = plot_run(run_dir)
     print(summary_table(summary.metrics))
+    if held_out is not None:
+        print("\n".join(held_out.lines()))
     print(f"\nrun folder: {run_dir}\n  metrics:  {run_dir / 'metrics.jsonl'}\n  plots:    "
           + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"done in {time.monotonic() - t0:.0f}s")

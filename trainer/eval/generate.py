@@ -33,8 +33,13 @@ class Sampling:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    name: str
+    name: str  # the outputs' name (outputs/NAME.json); also the served model id unless `served` is set
     adapter: Path | None = None
+    served: str | None = None  # generate with this served model id under another name (e.g. "sft")
+
+    @property
+    def model(self) -> str:
+        return self.served or self.name
 
 
 def parse_policy(value: str) -> PolicySpec:
@@ -91,14 +96,14 @@ async def generate_policy(url: str, spec: PolicySpec, prompts: Sequence[Prompt],
 
     from trainer.clients.policy import PolicyClient
 
-    client = PolicyClient(url, model=spec.name, api_key=api_key)
+    client = PolicyClient(url, model=spec.model, api_key=api_key)
     api = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "EMPTY", max_retries=0,
                              timeout=600)
     try:
         if spec.adapter is not None:
             await client.load_adapter(str(spec.adapter), spec.name)
         sem = asyncio.Semaphore(concurrency)
-        tasks = [asyncio.ensure_future(_generate_one(api, spec.name, p, i, sp, sem, client._retry))
+        tasks = [asyncio.ensure_future(_generate_one(api, spec.model, p, i, sp, sem, client._retry))
                  for i, p in enumerate(prompts)]
         with tqdm(total=len(tasks), desc=f"generate {spec.name}", unit="prompt", disable=not progress) as bar:
             for t in asyncio.as_completed(tasks):

@@ -114,7 +114,7 @@ def agreement_rows(score_rows: Sequence[dict], judgments: Sequence[dict]) -> lis
         for pid, p in prompts.items():
             if p["preference"] is None:
                 continue
-            verdict = stats.hard_verdict(p["preference"])
+            verdict = stats.hard_verdict(p["discrete"])  # orders that disagree: a draw, left out
             for rm in rms:
                 a, b = scores.get((rm, model, pid)), scores.get((rm, base, pid))
                 if a is None or b is None:

@@ -57,9 +57,12 @@ class WinRate:
     discrete_win_rate: float  # (wins + ½·draws) / n_total from the hard verdicts
 
 
-def win_rate(preferences: Sequence[float], n_invalid: int = 0) -> WinRate:
+def win_rate(preferences: Sequence[float], n_invalid: int = 0, discrete: Sequence[float] | None = None) -> WinRate:
     """Summarise valid preferences (each in [0, 1]).
 
+    `discrete` (optional, one per preference) gives the hard verdicts to count when they are
+    not simply the soft ones rounded: with both orders, a prompt whose two verdicts disagree
+    is a draw (FastChat's rule) even if its mean soft preference is 0.49.
     Example: [1, 1, 0, 0.5] -> wins 2, losses 1, draws 1, p = 2.5/4 = 0.625,
     SE = sqrt(0.625·0.375/4) = 0.2421; soft [0.9, 0.2] -> p = 0.55, discrete 0.5.
     """
@@ -67,7 +70,9 @@ def win_rate(preferences: Sequence[float], n_invalid: int = 0) -> WinRate:
     if any(not 0.0 <= x <= 1.0 for x in prefs):
         raise ValueError("preferences must lie in [0, 1] (1: the model's output is better)")
     n = len(prefs)
-    verdicts = [hard_verdict(x) for x in prefs]
+    if discrete is not None and len(discrete) != n:
+        raise ValueError("discrete needs one verdict per preference")
+    verdicts = [hard_verdict(x) for x in (prefs if discrete is None else discrete)]
     wins, losses = verdicts.count(1), verdicts.count(-1)
     draws = n - wins - losses
     p = sum(prefs) / n if n else math.nan

@@ -23,26 +23,32 @@ COLUMNS = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_lo
 
 
 def per_prompt(records: Iterable[dict]) -> dict[tuple[str, str], dict[str, dict]]:
-    """{(model, baseline): {prompt id: {"source", "preference" | None, "first_wins": [..]}}}."""
+    """{(model, baseline): {prompt id: {"source", "preference", "discrete", "first_wins", ...}}}.
+
+    preference: mean soft P(model better) over the valid orders (None: none valid);
+    discrete: mean of the orders' hard verdicts (1 / 0.5 / 0), so disagreeing orders draw."""
     out: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     for r in records:
         slot = out[(r["model"], r["baseline"])].setdefault(
-            r["id"], {"source": r["source"], "prefs": [], "first_wins": [], "n_orders": 0})
+            r["id"], {"source": r["source"], "prefs": [], "hard": [], "first_wins": [], "n_orders": 0})
         slot["n_orders"] += 1
         if r.get("valid"):
             slot["prefs"].append(float(r["preference"]))
+            slot["hard"].append((stats.hard_verdict(float(r["preference"])) + 1) / 2)  # 1 / 0.5 / 0
             verdict = stats.hard_verdict(float(r["p_first"]))
             slot["first_wins"].append(None if verdict == 0 else verdict > 0)
     for prompts in out.values():
         for p in prompts.values():
-            prefs = p["prefs"]
-            p["preference"] = stats.combine_orders(prefs[0] if prefs else None, prefs[1] if len(prefs) > 1 else None)
+            prefs, hard = p["prefs"][:2], p["hard"][:2]
+            p["preference"] = stats.combine_orders(*(prefs + [None] * (2 - len(prefs))))
+            p["discrete"] = stats.combine_orders(*(hard + [None] * (2 - len(hard))))
     return out
 
 
 def _row(model: str, base: str, source: str, prompts: Sequence[dict], lengths: dict[str, int], judge: str) -> dict:
-    valid = [p["preference"] for p in prompts if p["preference"] is not None]
-    wr = stats.win_rate(valid, n_invalid=len(prompts) - len(valid))
+    valid = [p for p in prompts if p["preference"] is not None]
+    wr = stats.win_rate([p["preference"] for p in valid], n_invalid=len(prompts) - len(valid),
+                        discrete=[p["discrete"] for p in valid])
     both = [w for p in prompts if p["n_orders"] > 1 for w in p["first_wins"]]
     lens = [lengths[p["id"]] for p in prompts if p["id"] in lengths]
     return {"model": model, "baseline": base, "source": source, **asdict(wr),

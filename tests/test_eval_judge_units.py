@@ -1,0 +1,119 @@
+"""Judge verdict parsing, task bookkeeping and win-rate aggregation, without a server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from trainer.eval.demo_eval import verdict_line
+from trainer.eval.judge import build_tasks, logprob_verdict, pairs_for, read_judgments, text_verdict
+from trainer.eval.rm_score import agreement_rows, length_rows
+from trainer.eval.winrates import rm_win_rate_rows, win_rate_rows
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A", 1.0), (" b.", 0.0), ("Response A", 1.0), ("Output (B)", 0.0), ("answer: A", 1.0), ("Tie", 0.5),
+    ("As an AI I cannot", None), ("I think both are fine", None), ("", None), (None, None), ("C", None),
+])
+def test_text_verdicts(text, expected):
+    assert text_verdict(text) == expected
+
+
+def test_logprob_verdicts_by_hand():
+    # P(A) = e^-0.5 / (e^-0.5 + e^-1.5) = 1 / (1 + e^-1) = 0.731059
+    assert logprob_verdict([("A", -0.5), ("B", -1.5), ("x", -3.0)]) == pytest.approx(0.731059, abs=1e-6)
+    # spellings of one label add up: ' A' and 'A' -> 2 e^-1 vs e^-1 -> 2/3
+    assert logprob_verdict([("A", -1.0), (" A", -1.0), ("B", -1.0)]) == pytest.approx(2 / 3)
+    # B not listed: bounded by the smallest listed logprob (-4): 1 / (1 + e^-3)
+    assert logprob_verdict([("A", -1.0), ("z", -4.0)]) == pytest.approx(1 / (1 + math.exp(-3)))
+    assert logprob_verdict([("x", -1.0), ("y", -2.0)]) is None
+    assert logprob_verdict([]) is None
+
+
+def _outputs():
+    mk = lambda name, outs: [{"id": f"p{i}", "instruction": f"q{i}", "output": o, "generator": name,  # noqa: E731
+                              "dataset": "s1" if i < 2 else "s2"} for i, o in enumerate(outs)]
+    return {"base": mk("base", ["a", "bb", "c", "dddd"]), "ppo": mk("ppo", ["aa", "b", "cccccc", "dd"])}
+
+
+def test_tasks_orders_are_seeded_and_keys_track_the_outputs():
+    out = _outputs()
+    one = build_tasks(out, [("ppo", "base")], "j", seed=0)
+    assert len(one) == 4 and one == build_tasks(out, [("ppo", "base")], "j", seed=0)
+    slots = [[t.model_slot for t in build_tasks(out, [("ppo", "base")], "j", seed=s)] for s in range(8)]
+    assert len({tuple(s) for s in slots}) > 1  # the coin depends on the seed
+    both = build_tasks(out, [("ppo", "base")], "j", both_orders=True)
+    assert [t.model_slot for t in both] == ["A", "B"] * 4 and len({t.key for t in both}) == 8
+    t = both[1]  # model shown second
+    assert "## Response A\nc" not in t.messages()[1]["content"] and t.messages()[1]["content"].find("## Response A\na\n") > 0
+    out["ppo"][0]["output"] = "changed"
+    assert build_tasks(out, [("ppo", "base")], "j", both_orders=True)[0].key != both[0].key
+    assert pairs_for(["c", "a", "b"], None) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert pairs_for(["c", "a", "b"], "a") == [("b", "a"), ("c", "a")]
+
+
+def _rec(pid, source, slot, p_first, valid=True):
+    pref = None if not valid else (p_first if slot == "A" else 1 - p_first)
+    return {"key": f"{pid}{slot}", "id": pid, "source": source, "model": "ppo", "baseline": "base",
+            "model_slot": slot, "valid": valid, "p_first": p_first if valid else None, "preference": pref}
+
+
+def test_win_rate_rows_by_hand():
+    records = [
+        _rec("p0", "s1", "A", 0.9),  # model wins (0.9)
+        _rec("p1", "s1", "B", 0.8),  # baseline shown first and preferred: model loses (0.2)
+        _rec("p2", "s2", "A", 0.7), _rec("p2", "s2", "B", 0.7),  # first slot wins twice: orders disagree -> draw
+        _rec("p3", "s2", "A", None, valid=False),  # invalid: counted, not a draw
+    ]
+    rows = {r["source"]: r for r in win_rate_rows(records, _outputs(), judge="j")}
+    assert set(rows) == {"s1", "s2", "all"}
+    a = rows["all"]
+    assert (a["n_wins"], a["n_wins_base"], a["n_draws"], a["n_total"], a["n_invalid"]) == (1, 1, 1, 3, 1)
+    assert a["win_rate"] == pytest.approx((0.9 + 0.2 + 0.5) / 3)  # p2: (0.7 + 0.3) / 2
+    assert a["discrete_win_rate"] == pytest.approx(0.5)
+    assert a["standard_error"] == pytest.approx(math.sqrt(a["win_rate"] * (1 - a["win_rate"]) / 3))
+    assert a["position_bias"] == 1.0  # p2, the only prompt judged both ways: slot A won both times
+    assert rows["s1"]["position_bias"] is None
+    assert a["avg_length"] == pytest.approx((2 + 1 + 6 + 2) / 4)  # characters of the model's outputs
+    assert (rows["s2"]["n_total"], rows["s2"]["n_invalid"], rows["s2"]["n_draws"]) == (1, 1, 1)
+
+
+def test_rm_win_rates_and_agreement_by_hand():
+    out = _outputs()
+    score = {("ppo", "p0"): 2.0, ("base", "p0"): 1.0, ("ppo", "p1"): 0.0, ("base", "p1"): 1.0,
+             ("ppo", "p2"): 1.0, ("base", "p2"): 1.0, ("ppo", "p3"): 3.0, ("base", "p3"): 0.0}
+    a = {r["source"]: r for r in rm_win_rate_rows(score, out, [("ppo", "base")], "pref")}["all"]
+    assert (a["n_wins"], a["n_wins_base"], a["n_draws"], a["win_rate"], a["judge"]) == (2, 1, 1, 0.625, "rm:pref")
+    rows = [{"rm": "pref", "model": m, "id": p, "score": s} for (m, p), s in score.items()]
+    judged = [_rec("p0", "s1", "A", 0.9), _rec("p1", "s1", "A", 0.9), _rec("p2", "s2", "A", 0.4),
+              _rec("p3", "s2", "A", 0.5)]  # p3: a judge draw, left out
+    ag = {r["source"]: r for r in agreement_rows(rows, judged)}
+    assert (ag["s1"]["pairs"], ag["s1"]["agreements"]) == (2, 1)  # p0 agrees, p1 not
+    assert (ag["s2"]["pairs"], ag["s2"]["agreements"]) == (1, 0)  # p2: RM tie is no agreement
+    assert (ag["all"]["pairs"], ag["all"]["agreements"], ag["all"]["rate"]) == (3, 1, pytest.approx(1 / 3))
+
+
+def test_length_rows_per_model_and_all():
+    rows = [{"rm": "abs", "model": "m", "id": str(i), "score": s, "n_tokens": n}
+            for i, (s, n) in enumerate([(1, 1), (3, 2), (2, 3), (4, 4)])]
+    got = {r["model"]: r for r in length_rows(rows)}
+    assert got["m"]["pearson"] == pytest.approx(0.8) and got["all"]["n"] == 4
+    assert got["m"]["mean_score"] == 2.5 and got["m"]["mean_tokens"] == 2.5
+
+
+def test_truncated_judgment_line_is_skipped(tmp_path, capsys):
+    path = tmp_path / "judgments.jsonl"
+    path.write_text(json.dumps({"key": "k1", "valid": True}) + "\n" + '{"key": "k2", "val')
+    assert list(read_judgments(path)) == ["k1"]
+    assert "judgments.jsonl:2 is not a complete judgment" in capsys.readouterr().err
+
+
+def test_demo_verdict_line():
+    row = lambda judge, p, low, n=8: {"judge": judge, "win_rate": p, "ci95_low": low, "n_total": n}  # noqa: E731
+    assert verdict_line([row("rm:pref", 0.7, 0.4), row("rm:abs", 0.6, 0.3)]).startswith(
+        "PPO beat SFT by rm:pref and rm:abs (not significant")
+    assert verdict_line([row("rm:pref", 0.9, 0.2), row("gpt", 0.3, 0.1)]) == "PPO did NOT beat SFT by gpt (SFT won)"
+    assert verdict_line([row("gpt", 0.8, 0.6)]) == "PPO beat SFT by gpt (significant)"
+    assert "undecided" in verdict_line([row("gpt", math.nan, math.nan, 0)])

@@ -1,0 +1,102 @@
+"""The held-out evaluation that ends `crs-rlhf demo`: the PPO policy against the SFT policy.
+
+    prompts   Open Assistant eval-tree prompts of the shipped fixture (never SFT/RM training data)
+    generate  the SFT model (served base) and PPO's last adapter, through the running policy_gen
+    judge     each reward model that is running (it prefers the output it scores higher) and,
+              with a judge URL, an LLM judge; win rate ± SE for each
+    report    report.md + figures in the eval folder; one summary line: did PPO beat SFT?
+
+The reward models are the ones PPO optimised, so their win rate measures how well PPO
+optimised them, not that the answers got better; an independent judge is the real test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DemoEval:
+    out_dir: Path
+    rows: list[dict] = field(default_factory=list)  # the `all` rows: RMs and, if asked, the judge
+    verdict: str = ""
+
+    def lines(self) -> list[str]:
+        out = [f"{'held-out eval (PPO vs SFT)':30s} {'win rate':>9s} {'± SE':>7s} {'n':>4s}"]
+        for r in self.rows:
+            out.append(f"  judged by {r['judge']:19s} {r['win_rate']:9.3f} {r['standard_error']:7.3f} {r['n_total']:4d}")
+        return out + [self.verdict, f"eval folder: {self.out_dir} (report.md)"]
+
+
+def verdict_line(rows: list[dict]) -> str:
+    """One sentence: the judge decides when there is one, else the reward models together."""
+    judges = [r for r in rows if not r["judge"].startswith("rm:")] or rows
+    if not judges or any(r["n_total"] == 0 or math.isnan(r["win_rate"]) for r in judges):
+        return "PPO vs SFT: undecided (no valid verdicts)"
+    by = " and ".join(r["judge"] for r in judges)
+    if all(r["win_rate"] > 0.5 for r in judges):
+        sig = "significant" if all(r["ci95_low"] > 0.5 for r in judges) else "not significant: the 95 % CI includes 0.5"
+        return f"PPO beat SFT by {by} ({sig})"
+    if all(r["win_rate"] < 0.5 for r in judges):
+        return f"PPO did NOT beat SFT by {by} (SFT won)"
+    return f"PPO did NOT beat SFT by {by} (a tie or a split decision)"
+
+
+def _served_base(url: str) -> str:
+    import httpx
+
+    cards = httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]
+    return next(c["id"] for c in cards if not c.get("parent"))
+
+
+def _last_adapter(run_dir: Path) -> Path | None:
+    steps = sorted((run_dir / "adapters").glob("step-*"))
+    return steps[-1] if steps else None
+
+
+def heldout_eval(urls: dict[str, str], run_dir: Path, out_dir: Path, *, judge_url: str | None = None,
+                 judge_model: str | None = None, max_tokens: int = 16, progress: bool = True) -> DemoEval | None:
+    """Run the whole chain on the running services; None when PPO saved no adapter."""
+    import httpx
+
+    from trainer.eval.generate import PolicySpec, Sampling, load_outputs, run_generate
+    from trainer.eval.io import EvalInputError, read_csv
+    from trainer.eval.judge import JudgeSettings, JudgeUnavailable, run_judge
+    from trainer.eval.prompts import load_source
+    from trainer.eval.report import make_report
+    from trainer.eval.rm_score import score_outputs, write_rm_tables
+    from trainer.eval.winrates import win_rate_rows, write_win_rates
+
+    adapter = _last_adapter(run_dir)
+    if adapter is None:
+        return None
+    policy_url = urls["policy_gen"]
+    prompts = load_source("oasst", "fixture")
+    policies = [PolicySpec("sft", served=_served_base(policy_url)), PolicySpec("ppo", adapter=adapter.resolve())]
+    run_generate(prompts, policies, policy_url, out_dir, Sampling(max_tokens=max_tokens), overwrite=True,
+                 progress=progress)
+    outputs = load_outputs(out_dir)
+    rm_urls = {rm: urls[key] for rm, key in (("pref", "reward_pref"), ("abs", "reward_abs")) if key in urls}
+    scores = score_outputs(outputs, rm_urls, out_dir, progress=progress)
+    judgments, note = None, None
+    if judge_url:
+        try:  # a judge that is down costs the judge's row, not the demo's other results
+            settings = JudgeSettings(url=judge_url, model=judge_model or _served_base(judge_url))
+            judgments, _ = run_judge(outputs, settings, out_dir, baseline="sft", progress=progress)
+            write_win_rates(out_dir / "win_rates.csv", win_rate_rows(judgments, outputs, judge=settings.model))
+        except (JudgeUnavailable, EvalInputError, httpx.HTTPError, KeyError, ValueError) as e:
+            note = f"judge at {judge_url} failed, judged by the reward models only: {e}"
+    write_rm_tables(out_dir, outputs, scores, judgments, [("ppo", "sft")])
+    make_report(out_dir)
+    rows = []
+    for name in ("rm_win_rates.csv", "win_rates.csv"):
+        if (out_dir / name).is_file():
+            for r in read_csv(out_dir / name):
+                if r["source"] == "all":
+                    rows.append({**r, "win_rate": float(r["win_rate"]), "standard_error": float(r["standard_error"]),
+                                 "ci95_low": float(r["ci95_low"]), "n_total": int(r["n_total"])})
+    result = DemoEval(out_dir, rows)
+    result.verdict = verdict_line(rows) + (f"\n{note}" if note else "")
+    return result
