@@ -283,7 +283,7 @@ def settings_from_argv(service: str, argv: list[str], env: dict[str, str], tmp_p
 def trainer_config(argv: list[str]):
     """`crs-rlhf train --config /app/configs/... [--set ...] [--resume auto]` -> the PPOConfig the
     real CLI would train with (its own parser and overrides run; `train` itself is stubbed)."""
-    import trainer.ppo.driver as driver
+    from trainer.ppo import driver
     from trainer.ppo.cli import main
 
     assert argv[:2] == ["crs-rlhf", "train"], argv

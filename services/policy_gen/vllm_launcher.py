@@ -131,7 +131,7 @@ class VLLMServer:
         self.argv = build_vllm_command(settings, port)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         log.info("starting vLLM: %s", shlex.join(redact_argv(self.argv, (self.settings.api_key,))))
         self.proc = subprocess.Popen(
             self.argv,
