@@ -7,6 +7,8 @@ cluster has one (`ray.learner_gpu: auto`).
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 from trainer.ppo.config import PPOConfig, RaySection
@@ -20,6 +22,9 @@ def init_ray(rc: RaySection) -> bool:
     if rc.address:
         ray.init(address=rc.address, **kwargs)
     else:
+        # Token auth is what Ray picks by default for a new local cluster; saying so explicitly keeps
+        # it on and drops the banner Ray prints on every start when the mode is left unset.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # A small object store: rollouts are kilobytes, and a huge /dev/shm reservation slows start-up.
         ray.init(num_cpus=rc.num_cpus, object_store_memory=256 * 1024 * 1024, **kwargs)
     return True
