@@ -155,3 +155,16 @@ def test_review_result_false_removes_the_message_and_its_replies(raw, trees):
     kept = {m.text for t in filter_trees(raw, drop_rejected=False).trees for m in t.root.walk()}
     assert {"Mit einer App.", "Kannst du mir einfach alles übersetzen?", "Nein."} <= kept
     assert len(build_sft_threads(filter_trees(raw, drop_rejected=False).trees)) == 42  # + the rejected follow-up's thread
+
+
+def test_ppo_config_selects_the_prompts(tiny_models):
+    from trainer.ppo.config import PPOConfig
+    from trainer.ppo.driver import load_prompts
+
+    base = {"model": {"policy_path": str(tiny_models["policy"])}}
+    assert len(load_prompts(PPOConfig.model_validate(base)).prompts) == 67  # en/es/fr/de by default
+    thesis = {**base, "run": {"prompts": {"held_out_fraction": 0.05, "fraction": 0.375, "incomplete_trees": True}}}
+    got = load_prompts(PPOConfig.model_validate(thesis)).prompts
+    raw = load_oasst(fixture_path())
+    want = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.05, fraction=0.375, incomplete_trees=True))
+    assert got == want.train and len(got) == round(0.375 * want.train_before_fraction)

@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.data.rl import RLPromptOptions
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -110,6 +112,9 @@ class RunSection(_Section):
     checkpoint_every: int = Field(10, gt=0)
     seed: int = 0
     data_source: str = Field("fixture", description="'fixture' (the shipped OASST sample) or an OASST file path.")
+    prompts: RLPromptOptions = Field(
+        default_factory=RLPromptOptions, description="Which prompts of data_source: languages, held-out trees, "
+        "fraction, incomplete trees (trainer.data.RLPromptOptions).")
     step_retries: int = Field(2, ge=0, description="A rollout that still fails after client retries is redone this often.")
     overlap_scoring: bool = Field(True, description="Score each completion as it arrives (false: after all generation).")
     tensorboard: bool = True
