@@ -8,7 +8,6 @@ and looks for the key in every log line and every process's command line.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -90,7 +89,6 @@ def test_policy_gen_vllm_key_in_no_log_line_and_no_command_line(tiny_models, tmp
         upstream = f"http://127.0.0.1:{vllm_port}/v1/models"
         assert httpx.get(upstream, timeout=30).status_code == 401
         assert httpx.get(upstream, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
-        assert os.getpid() != svc.proc.pid
     text = log.read_text(errors="replace")
     assert "starting vLLM:" in text and "vllm.entrypoints.openai.api_server" in text, "the command is still logged"
     assert "DEBUG" in text, "debug logging was on: the most talkative setting was checked"
