@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from trainer.data import fixture_path
-from trainer.data.rl import is_held_out
+from trainer.data import fixture_path, load_oasst
+from trainer.data.rl import held_out_tree_ids
 from trainer.data.report import correlation_matrix
 
 SIX = ("violence", "creativity", "helpfulness", "humor", "toxicity", "quality")
@@ -69,7 +69,9 @@ def test_counts_match_a_hand_walk_of_the_file(report):
     assert dict(train_eval) == dict(Counter("low" if q <= 0.4 else "high" if q >= 0.9 else "mid" for q in quality))
     assert sum(c["under_s_bins_train"].values()) == c["absolute_ranges_train"]["mid"]
     assert sum(c["sft_threads"]) == 41  # 39 trees, the unranked and the branching tree give two each
-    prompts = Counter(t["prompt"]["lang"] for t in rm if not is_held_out(t["message_tree_id"], 0.05)
+    held = held_out_tree_ids(load_oasst(fixture_path()), 0.1)
+    assert len(held) == round(0.1 * 39)
+    prompts = Counter(t["prompt"]["lang"] for t in rm if t["message_tree_id"] not in held
                       for m in _walk(t["prompt"]) if m["role"] == "prompter")
     assert c["rl_prompts_per_language"] == dict(sorted(prompts.items()))
     assert c["rl_prompts_train"] + c["rl_prompts_held_out"] == 67

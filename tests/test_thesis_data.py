@@ -27,7 +27,7 @@ from trainer.data import (
     with_targets,
 )
 from trainer.data.filters import INCOMPLETE
-from trainer.data.rl import THESIS_HELD_OUT, is_held_out, sample_fraction
+from trainer.data.rl import THESIS_HELD_OUT, held_out_tree_ids, sample_fraction
 from trainer.rm.config import AbsoluteRMConfig
 
 
@@ -73,9 +73,18 @@ def test_held_out_trees_never_give_a_training_prompt(raw):
         other = build_rl_prompt_split(raw, opts)
         assert set(split.held_out_tree_ids) <= set(other.held_out_tree_ids)
         assert not {_key(p) for p in other.train} & held
-    assert is_held_out("t", 0.0) is False and is_held_out("t", 0.999999) is True
-    n = sum(is_held_out(f"tree-{i}", THESIS_HELD_OUT) for i in range(4000))
-    assert 150 < n < 250  # about 5 % of 4000
+    assert held_out_tree_ids(raw, 0.0) == set()
+    assert len(held_out_tree_ids(raw, 0.3, 1)) == round(0.3 * 39)  # of the 39 ready trees, all languages
+
+
+def test_held_out_prompts_are_the_evaluation_prompts(raw):
+    # `crs-rlhf eval`'s oasst source and the RL split name the same trees: PPO never trains on them.
+    from trainer.eval.prompts import load_oasst_eval
+
+    split = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=THESIS_HELD_OUT, langs=None))
+    eval_prompts = load_oasst_eval("fixture", "oasst")
+    assert eval_prompts and {_key(p.messages) for p in eval_prompts} == {_key(p) for p in split.held_out}
+    assert not {_key(p.messages) for p in eval_prompts} & {_key(p) for p in split.train}
 
 
 def test_fraction_of_the_training_prompts(raw):

@@ -1,17 +1,17 @@
 """RL prompts as the thesis drew them: languages, a held-out split by tree, a fraction, incomplete trees.
 
 `build_rl_prompt_split(trees, RLPromptOptions(...), tokenizer)` takes the trees as loaded (not
-yet filtered) because "incomplete trees" changes which tree states pass. A tree is held out
-when a hash of (split_seed, tree id) falls below `held_out_fraction`: the decision depends on
-the tree alone, so it is the same whatever languages, states or fraction a run picks, and
-evaluation prompts drawn from ``held_out`` (or from `is_held_out`) can never have been seen
-during PPO. The fraction is taken from the training prompts after the split, so 10 % and
-37.5 % runs share one held-out set.
+yet filtered) because "incomplete trees" changes which tree states pass. The held-out trees
+are `held_out_tree_ids`: the eval side of the seeded split by tree of the ready_for_export
+trees of EVERY language, the very split `crs-rlhf eval`'s ``oasst`` source draws its prompts
+from (trainer/eval/prompts.py: fraction 0.1, seed 0). It is computed before the RL options
+apply, so languages, incomplete trees or a fraction never move a tree across it, and eval
+prompts can never have been seen during PPO. The fraction is taken from the training prompts
+after the split, so 10 % and 37.5 % runs share one held-out set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,13 +20,14 @@ from typing import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.data.builders import Conversation, build_rl_prompts
-from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees
+from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees, split_by_tree
 from trainer.data.oasst import MessageTree
 
 RM_LANGS = ["en", "es", "fr", "de"]
-# The share of trees the thesis presets and `crs-rlhf data-report` hold out. The option's own
-# default is 0: a PPO config that names a small prompt file of its own trains on all of it.
-THESIS_HELD_OUT = 0.05
+# The share of trees the thesis presets and `crs-rlhf data-report` hold out: the evaluation
+# prompts' split (`crs-rlhf eval`'s oasst source). The option's own default is 0: a PPO config
+# that names a small prompt file of its own (a smoke test's) trains on all of it.
+THESIS_HELD_OUT = 0.1
 
 
 class RLPromptOptions(BaseModel):
@@ -37,8 +38,8 @@ class RLPromptOptions(BaseModel):
         default_factory=lambda: list(RM_LANGS),
         description="root languages kept: the reward models' languages (thesis en, es, fr, de); null = all")
     held_out_fraction: float = Field(
-        0.0, ge=0, lt=1, description="share of TREES kept out of PPO for evaluation, by a hash of the tree id "
-        "(thesis presets 0.05; 0 = none)")
+        0.0, ge=0, lt=1, description="share of TREES kept out of PPO for evaluation, the split `crs-rlhf eval` "
+        "draws OASST prompts from (thesis presets 0.1 = eval's default; 0 = none)")
     split_seed: int = Field(0, description="seed of the held-out split (use the same one for eval prompts)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the training prompts used (thesis: 0.1, 0.375)")
     fraction_seed: int = 0
@@ -59,12 +60,11 @@ class RLPromptSplit:
     report: FilterReport | None = None
 
 
-def is_held_out(tree_id: str, fraction: float, seed: int = 0) -> bool:
-    """Whether a tree belongs to the held-out share: uniform in [0, 1) from sha1(seed:tree_id)."""
+def held_out_tree_ids(trees: Sequence[MessageTree], fraction: float, seed: int = 0) -> set[str]:
+    """Tree ids of the evaluation side of split_by_tree(filter_trees(trees), fraction, seed)."""
     if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(f"{seed}:{tree_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+        return set()
+    return {t.tree_id for t in split_by_tree(filter_trees(trees).trees, fraction, seed).eval}
 
 
 def sample_fraction(items: Sequence, fraction: float, seed: int = 0) -> list:
@@ -83,7 +83,8 @@ def build_rl_prompt_split(
     opts = opts or RLPromptOptions()
     states = (READY, *INCOMPLETE) if opts.incomplete_trees else (READY,)
     filtered = filter_trees(trees, tree_states=states, langs=opts.langs, drop_rejected=opts.drop_rejected)
-    held = [is_held_out(t.tree_id, opts.held_out_fraction, opts.split_seed) for t in filtered.trees]
+    held_ids = held_out_tree_ids(trees, opts.held_out_fraction, opts.split_seed)
+    held = [t.tree_id in held_ids for t in filtered.trees]
     train_trees = [t for t, h in zip(filtered.trees, held) if not h]
     eval_trees = [t for t, h in zip(filtered.trees, held) if h]
     per_tree = []  # (lang, prompt) in tree order, so per-language counts follow the fraction
