@@ -183,7 +183,7 @@ def test_absolute_scores_probabilities_and_get_reward(absolute):
     prompt, response = format_pair("hi", "hello")
     r = httpx.post(absolute.url + "/get_reward", json={"query": [prompt + response]})
     reward = GetRewardResponse.model_validate(r.json())
-    assert reward.rewards == pytest.approx(res.scores[:1], abs=1e-5)  # logits: the RL signal (MISSION.md)
+    assert reward.rewards == pytest.approx(res.scores[:1], abs=1e-5)  # logits: the RL signal (docs/method.md)
     assert reward.scores == pytest.approx(res.probabilities[:1], abs=1e-5) and 0 <= reward.scores[0] <= 1
 
 

@@ -1,4 +1,4 @@
-"""The Combined Reward Signal: ``r = w · r_pref + (1 − w) · r_abs`` (MISSION §1.4).
+"""The Combined Reward Signal: ``r = w · r_pref + (1 − w) · r_abs`` (docs/method.md, section 6).
 
 One pure module so every knob the thesis (and we) vary is tested in one place:
 

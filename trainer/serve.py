@@ -9,7 +9,7 @@ SERVICES = {
     "reward-pref": "services.reward_pref.__main__",
     "reward-abs": "services.reward_abs.__main__",
     "policy-gen": "services.policy_gen.__main__",
-    # Both reward models as two LoRA adapters on one loaded base, on two ports (DESIGN §4).
+    # Both reward models as two LoRA adapters on one loaded base, on two ports (docs/reward_services.md).
     "reward-shared": "services.reward_shared.__main__",
 }
 

@@ -151,7 +151,7 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         engine, _ = service.require_ready()
         encoded = await asyncio.to_thread(engine.encode_queries, request.query)
         scores = await service.score(encoded)
-        # Absolute: rewards are logits (MISSION.md: the logit is the stronger RL signal), scores are probabilities.
+        # Absolute: rewards are logits (docs/method.md: the logit is the stronger RL signal), scores are probabilities.
         probs = [sigmoid(s) for s in scores] if kind == "absolute" else scores
         return GetRewardResponse(rewards=scores, scores=probs, extra_logs={})
 

@@ -30,7 +30,7 @@ class RewardServiceSettings(ServiceSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run a model repo's own Python code (off unless you trust it).")
 
-    # --- text and truncation (MISSION.md: <= 2048 tokens, the prompt keeps >= 256, cut from its beginning)
+    # --- text and truncation (the thesis, docs/method.md: <= 2048 tokens, the prompt keeps >= 256, cut from its beginning)
     max_tokens: int = Field(
         2048, gt=0, description="Token cap per item; lowered to the model's max_position_embeddings if smaller."
     )

@@ -1,4 +1,4 @@
-"""The truncation policy from MISSION.md, as pure functions on token-id lists.
+"""The thesis's truncation policy (docs/method.md), as pure functions on token-id lists.
 
 Thesis rule: at most `max_tokens`; the prompt keeps at least `min_prompt_tokens` and at most
 `max_tokens - response_tokens`; a long prompt is cut from its BEGINNING (the latest turns and

@@ -1,7 +1,7 @@
 """`python -m services.reward_shared --base-path BASE --pref-adapter DIR --abs-adapter DIR
 [--host 127.0.0.1] [--pref-port 8001] [--abs-port 8002] [...]`
 
-Memory-saving mode (DESIGN.md §4): both reward models as two LoRA adapters on ONE loaded
+Memory-saving mode (docs/reward_services.md): both reward models as two LoRA adapters on ONE loaded
 base, served behind the two unchanged HTTP contracts on two ports from one process -- two
 uvicorn servers in one asyncio loop, each app from the shared reward app factory. The apps'
 own lifespan (which would load a merged model each) is off; this module loads the shared

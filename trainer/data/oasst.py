@@ -1,6 +1,6 @@
 """Read Open Assistant exports in their real formats into message trees.
 
-Accepted inputs (see MISSION.md section 2):
+Accepted inputs (see docs/training.md):
 - the trees JSONL export (``*.trees.jsonl`` or ``.jsonl.gz``): one tree per line,
   ``{"message_tree_id", "tree_state", "prompt": {message, "replies": [...]}}``, labels as
   ``{name: {"value", "count"}}``;

@@ -1,4 +1,4 @@
-"""Reward-model training (MISSION.md section 1).
+"""Reward-model training (docs/method.md, docs/training.md).
 
 - ``train_preference_rm(PreferenceRMConfig) -> Path`` — ranked sets, all C(K,2) pairs,
   optional L2, per-prompt or per-pair averaging; metrics eval_pairwise_accuracy / eval_loss /
