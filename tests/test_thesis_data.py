@@ -177,3 +177,26 @@ def test_ppo_config_selects_the_prompts(tiny_models):
     raw = load_oasst(fixture_path())
     want = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.05, fraction=0.375, incomplete_trees=True))
     assert got == want.train and len(got) == round(0.375 * want.train_before_fraction)
+
+
+def test_near_duplicate_skip_of_the_thesis_code():
+    from trainer.data.builders import AbsoluteRow, skip_close_to_best
+
+    def row(group, target):
+        return AbsoluteRow([], f"{group}{target}", {}, "t", target, group=group)
+
+    rows = [row("a", 0.9), row("a", 0.88), row("a", 0.7), row("a", 0.5), row("b", 0.62), row("b", 0.6), row("b", 0.3)]
+    kept = skip_close_to_best(rows)
+    assert [(r.group, r.target) for r in kept] == [("a", 0.9), ("a", 0.7), ("a", 0.5), ("b", 0.62), ("b", 0.3)]
+    assert AbsoluteRMConfig(model={"base": "x"}).skip_close_high is False
+
+
+def test_absolute_rows_know_their_set(trees):
+    rows = build_absolute_rows(trees)
+    by_group: dict[str, list] = {}
+    for r in rows:
+        by_group.setdefault(r.group, []).append(r.rank)
+    assert all(ranks == sorted(ranks) for ranks in by_group.values())  # best first within each set
+    assert all(r.group for r in rows) and len(by_group) <= len(build_preference_sets(trees)) == 57
+    q = with_targets(rows).rows
+    assert [r.group for r in q] == [r.group for r in rows]  # with_targets keeps set and rank

@@ -70,6 +70,8 @@ def test_rm_preset_runs_on_tiny_models(kind, path, tiny_models, tmp_path):
     if "augment" in yaml.safe_load(path.read_text()).get("remedies", []):
         size += [f"augment.generator_path={base}", "augment.encoder=null", "augment.max_new_tokens=4",
                  "augment.max_rows=2"]
+    if path.stem == "rm_abs_quality":
+        size.append("skip_close_high=true")  # the thesis code's near-duplicate skip, as an option
     out = tmp_path / path.stem
     rc = main(["train-rm", kind, "--config", str(path), "--output-dir", str(out)] + [a for s in size for a in ("--set", s)])
     assert rc == 0
@@ -79,6 +81,7 @@ def test_rm_preset_runs_on_tiny_models(kind, path, tiny_models, tmp_path):
         assert m["remedies"] == parse_remedies(yaml.safe_load(path.read_text())["remedies"]).names()
         if "augment" in m["remedies"]:
             assert m["augmented_rows"] == 2
+        assert ("near-duplicate high replies skipped" in m["data"]) == (path.stem == "rm_abs_quality")
 
 
 @pytest.mark.slow

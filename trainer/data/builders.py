@@ -8,7 +8,7 @@ of `services.common.chat` alone, so training and serving see identical strings.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 from services.common.chat import format_prompt, normalise_role
@@ -36,6 +36,8 @@ class AbsoluteRow:
     labels: dict[str, float]
     tree_id: str = ""
     target: float | None = None  # filled by `with_targets`
+    group: str = ""  # message id of the prompter message the reply answers (its ranked set)
+    rank: int | None = None
 
 
 @dataclass
@@ -148,11 +150,29 @@ def build_absolute_rows(
                 candidates = [(here, m) for m in ranked] if len(ranked) >= 2 else []
             else:
                 candidates = [(history, msg)] if msg.role == "assistant" else []
+            parent = msg.message_id if source == "ranked" else (msg.parent_id or "")
             for prompt, reply in candidates:
                 labels = {k: v.value for k, v in reply.labels.items() if v.count > 0}
                 if labels and all(k in labels for k in (required or ())):
-                    rows.append(AbsoluteRow(prompt, reply.text, labels, tree.tree_id))
+                    rows.append(AbsoluteRow(prompt, reply.text, labels, tree.tree_id, group=parent, rank=reply.rank))
     return rows
+
+
+def skip_close_to_best(rows: Sequence[AbsoluteRow], above: float = 0.6, gap: float = 0.05) -> list[AbsoluteRow]:
+    """The thesis code's near-duplicate skip: within a ranked set (rows best first, targets set),
+    a reply after the first whose target is >= `above` and within `gap` of the first's is dropped.
+
+    Targets [0.9, 0.88, 0.7, 0.5] in one set keep 0.9, 0.7 (0.2 away) and 0.5 (below 0.6).
+    """
+    first: dict[str, float] = {}
+    out = []
+    for r in rows:
+        if r.group not in first:
+            first[r.group] = r.target
+        elif r.target >= above and abs(first[r.group] - r.target) < gap:
+            continue
+        out.append(r)
+    return out
 
 
 def with_targets(rows: Sequence[AbsoluteRow], weighting: str | Mapping[str, float] = "quality") -> LabelledRows:
@@ -164,7 +184,7 @@ def with_targets(rows: Sequence[AbsoluteRow], weighting: str | Mapping[str, floa
         if target is None:
             missing.update(k for k, w in weights.items() if w != 0.0 and k not in row.labels)
             continue
-        out.append(AbsoluteRow(row.prompt, row.reply, row.labels, row.tree_id, target))
+        out.append(replace(row, target=target))
     return LabelledRows(out, dropped=len(rows) - len(out), missing=dict(missing))
 
 

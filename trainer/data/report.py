@@ -16,7 +16,13 @@ import math
 import sys
 from pathlib import Path
 
-from trainer.data.builders import build_absolute_rows, build_preference_sets, build_sft_threads, with_targets
+from trainer.data.builders import (
+    build_absolute_rows,
+    build_preference_sets,
+    build_sft_threads,
+    skip_close_to_best,
+    with_targets,
+)
 from trainer.data.filters import filter_trees, split_by_tree, top_languages
 from trainer.data.labels import SIX_LABELS
 from trainer.data.oasst import OasstFormatError, load_oasst
@@ -74,6 +80,7 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
         "sft_threads": [len(build_sft_threads(sft.train)), len(build_sft_threads(sft.eval))],
         "ranked_sets": [len(build_preference_sets(pref.train)), len(build_preference_sets(pref.eval))],
         "absolute_rows": [len(abs_train), len(abs_eval)], "absolute_ranges_train": ranges,
+        "absolute_rows_skip_close_high": [len(skip_close_to_best(abs_train)), len(skip_close_to_best(abs_eval))],
         "under_s_bins_train": dict(zip(BINS, bins)),
         "absolute_eval_ranges": {k: sum(_range(r.target) == k for r in abs_eval) for k in ("low", "mid", "high")},
         "rl_prompts_train": len(rl.train), "rl_prompts_held_out": len(rl.held_out),
@@ -92,6 +99,7 @@ def counts_table(c: dict) -> str:
         ("SFT threads train / eval (top-20 languages)", "{} / {}".format(*c["sft_threads"]), ""),
         ("ranked sets train / eval (en, es, fr, de)", "{} / {}".format(*c["ranked_sets"]), "{:,} / {:,}".format(*t["ranked_sets"])),
         ("absolute rows train / eval", "{} / {}".format(*c["absolute_rows"]), "{:,} / {:,}".format(*t["absolute_rows"])),
+        ("  after the thesis code's near-duplicate skip", "{} / {}".format(*c["absolute_rows_skip_close_high"]), ""),
         ("  low 0-0.40 (train)", c["absolute_ranges_train"]["low"], f"{t['low']:,}"),
         ("  mid 0.41-0.89 (train)", c["absolute_ranges_train"]["mid"], f"{t['mid']:,}"),
         ("  high 0.90-1.0 (train)", c["absolute_ranges_train"]["high"], f"{t['high']:,}"),

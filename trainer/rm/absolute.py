@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer.data import AbsoluteRow, build_absolute_rows, with_targets
+from trainer.data.builders import skip_close_to_best
 from trainer.data.labels import SIX_LABELS
 from trainer.rm.augment import augment_rows
 from trainer.rm.common import load_split, require, setup_model, write_outputs
@@ -101,6 +102,10 @@ def _train(cfg: AbsoluteRMConfig) -> Path:
     source, required = (cfg.rows, SIX_LABELS) if cfg.rows == "ranked" else (cfg.rows, None)
     train_l = with_targets(build_absolute_rows(split.train, source, required), cfg.weighting)
     eval_l = with_targets(build_absolute_rows(split.eval, source, required), cfg.weighting)
+    if cfg.skip_close_high:
+        n = len(train_l.rows) + len(eval_l.rows)
+        train_l.rows, eval_l.rows = skip_close_to_best(train_l.rows), skip_close_to_best(eval_l.rows)
+        story += f"; {n - len(train_l.rows) - len(eval_l.rows)} near-duplicate high replies skipped"
     story += f"; {train_l.dropped + eval_l.dropped} replies dropped for missing labels {train_l.missing}"
     require(train_l.rows, "labelled training replies", story)
     model, tok, device = setup_model(cfg.model)

@@ -86,6 +86,9 @@ class AbsoluteRMConfig(_Section):
     rows: Literal["ranked", "labelled"] = Field(
         "ranked", description="'ranked' (thesis): replies of the ranked sets with all six labels; 'labelled': "
         "every labelled reply, only the weighting's labels required")
+    skip_close_high: bool = Field(
+        False, description="the thesis code's near-duplicate skip: drop a non-best reply of a set whose target is "
+        ">= 0.6 and within 0.05 of the best reply's (the thesis text does not say whether its counts include it)")
     loss: AbsoluteLossSection = AbsoluteLossSection()
     remedies: list[str] = Field(
         default_factory=list, description="any of augment, over_s[_F|_N], under_s_N, wgt_s_X, wgt_A_B (thesis "
