@@ -65,7 +65,7 @@ def services(tiny_models, tmp_path_factory):
         pg = procs["policy_gen"].url
         r = httpx.post(pg + "/v1/load_lora_adapter", json={"lora_name": "judge", "lora_path": str(root / "judge")}, timeout=60)
         assert r.status_code == 200, r.text
-        yield {"policy_gen": pg, "pref": procs["pref"].url, "abs": procs["abs"].url, "trained": trained}
+        yield {"policy_gen": pg, "pref": procs["pref"].url, "abs": procs["abs"].url, "trained": trained, "root": root}
     finally:
         for p in procs.values():
             p.stop()
@@ -246,3 +246,23 @@ def test_run_config_drives_every_step(services, tmp_path, capsys):
     path.write_text(yaml.safe_dump({**cfg, "judge": {**cfg["judge"], "bogus": 1}}))
     assert cli.main(["run", "--config", str(path)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_demo_heldout_eval_ppo_vs_sft(services, tmp_path):
+    from trainer.eval.demo_eval import heldout_eval
+    from trainer.eval.prompts import load_source
+
+    run_dir = services["root"] / "demo-run"  # what PPO leaves: RUN/adapters/step-*
+    shutil.copytree(services["trained"], run_dir / "adapters" / "step-000002")
+    urls = {"policy_gen": services["policy_gen"], "reward_pref": services["pref"], "reward_abs": services["abs"]}
+    res = heldout_eval(urls, run_dir, tmp_path / "eval", judge_url=services["policy_gen"], judge_model="judge",
+                       progress=False)
+    n = len(load_source("oasst", "fixture"))
+    assert [r["judge"] for r in res.rows] == ["rm:abs", "rm:pref", "judge"]
+    assert all(r["n_total"] == n and (r["model"], r["baseline"]) == ("ppo", "sft") for r in res.rows)
+    assert res.verdict.startswith("PPO ") and "by judge" in res.verdict
+    assert (tmp_path / "eval" / "report.md").is_file() and len(res.lines()) == 6
+    # A judge that is down costs only its own row.
+    dead = f"http://127.0.0.1:{free_port()}"
+    res = heldout_eval(urls, run_dir, tmp_path / "eval2", judge_url=dead, judge_model="j", progress=False)
+    assert [r["judge"] for r in res.rows] == ["rm:abs", "rm:pref"] and "failed" in res.verdict
