@@ -91,7 +91,7 @@ THESIS = ROOT / "configs" / "thesis"
 @pytest.mark.parametrize("w", ["0", "0.25", "0.625", "1"])
 def test_thesis_ppo_presets_load_and_follow_table_8(w):
     cfg = load_config(PPOConfig, THESIS / f"ppo_w{w}.yaml")
-    assert cfg.crs.weight == float(w) and cfg.run.output_dir == f"runs/thesis/ppo_w{w}"
+    assert cfg.crs.weight == float(w) and cfg.run.output_dir == f"/data/runs/thesis/ppo_w{w}"
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == (1.41e-5, (0.9, 0.95), 1e-8, 1e-6)
     assert cfg.optim.max_grad_norm is None  # TRL 0.7 does not clip
     p = cfg.ppo

@@ -83,3 +83,28 @@ def test_tiny_sweep_two_weights_three_steps_on_shared_services(tiny_models, tmp_
     assert "2 runs (2 finished before)" in capsys.readouterr().out
     with (out / "sweep.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["skipped", "skipped"]
+
+
+def test_eval_hook_hands_the_final_adapters_to_eval_run(tmp_path):
+    from trainer.ppo.config import PPOConfig
+    from trainer.sweep import Run, eval_overrides
+
+    runs = []
+    for name, steps in (("weight-0", 3), ("weight-1", 0)):
+        cfg = PPOConfig.model_validate({"run": {"output_dir": str(tmp_path / "runs" / name)}})
+        cfg.run_dir.mkdir(parents=True)
+        (cfg.run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": k}) + "\n" for k in range(1, steps + 1)))
+        runs.append(Run(name, {"crs.weight": 0}, cfg))
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text("out_dir: elsewhere\ngenerate:\n  policy_url: http://x\n  policies: [sft]\nrm_score: {}\n")
+    sets = eval_overrides(str(eval_yaml), runs, tmp_path, {"policy_gen": "http://p", "reward_abs": "http://a"})
+    policies = json.loads(next(s for s in sets if s.startswith("generate.policies=")).split("=", 1)[1])
+    assert policies == ["sft", f"weight-0={tmp_path / 'runs' / 'weight-0' / 'adapters' / 'step-000003'}"]  # no steps: no policy
+    assert f"out_dir={tmp_path / 'eval'}" in sets and "generate.policy_url=http://p" in sets
+    assert "rm_score.abs_url=http://a" in sets and not any(s.startswith("rm_score.pref_url") for s in sets)
+    # The overrides are valid for the evaluation's own config model.
+    from trainer.config_io import load_config
+    from trainer.eval.config import EvalConfig
+
+    cfg = load_config(EvalConfig, eval_yaml, sets)
+    assert cfg.generate.policies == policies and cfg.rm_score.abs_url == "http://a"

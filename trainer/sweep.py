@@ -244,17 +244,31 @@ def plot_overlays(runs: list[Run], out: Path) -> list[Path]:
     return written
 
 
-def run_eval(eval_config: str, runs: list[Run], out: Path) -> int:
-    """Hand the final adapters to `crs-rlhf eval run` (DIR/policies.json: {run name: adapter})."""
-    policies = {}
+def eval_overrides(eval_config: str, runs: list[Run], out: Path, urls: dict[str, str]) -> list[str]:
+    """`--set`s for `crs-rlhf eval run`: the runs' final adapters as policies (after the config's
+    own, e.g. an SFT baseline), DIR/eval as out_dir, and the sweep's services when it started them."""
+    data = yaml.safe_load(Path(eval_config).read_text()) or {}
+    gen = data.get("generate") or {}
+    policies = list(gen.get("policies") or [])
     for r in runs:
         rows = read_jsonl(r.dir / "metrics.jsonl")
         if rows:
-            policies[r.name] = {"adapter": str(r.dir / "adapters" / f"step-{rows[-1]['step']:06d}"),
-                                "base": r.cfg.model.policy_path, "grid": r.point}
-    (out / "policies.json").write_text(json.dumps(policies, indent=2))
-    argv = [sys.executable, "-m", "trainer.cli", "eval", "run", "--config", eval_config,
-            "--policies", str(out / "policies.json"), "--out", str(out / "eval")]
+            step = rows[-1]["step"]
+            policies.append(f"{r.name}={r.dir / 'adapters' / f'step-{step:06d}'}")
+    sets = [f"out_dir={out / 'eval'}", f"generate.policies={json.dumps(policies)}"]
+    if "policy_gen" in urls:
+        sets.append(f"generate.policy_url={urls['policy_gen']}")
+    if data.get("rm_score") is not None:
+        sets += [f"rm_score.{k}_url={urls['reward_' + k]}" for k in ("pref", "abs") if "reward_" + k in urls]
+    return sets
+
+
+def run_eval(eval_config: str, runs: list[Run], out: Path, urls: dict[str, str]) -> int:
+    """Evaluate the final adapters against each other with `crs-rlhf eval run --config`."""
+    argv = [sys.executable, "-m", "trainer.cli", "eval", "run", "--config", eval_config]
+    for s in eval_overrides(eval_config, runs, out, urls):
+        argv += ["--set", s]
+    print("eval: " + " ".join(argv[3:]), flush=True)
     return subprocess.call(argv)
 
 
@@ -314,36 +328,38 @@ def main(argv: list[str] | None = None) -> int:
             r.status = "skipped"
     todo = [r for r in runs if r.status == "pending"]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished before), {min(parallel, max(len(todo), 1))} at a time, in {out}")
-    interrupted = False
+    interrupted, eval_rc = False, 0
     with contextlib.ExitStack() as stack:
-        if todo:
-            urls = {}
+        urls: dict[str, str] = {}
+        if todo or (args.eval_config and models is not None):
             if models is not None:
                 from trainer.local_services import start_local_services
 
-                need_pref = any(r.cfg.crs.weight > 0 for r in todo)
-                need_abs = any(r.cfg.crs.weight < 1 for r in todo)
+                need_pref = any(r.cfg.crs.weight > 0 for r in runs)
+                need_abs = any(r.cfg.crs.weight < 1 for r in runs)
                 # Each trainer holds one adapter slot (unload, then load); 2 is policy_gen's default.
-                urls = start_local_services(stack, models, out, args.policy_backend, need_pref, need_abs,
-                                            logs=out / "logs", max_loras=max(2, min(parallel, len(todo))))
-            for r in todo:
-                if urls:
-                    svc = {"policy_url": urls["policy_gen"], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
-                           "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else []}
+                urls = start_local_services(stack, models, out, args.policy_backend, need_pref or bool(args.eval_config),
+                                            need_abs or bool(args.eval_config), logs=out / "logs",
+                                            max_loras=max(2, min(parallel, len(runs))))
+                svc = {"policy_url": urls["policy_gen"], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
+                       "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else []}
+                for r in todo:
                     r.cfg = r.cfg.model_copy(update={"services": r.cfg.services.model_copy(update=svc)})
+        if todo:
             address = _ray_address(stack, todo, parallel)
             try:
                 execute(runs, parallel, address)
             except KeyboardInterrupt:
                 interrupted = True
-    csv_path, pngs = write_results(runs, out)
-    print(f"results: {csv_path}\nplots:   " + ", ".join(str(p) for p in pngs))
+        csv_path, pngs = write_results(runs, out)
+        print(f"results: {csv_path}\nplots:   " + ", ".join(str(p) for p in pngs))
+        ok = all(r.status in ("done", "skipped") for r in runs)
+        if args.eval_config and ok and not interrupted:
+            eval_rc = run_eval(args.eval_config, runs, out, urls)
     if interrupted:
         print("interrupted: each run saved a checkpoint; the same command resumes the sweep")
         return 130
-    if args.eval_config and all(r.status in ("done", "skipped") for r in runs):
-        return run_eval(args.eval_config, runs, out)
-    return 0 if all(r.status in ("done", "skipped") for r in runs) else 1
+    return (eval_rc or 0) if ok else 1
 
 
 def _ray_address(stack: contextlib.ExitStack, runs: list[Run], parallel: int) -> str | None:
