@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from trainer.data import fixture_path, load_oasst
-from trainer.data.rl import held_out_tree_ids
 from trainer.data.report import correlation_matrix
+from trainer.data.rl import held_out_tree_ids
 
 SIX = ("violence", "creativity", "helpfulness", "humor", "toxicity", "quality")
 

@@ -61,7 +61,7 @@ def test_absolute_losses_hand_computed():
     zp, tp = torch.tensor([1.5, -0.5, 0.5]), torch.tensor([1.0, 0.0, 0.2])
     # Thesis form (default): 2 % of the linear excess: 0.25 + 0.02 * 0.5.
     assert absolute_loss_terms(zp, tp, "mse_penalty").tolist() == pytest.approx([0.26, 0.26, 0.09])
-    sq = dict(penalty_form="squared")
+    sq = {"penalty_form": "squared"}
     assert absolute_loss_terms(zp, tp, "mse_penalty", 1.0, **sq).tolist() == pytest.approx([0.25 + 0.25, 0.25 + 0.25, 0.09])
     assert absolute_loss_terms(zp, tp, "mse_penalty", 2.0, **sq).tolist() == pytest.approx([0.75, 0.75, 0.09])
     with pytest.raises(ValueError, match="mse_penalty form"):

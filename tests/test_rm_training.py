@@ -19,7 +19,7 @@ from trainer.data import (
 )
 from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
 
-TINY = dict(max_tokens=512, min_prompt_tokens=128)
+TINY = {"max_tokens": 512, "min_prompt_tokens": 128}
 PREF_KEYS = {"eval_pairwise_accuracy", "eval_loss", "eval_mean_margin", "train_pairwise_accuracy"}
 ABS_KEYS = {"eval_loss", "mse_below_0.4", "mae_below_0.4", "mse_above_0.9", "mae_above_0.9", "mse_mid", "mae_mid"}
 
@@ -66,7 +66,7 @@ def test_preference_output_loads_in_the_scoring_engine(pref_run):
 @pytest.mark.slow
 def test_adapter_output_and_resume(tiny_models, tmp_path):
     out = tmp_path / "adapter"
-    base = dict(model={"base": str(tiny_models["policy"]), "merge": False, **TINY}, output_dir=str(out))
+    base = {"model": {"base": str(tiny_models["policy"]), "merge": False, **TINY}, "output_dir": str(out)}
     train_preference_rm(PreferenceRMConfig(**base, train={"max_steps": 2}))
     first = json.loads((out / "metrics.json").read_text())["train_loss_history"]
     train_preference_rm(PreferenceRMConfig(**base, train={"max_steps": 4}))  # resumes from step 2

@@ -8,8 +8,8 @@ of `services.common.chat` alone, so training and serving see identical strings.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Mapping, Sequence
 
 from services.common.chat import format_prompt, normalise_role
 from trainer.data.labels import SIX_LABELS, resolve_weighting, weighted_target

@@ -7,7 +7,8 @@ A label with weight 0 is not needed, so `w3` keeps replies that lack `violence` 
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from collections.abc import Mapping
 
 # Every label name that appears in the OASST export.
 KNOWN_LABELS = frozenset(
@@ -55,3 +56,20 @@ def weighted_target(labels: Mapping[str, float], weights: Mapping[str, float]) -
     if any(k not in labels for k in needed_labels(weights)):
         return None
     return float(sum(w * labels[k] for k, w in weights.items() if w != 0.0))
+
+
+# Label ranges as the thesis writes them: low 0-0.40, mid 0.41-0.89, high 0.90-1.0.
+LOW_MAX, HIGH_MIN = 0.4, 0.9
+MID_BINS = 5
+_EPS = 1e-9  # OASST labels are means of votes: 0.4 may arrive as 0.39999999999999997 or 0.4000000000000001
+
+
+def label_range(t: float) -> str:
+    """low t <= 0.4, high t >= 0.9, mid in between (a label of exactly 0.4 is low)."""
+    return "low" if t <= LOW_MAX + _EPS else "high" if t >= HIGH_MIN - _EPS else "mid"
+
+
+def mid_bin(t: float, bins: int = MID_BINS) -> int:
+    """Equal-width, right-closed bin of a mid target: (0.4, 0.5] -> 0, ..., (0.8, 0.9) -> 4."""
+    width = (HIGH_MIN - LOW_MAX) / bins
+    return min(max(math.ceil((t - LOW_MAX) / width - 1e-6) - 1, 0), bins - 1)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 @dataclass
@@ -41,9 +43,9 @@ class Message:
     synthetic: bool = False
     review_result: bool | None = None
     labels: dict[str, Label] = field(default_factory=dict)
-    replies: list["Message"] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
 
-    def walk(self) -> Iterator["Message"]:
+    def walk(self) -> Iterator[Message]:
         yield self
         for child in self.replies:
             yield from child.walk()
@@ -86,7 +88,7 @@ def parse_labels(raw: Any) -> dict[str, Label]:
 
 def _rank(raw: Any) -> int | None:
     # Parquet stores rank as a float column with NaN for "not ranked".
-    if raw is None or (isinstance(raw, float) and raw != raw):
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
         return None
     return int(raw)
 

@@ -24,7 +24,7 @@ from trainer.data.builders import (
     with_targets,
 )
 from trainer.data.filters import filter_trees, split_by_tree, top_languages
-from trainer.data.labels import SIX_LABELS
+from trainer.data.labels import SIX_LABELS, label_range, mid_bin
 from trainer.data.oasst import OasstFormatError, load_oasst
 from trainer.data.rl import RM_LANGS, THESIS_HELD_OUT, RLPromptOptions, build_rl_prompt_split
 
@@ -47,16 +47,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _range(t: float) -> str:
-    from trainer.rm.sampling import label_range
-
-    return label_range(t)
-
-
 def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
     """(counts, figure data) for loaded trees; pure apart from the builders it calls."""
-    from trainer.rm.sampling import mid_bin
-
     kept = filter_trees(trees)
     langs20 = top_languages(kept.trees, 20)
     sft = split_by_tree(filter_trees(trees, langs=langs20).trees, a.sft_eval_fraction, a.split_seed)
@@ -65,10 +57,10 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
     ab = split_by_tree(rm_trees, a.abs_eval_fraction, a.split_seed)
     abs_train = with_targets(build_absolute_rows(ab.train)).rows
     abs_eval = with_targets(build_absolute_rows(ab.eval)).rows
-    ranges = {k: sum(_range(r.target) == k for r in abs_train) for k in ("low", "mid", "high")}
+    ranges = {k: sum(label_range(r.target) == k for r in abs_train) for k in ("low", "mid", "high")}
     bins = [0] * 5
     for r in abs_train:
-        if _range(r.target) == "mid":
+        if label_range(r.target) == "mid":
             bins[mid_bin(r.target)] += 1
     rl = build_rl_prompt_split(trees, RLPromptOptions(held_out_fraction=a.held_out_fraction, split_seed=a.split_seed,
                                                       incomplete_trees=a.incomplete_trees))
@@ -82,7 +74,7 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
         "absolute_rows": [len(abs_train), len(abs_eval)], "absolute_ranges_train": ranges,
         "absolute_rows_skip_close_high": [len(skip_close_to_best(abs_train)), len(skip_close_to_best(abs_eval))],
         "under_s_bins_train": dict(zip(BINS, bins)),
-        "absolute_eval_ranges": {k: sum(_range(r.target) == k for r in abs_eval) for k in ("low", "mid", "high")},
+        "absolute_eval_ranges": {k: sum(label_range(r.target) == k for r in abs_eval) for k in ("low", "mid", "high")},
         "rl_prompts_train": len(rl.train), "rl_prompts_held_out": len(rl.held_out),
         "rl_held_out_trees": len(rl.held_out_tree_ids), "rl_prompts_per_language": dict(sorted(rl.per_language.items())),
     }
@@ -105,8 +97,8 @@ def counts_table(c: dict) -> str:
         ("  high 0.90-1.0 (train)", c["absolute_ranges_train"]["high"], f"{t['high']:,}"),
     ]
     rows += [(f"    under_s bin {k}", v, "") for k, v in c["under_s_bins_train"].items()]
-    rows += [("RL prompts train / held out", f"{c['rl_prompts_train']} / {c['rl_prompts_held_out']} "
-              f"({c['rl_held_out_trees']} trees)", f"{t['rl_prompts']:,} (train)")]
+    held = f"{c['rl_prompts_train']} / {c['rl_prompts_held_out']} ({c['rl_held_out_trees']} trees)"
+    rows += [("RL prompts train / held out", held, f"{t['rl_prompts']:,} (train)")]
     rows += [(f"  RL prompts {lang}", n, "") for lang, n in c["rl_prompts_per_language"].items()]
     lines = ["| count | this data | thesis |", "| --- | --- | --- |"] + [f"| {a} | {b} | {d} |" for a, b, d in rows]
     return "\n".join(lines) + f"\n\nFilters: {c['filters']}.\n"
@@ -137,10 +129,10 @@ def write_figures(out: Path, fig: dict) -> list[Path]:
     names, paths = list(fig["labels"]), []
     corr = correlation_matrix(fig["labels"])
     f, ax = plt.subplots(figsize=(6.5, 5.5))
-    im = ax.imshow([[0.0 if v != v else v for v in row] for row in corr], cmap="coolwarm", vmin=-1, vmax=1)
+    im = ax.imshow([[0.0 if math.isnan(v) else v for v in row] for row in corr], cmap="coolwarm", vmin=-1, vmax=1)
     for i, row in enumerate(corr):
         for j, v in enumerate(row):
-            ax.text(j, i, "n/a" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
     f.colorbar(im, ax=ax)
@@ -159,7 +151,7 @@ def write_figures(out: Path, fig: dict) -> list[Path]:
     targets = fig["targets"]
     for lo, hi, color, name in ((0.0, 0.4, "tab:red", "low 0-0.40"), (0.4, 0.9, "tab:grey", "mid 0.41-0.89"),
                                 (0.9, 1.0, "tab:green", "high 0.90-1.0")):
-        n = sum(_range(t) == name.split()[0] for t in targets)
+        n = sum(label_range(t) == name.split()[0] for t in targets)
         ax.axvspan(lo, hi, color=color, alpha=0.12, label=f"{name}: {n}")
     # Right-closed bins (edges nudged up), so a label of exactly 0.4 is drawn on the low side.
     ax.hist(targets, bins=[-1e-9] + [i / 50 + 1e-9 for i in range(1, 51)], color="tab:blue")

@@ -111,7 +111,7 @@ def _train(cfg: AbsoluteRMConfig) -> Path:
     model, tok, device = setup_model(cfg.model)
     tset = apply_remedies(train_l.rows, cfg)
     m = cfg.model
-    enc = lambda r: encode_reply(tok, r.prompt, r.reply, m.max_tokens, m.min_prompt_tokens)  # noqa: E731
+    enc = lambda r: encode_reply(tok, r.prompt, r.reply, m.max_tokens, m.min_prompt_tokens)
     train_items = [_Item(enc(r), r.target, w) for r, w in zip(tset.rows, tset.weights)]
     eval_items = [_Item(enc(r), r.target) for r in eval_l.rows] or train_items  # no eval trees: report on train
     pad = tok.pad_token_id

@@ -39,7 +39,7 @@ def setup_model(model_cfg: ModelSection):
     """(model, tokenizer, device): classifier on the device, LoRA-wrapped when configured."""
     device, dtype = device_and_dtype()
     tok = load_tokenizer(model_cfg.base)
-    lora = dict(r=model_cfg.lora_r, alpha=model_cfg.lora_alpha, dropout=model_cfg.lora_dropout) if model_cfg.lora else None
+    lora = {"r": model_cfg.lora_r, "alpha": model_cfg.lora_alpha, "dropout": model_cfg.lora_dropout} if model_cfg.lora else None
     model = load_reward_model(model_cfg.base, tok, dtype, lora).to(device)
     return model, tok, device
 

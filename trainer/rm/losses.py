@@ -11,7 +11,8 @@ Absolute: z is the raw logit, t the soft target in [0, 1], w an optional per-sam
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,8 @@ with the very numbers training saw (HF #27502: scores must not depend on padding
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -89,7 +89,7 @@ def _train(cfg: PreferenceRMConfig) -> Path:
 def _card(cfg: PreferenceRMConfig, m: dict) -> str:
     return f"""# Preference reward model (crs-rlhf)
 
-Sequence classifier (`num_labels=1`) from `{cfg.model.base}`, {'LoRA r%d/alpha%d' % (cfg.model.lora_r, cfg.model.lora_alpha) if cfg.model.lora else 'full fine-tuning'},
+Sequence classifier (`num_labels=1`) from `{cfg.model.base}`, {f'LoRA r{cfg.model.lora_r}/alpha{cfg.model.lora_alpha}' if cfg.model.lora else 'full fine-tuning'},
 {'merged weights' if cfg.model.merge or not cfg.model.lora else 'peft adapter'}. Input: ChatML (`services.common.chat`); output: a raw logit.
 Loss: -log sigmoid(r_w - r_l) over all C(K,2) pairs, L2 {cfg.loss.l2}, averaged per {cfg.loss.average}.
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from trainer.rm.sampling import label_range
 
@@ -22,7 +22,7 @@ def range_metrics(preds: Sequence[float], targets: Sequence[float]) -> dict[str,
 
 
 def write_table(path: Path, m: dict) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     lines = ["| targets | n | MSE | MAE |", "| --- | --- | --- | --- |"]
     for key, label in (("below_0.4", "0 - 0.40"), ("mid", "0.41 - 0.89"), ("above_0.9", "0.90 - 1.0")):
         lines.append(f"| {label} | {m[f'n_{key}']} | {fmt(m[f'mse_{key}'])} | {fmt(m[f'mae_{key}'])} |")

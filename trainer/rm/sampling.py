@@ -12,26 +12,12 @@ They combine in that order: augment, over_s, under_s, then weights computed on t
 
 from __future__ import annotations
 
-import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-LOW_MAX, HIGH_MIN = 0.4, 0.9
-MID_BINS = 5
-_EPS = 1e-9  # OASST labels are means of votes: 0.4 may arrive as 0.39999999999999997 or 0.4000000000000001
-
-
-def label_range(t: float) -> str:
-    """low t <= 0.4, high t >= 0.9, mid in between (the thesis's 0-0.40 / 0.41-0.89 / 0.90-1.0)."""
-    return "low" if t <= LOW_MAX + _EPS else "high" if t >= HIGH_MIN - _EPS else "mid"
-
-
-def mid_bin(t: float, bins: int = MID_BINS) -> int:
-    """Equal-width, right-closed bin of a mid target: (0.4, 0.5] -> 0, ..., (0.8, 0.9) -> 4."""
-    width = (HIGH_MIN - LOW_MAX) / bins
-    return min(max(math.ceil((t - LOW_MAX) / width - 1e-6) - 1, 0), bins - 1)
+from trainer.data.labels import HIGH_MIN, LOW_MAX, MID_BINS, label_range, mid_bin  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
