@@ -117,3 +117,14 @@ def test_demo_verdict_line():
     assert verdict_line([row("rm:pref", 0.9, 0.2), row("gpt", 0.3, 0.1)]) == "PPO did NOT beat SFT by gpt (SFT won)"
     assert verdict_line([row("gpt", 0.8, 0.6)]) == "PPO beat SFT by gpt (significant)"
     assert "undecided" in verdict_line([row("gpt", math.nan, math.nan, 0)])
+
+
+@pytest.mark.parametrize("name", ["thesis.yaml", "tiny.yaml"])
+def test_shipped_eval_configs_validate(name):
+    from pathlib import Path
+
+    from trainer.config_io import load_config
+    from trainer.eval.config import EvalConfig
+
+    cfg = load_config(EvalConfig, Path(__file__).resolve().parents[1] / "configs" / "eval" / name)
+    assert cfg.generate is not None and len(cfg.generate.policies) >= 2 and cfg.judge is not None
