@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -158,6 +159,11 @@ def start_http(args, model, tokenizer, device, tmp: Path):
     return svc
 
 
+def missing_service_packages() -> list[str]:
+    return [m for m in ("fastapi", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "httpx")
+            if importlib.util.find_spec(m) is None]
+
+
 def http_mode(args, svc, items):
     """64 clients, one item per request; scores for the drift column come from one big request."""
     from reward_throughput import fire
@@ -195,7 +201,8 @@ def parse(argv):
     p.add_argument("--compile", action="store_true", help="also time packed + torch.compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--row-tokens", type=int, default=None, help="packed row budget (default: 32768 flex/CUDA, 2048 CPU)")
-    p.add_argument("--buckets", type=int, default=None, help="how many row lengths (default: 2 with --compile, else 4)")
+    p.add_argument("--buckets", type=int, default=None, help="how many row lengths (default: 2 on CUDA or with "
+                   "--compile: each is a compile at warm-up; 4 on CPU)")
     p.add_argument("--items", type=int, default=None, help="default: 512 on CUDA, 96 on CPU")
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=1024)
@@ -226,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     from services.common.engine import EngineOptions, RewardEngine, resolve_device
     from services.common.packed_forward import PackedScorer, PackingOptions, default_row_tokens, resolve_attention
     from services.common.packing import default_buckets
-    from services.common.protocol import PromptResponseItem
     from trainer.tiny_models import build_tokenizer
 
     device = resolve_device(args.device)
@@ -253,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = RewardEngine(model, tokenizer, EngineOptions(f"random-llama-{args.size}", max_tokens=args.max_tokens),
                           device)
     items = make_items(tokenizer, args.items, args.min_len, args.max_len, args.seed)
-    rows = [t.ids for t in engine.encode_items([PromptResponseItem(**it) for it in items])]
+    # encode_pairs, not encode_items: no pydantic needed (GPU images often lack it).
+    rows = [t.ids for t in engine.encode_pairs([engine.opts.chat.format_pair(it["prompt"], it["response"])
+                                                for it in items])]
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device={gpu} size={args.size} non_embedding_params={n_params / 1e9:.3f}B dtype={args.dtype_name} "
           f"items={len(rows)} tokens={sum(map(len, rows))} (lengths {min(map(len, rows))}-{max(map(len, rows))}) "
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, comp in [("packed", False)] + ([("packed_compile", True)] if args.compile else []):
             # Fewer buckets with compile: each one is a full compile of the backbone at warm-up.
             row_tokens = args.row_tokens or default_row_tokens(attention, device, engine.max_tokens)
-            buckets = default_buckets(row_tokens, count=args.buckets or (2 if comp else 4))
+            buckets = default_buckets(row_tokens, count=args.buckets or (2 if comp or cuda else 4))
             opts = PackingOptions(row_tokens=row_tokens, buckets=buckets, attention=attention, compile=comp,
                                   compile_mode=args.compile_mode)
             scorer = PackedScorer(model, pad_id=engine.pad_id, max_tokens=engine.max_tokens, options=opts)
@@ -287,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             runners.append((name, packed(scorer, name, bar), note))
 
     with contextlib.ExitStack() as stack:
-        if not args.no_http:
+        missing = [] if args.no_http else missing_service_packages()
+        if missing:
+            print(f"http: skipped, the service needs {', '.join(missing)} (not importable here); "
+                  "carry their wheels (bench/gpu_check.sh says how) for the HTTP figure", flush=True)
+        if not args.no_http and not missing:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crs-reward-gpu-")))
             svc = start_http(args, model, tokenizer, device, tmp)
             stack.callback(svc.stop)
@@ -312,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         vs = f"{m.tokens_per_s / roofline:12.3f}" if roofline else f"{'-':>12s}"
         print(f"{m.name:15s} {m.tokens_per_s:12,.0f} {vs} {m.drift_max:10.2e}  {m.note}")
+    spread = statistics.pstdev(base.scores) if base is not None and len(base.scores) > 1 else float("nan")
+    print(f"(drift is against per_request scores, whose standard deviation is {spread:.3g})")
 
     by = {m.name: m.tokens_per_s for m in modes}
-    ratios = {}
-    if "http" in by and roofline:
-        ratios["http_vs_roofline"] = by["http"] / roofline
-    elif "http" in by:
-        ratios["http_vs_roofline"] = float("nan")  # CPU: no peak given, ratios only
+    # Always first and always present: nan when there is no peak (CPU) or no HTTP run.
+    ratios = {"http_vs_roofline": by["http"] / roofline if "http" in by and roofline else float("nan")}
     best = max((v for k, v in by.items() if k != "http"), default=float("nan"))
     for k in ("packed", "packed_compile"):
         if k in by:
@@ -333,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "device": gpu, "size": args.size, "non_embedding_params": n_params, "peak_tflops": peak,
-            "roofline_tokens_per_s": roofline, "items": len(rows), "tokens": sum(map(len, rows)),
+            "roofline_tokens_per_s": roofline, "score_std": spread, "items": len(rows), "tokens": sum(map(len, rows)),
             "modes": [{**{k: v for k, v in asdict(m).items() if k != "scores"}, "tokens_per_s": m.tokens_per_s}
                       for m in modes], "ratios": ratios}, indent=2))
-    if args.plot:
+    if args.plot and importlib.util.find_spec("matplotlib") is not None:
         plot(args.plot, modes, roofline, f"{args.size} RM on {gpu}")
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
     return 0

@@ -167,3 +167,25 @@ def test_unsupported_models_and_budgets_are_refused_clearly(llama_engine):
     with pytest.raises(ValueError, match="attention must be one of"):
         PackedScorer(fresh_llama(llama_engine), pad_id=0, max_tokens=128,
                      options=PackingOptions(row_tokens=128, attention="flash"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_flex_equals_alone_fp32_and_bf16_stays_close(llama_engine, compiled):
+    """On CUDA: BlockMask (+ inductor compile) in fp32 equals alone; bf16 stays within 5e-2."""
+    vocab = llama_engine.model.config.vocab_size
+    rows = mixed_rows(40, 200, vocab, seed=6) + [[8] * 512, [2]]
+    alone = [llama_engine.score_ids([r])[0] for r in rows]  # fp32 on CPU: the reference
+    for dtype, tol in ((torch.float32, TOL), (torch.bfloat16, 5e-2)):
+        torch._dynamo.reset()
+        model = fresh_llama(llama_engine).to("cuda", dtype)
+        scorer = PackedScorer(model, pad_id=llama_engine.pad_id, max_tokens=512,
+                              options=PackingOptions(row_tokens=512, buckets=(256, 512), attention="flex",
+                                                     compile=compiled))
+        scorer.warmup()
+        got = scorer.score_ids(rows)
+        diff = max(abs(a - b) for a, b in zip(got, alone))
+        assert diff <= tol, f"{dtype} compiled={compiled}: max |diff| {diff:.2e} > {tol}"
