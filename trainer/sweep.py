@@ -369,11 +369,12 @@ def _ray_address(stack: contextlib.ExitStack, runs: list[Run], parallel: int) ->
         return address
     import ray
 
+    from trainer.ppo.actors import init_ray
+    from trainer.ppo.config import RaySection
+
     # One CPU per learner actor; rollout actors reserve none (see trainer/ppo/actors.py).
-    cpus = max(parallel, runs[0].cfg.ray.num_cpus or 1)
-    ray.init(num_cpus=cpus, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    stack.callback(ray.shutdown)
+    if init_ray(RaySection(num_cpus=max(parallel, runs[0].cfg.ray.num_cpus or 1))):
+        stack.callback(ray.shutdown)
     # An explicit address, never 'auto': other Ray clusters on this machine must not be joined.
     return ray.get_runtime_context().gcs_address
 
