@@ -100,6 +100,7 @@ class DynamicBatcher:
         max_batch_tokens: int = 8192,
         max_wait_ms: float = 4.0,
         max_queue_items: int = 16384,
+        max_queue_tokens: int | None = None,
         max_padding: float = 1.0,
         cross_request: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -109,6 +110,7 @@ class DynamicBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
+        self.max_queue_tokens = max_queue_tokens  # None: items alone bound the queue
         self.max_padding = max_padding
         # A window spans several micro-batches so that sorting has neighbours of similar
         # length to group (less padding); its micro-batches still respect the budget.
@@ -152,11 +154,14 @@ class DynamicBatcher:
             return []
         # An empty queue always admits, so one request larger than the bound is slow, not refused forever.
         if self._queue and len(self._queue) + len(rows) > self.max_queue_items:
-            raise QueueFullError(f"{len(self._queue)} items are waiting (limit {self.max_queue_items})")
+            raise QueueFullError(f"{len(self._queue)} items are waiting (max_queue_items {self.max_queue_items})")
+        tokens = sum(len(r) for r in rows)
+        if self._queue and self.max_queue_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+            raise QueueFullError(f"{self._queued_tokens} tokens are waiting (max_queue_tokens {self.max_queue_tokens})")
         request = _Request(rows, asyncio.get_running_loop().create_future())
         now = time.monotonic()
         self._queue.extend(_Row(request, i, now) for i in range(len(rows)))
-        self._queued_tokens += sum(len(r) for r in rows)
+        self._queued_tokens += tokens
         self._wakeup.set()
         return await request.future  # cancellation (client gone) just drops the future
 

@@ -54,6 +54,27 @@ class ChatFormat:
         """The reply as it follows `format_prompt`: ends with the end-of-turn marker."""
         return f"{response}{self.im_end}"
 
+    # Pieces: the same text as (text, is_content) parts, so tokenization can treat what the
+    # user or the policy wrote as text and only the markers written here as special tokens.
+
+    def prompt_pieces(self, messages: Iterable[Mapping[str, str]]) -> list[tuple[str, bool]]:
+        """`format_prompt` as pieces: "".join(text for text, _ in pieces) == format_prompt(...)."""
+        pieces: list[tuple[str, bool]] = []
+        for m in messages:
+            pieces += [(f"{self.im_start}{normalise_role(m['role'])}\n", False), (m["content"], True)]
+            pieces.append((f"{self.im_end}\n", False))
+        pieces.append((f"{self.im_start}assistant\n", False))
+        return pieces
+
+    def response_pieces(self, response: str) -> list[tuple[str, bool]]:
+        return [(response, True), (self.im_end, False)]
+
+    def conversation_pieces(self, messages: Sequence[Mapping[str, str]]) -> tuple[list, list]:
+        """`split_conversation` as (prompt pieces, response pieces)."""
+        if not messages or normalise_role(messages[-1]["role"]) != "assistant":
+            raise ValueError("the last message must be the assistant reply")
+        return self.prompt_pieces(messages[:-1]), self.response_pieces(messages[-1]["content"])
+
     def format_pair(self, prompt: str, response: str) -> tuple[str, str]:
         return self.format_prompt([{"role": "user", "content": prompt}]), self.format_response(response)
 

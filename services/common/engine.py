@@ -7,13 +7,13 @@ the `encode_*` methods. Two rules carry the correctness:
   where scores moved with the amount of padding). Rows are right-padded and each row is
   pooled at its LAST REAL TOKEN, found from the attention mask, never from a pad/EOS id.
 * The text is the training text: ChatML via services.common.chat, prompt and response
-  tokenized separately so the prompt can be cut from its beginning (truncation.py).
+  tokenized separately so the prompt can be cut from its beginning (truncation.py). What a
+  user or a policy wrote is text: its special-token strings stay text (tokenize.py).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.chat import CHATML, ChatFormat
+from services.common.tokenize import Piece, ThreadTokenizer
 from services.common.truncation import Truncated, special_affixes, truncate_left, truncate_pair
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,6 @@ class RewardEngine:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.prefix, self.suffix = special_affixes(tokenizer)
-        # Fast tokenizers are not safe under concurrent calls that touch their settings;
-        # encoding runs in worker threads, so it is serialised (it is cheap next to a forward).
-        self._tok_lock = threading.Lock()
 
         limit = getattr(model.config, "max_position_embeddings", None) or opts.max_tokens
         self.max_tokens = min(opts.max_tokens, int(limit))
@@ -111,6 +109,8 @@ class RewardEngine:
             log.info("min_prompt_tokens lowered to %d (half of max_tokens)", self.min_prompt_tokens)
         # We truncate ourselves (truncation.py); silence the tokenizer's "sequence too long" warning.
         tokenizer.model_max_length = 1 << 60
+        # Encoding runs in many request threads at once: each gets its own tokenizer copy.
+        self.tok = ThreadTokenizer(tokenizer)
 
         pad = tokenizer.pad_token_id
         if pad is None or pad == tokenizer.eos_token_id:
@@ -128,15 +128,15 @@ class RewardEngine:
     # ------------------------------------------------------------------ encoding
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        with self._tok_lock:
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tok.ids(texts)
 
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Truncated]:
-        """(prompt part, response part) texts, already templated -> truncated token-id rows."""
-        prompt_ids = self._tokenize([p for p, _ in pairs])
-        response_ids = self._tokenize([r for _, r in pairs])
+    def encode_pieces(self, pairs: Sequence[tuple[list[Piece], list[Piece]]]) -> list[Truncated]:
+        """(prompt pieces, response pieces) -> truncated token-id rows.
+
+        Only the prompt's last and the response's first `max_tokens` tokens can survive, so
+        huge texts are cut before tokenizing (tokenize.py proves the ids unchanged)."""
+        prompt_ids = self.tok.encode_kept([p for p, _ in pairs], "end", self.max_tokens)
+        response_ids = self.tok.encode_kept([r for _, r in pairs], "start", self.max_tokens)
         return [
             truncate_pair(
                 p, r, max_tokens=self.max_tokens, min_prompt_tokens=self.min_prompt_tokens,
@@ -145,20 +145,28 @@ class RewardEngine:
             for p, r in zip(prompt_ids, response_ids)
         ]
 
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Truncated]:
+        """(prompt part, response part) texts, already templated -> truncated token-id rows."""
+        return self.encode_pieces([([(p, False)], [(r, False)]) for p, r in pairs])
+
     def encode_items(self, items: Sequence) -> list[Truncated]:
-        """ScoreRequest items: {prompt, response} or {messages} (last one the assistant's)."""
+        """ScoreRequest items: {prompt, response} or {messages} (last one the assistant's).
+        The texts of the items are content: special-token strings in them are plain text."""
         chat = self.opts.chat
         pairs = []
         for item in items:
             if hasattr(item, "messages"):
-                pairs.append(chat.split_conversation([m.model_dump() for m in item.messages]))
+                pairs.append(chat.conversation_pieces([m.model_dump() for m in item.messages]))
             else:
-                pairs.append(chat.format_pair(item.prompt, item.response))
-        return self.encode_pairs(pairs)
+                pairs.append((chat.prompt_pieces([{"role": "user", "content": item.prompt}]),
+                              chat.response_pieces(item.response)))
+        return self.encode_pieces(pairs)
 
     def encode_queries(self, queries: Sequence[str]) -> list[Truncated]:
-        """OpenRLHF queries are full templated texts: as is, no special tokens, cut from the left."""
-        return [truncate_left(ids, self.max_tokens) for ids in self._tokenize(list(queries))]
+        """OpenRLHF queries are full templated texts: as is (their markers are special tokens
+        by design), no BOS/EOS added, cut from the left."""
+        ids = self.tok.encode_kept([[(q, False)] for q in queries], "end", self.max_tokens)
+        return [truncate_left(row, self.max_tokens) for row in ids]
 
     # ------------------------------------------------------------------ scoring
 

@@ -1,16 +1,23 @@
-"""HTTP plumbing every service shares: one error shape, API-key auth, a body-size cap.
+"""HTTP plumbing every service shares: one error shape, request ids, API-key auth, body limits.
 
 The error shape is vLLM's / OpenAI's ``{"error": {"message", "type", "code", "param"}}`` so
 one client handles failures from policy_gen (either backend) and both reward services.
-Auth and the size cap are pure ASGI middleware: they answer before FastAPI parses a byte.
+Everything here is pure ASGI middleware: it answers before FastAPI parses a byte, and an
+unexpected exception becomes a JSON 500 *without* re-raising (Starlette's own handler
+re-raises, and uvicorn then drops the keep-alive connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import re
+import time
+import uuid
 from typing import Any, Iterable
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,12 +34,18 @@ _TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowed",
+    408: "RequestTimeout",
     409: "ConflictError",
     413: "RequestTooLarge",
     422: "BadRequestError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
+REQUEST_ID_HEADER = "X-Request-ID"
+DISCONNECTED = "499"  # nginx's label for "client closed the request": not a server error
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Absolute POSIX paths inside messages (exception texts quote files): never shown to clients.
+_ABS_PATH = re.compile(r"(?<![\w.:/>-])/(?:[^\s'\"/]+/)*[^\s'\"]*")
 
 
 class APIError(Exception):
@@ -53,6 +66,15 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "Error")
         self.param = param
         self.headers = headers
+
+
+def scrub_paths(message: str, replacements: dict[str, str] | None = None) -> str:
+    """`message` fit for a client: known folders become their names (e.g. '<adapter-root>'),
+    any other absolute path '<path>'. Server paths tell an attacker the layout, a user nothing."""
+    for path, name in sorted((replacements or {}).items(), key=lambda kv: -len(kv[0])):
+        if path:
+            message = message.replace(path, name)
+    return _ABS_PATH.sub("<path>", message)
 
 
 def error_body(status: int, message: str, type: str | None = None, param: str | None = None) -> dict:
@@ -91,6 +113,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """APIError, validation and HTTP errors in the shared shape. Anything else is left to
+    `RequestContextMiddleware` (a handler for `Exception` here would make Starlette re-raise)."""
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return error_response(exc.status, exc.message, type=exc.type, param=exc.param, headers=exc.headers)
@@ -103,11 +128,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()):
@@ -122,27 +142,99 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: Ite
     await send({"type": "http.response.body", "body": raw})
 
 
+class RequestContextMiddleware:
+    """Outermost: a request id on every response (`X-Request-ID`), and a JSON 500 for any
+    exception that escaped the app, its details logged under that id, the connection kept.
+
+    A client-supplied id is kept when it is short and plain, so traces join across services.
+    `scope["state"]["disconnected"]` tells the metrics layer that the client went away.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = False
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state["disconnected"] = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:
+            if state.get("disconnected"):
+                log.info("request %s: client disconnected (%s)", request_id, type(exc).__name__)
+                return
+            log.exception("request %s %s %s failed", request_id, scope.get("method"), scope.get("path"))
+            if not started:
+                message = f"internal server error (request id {request_id}); the details are in the server log"
+                await send_wrapper(_json_start(500))
+                await send({"type": "http.response.body", "body": json.dumps(error_body(500, message)).encode()})
+
+
+def _json_start(status: int) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+
+
 class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` on every path but the probes.
 
+    Paths in `query_key_paths` also take the key as ``?api_key=<key>``: OpenRLHF's remote
+    reward client sends no headers, so /get_reward could not authenticate otherwise. The
+    parameter is removed from the scope once checked, so access logs never print it.
     Compared with `hmac.compare_digest` so response timing leaks nothing about the key.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, exempt: Iterable[str] = ("/health", "/ready")):
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        exempt: Iterable[str] = ("/health", "/ready"),
+        query_key_paths: Iterable[str] = (),
+    ):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
+        self.expected = b"Bearer " + self.key if self.key else None
         self.exempt = frozenset(exempt)
+        self.query_key_paths = frozenset(query_key_paths)
+
+    def _query_key_ok(self, scope: Scope) -> bool:
+        if scope["path"] not in self.query_key_paths or b"api_key" not in scope.get("query_string", b""):
+            return False
+        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        given = [v for k, v in pairs if k == "api_key"]
+        ok = len(given) == 1 and hmac.compare_digest(given[0].encode("latin-1"), self.key)
+        scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "api_key"]).encode()
+        return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        if not (hmac.compare_digest(given, self.expected) or self._query_key_ok(scope)):
+            hint = " (or '?api_key=<key>' on this path)" if scope["path"] in self.query_key_paths else ""
             await _send_json(
                 send,
                 401,
-                error_body(401, "missing or invalid API key: send 'Authorization: Bearer <key>'"),
+                error_body(401, f"missing or invalid API key: send 'Authorization: Bearer <key>'{hint}"),
                 [(b"www-authenticate", b"Bearer")],
             )
             return
@@ -150,20 +242,24 @@ class ApiKeyMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Answers 413 for bodies over `max_bytes`, by Content-Length or while streaming.
+    """Answers 413 for bodies over `max_bytes` (by Content-Length or while streaming) and 408
+    when the whole body has not arrived within `read_timeout_s` of the headers.
 
-    Counting the stream too matters: a chunked upload has no Content-Length to check.
+    Counting the stream matters: a chunked upload has no Content-Length to check. The read
+    deadline is for the whole body, not per chunk, so a client dribbling a byte a second
+    cannot hold a connection (and its buffer) open forever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_body(413, f"request body exceeds the limit of {self.max_bytes} bytes")
+        too_large = error_body(413, f"request body exceeds the limit of {self.max_bytes} bytes (max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await _send_json(send, 413, too_large)
@@ -172,8 +268,14 @@ class BodySizeLimitMiddleware:
         # Buffer the body (bounded by the cap) and replay it: raising from inside `receive`
         # would be swallowed by FastAPI's body parsing and turned into a generic 400.
         chunks, seen = [], 0
+        deadline = time.monotonic() + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                message = f"request body not received within {self.read_timeout_s:g}s (body_read_timeout_s)"
+                await _send_json(send, 408, error_body(408, message), [(b"connection", b"close")])
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -196,8 +298,20 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def add_common_middleware(app: FastAPI, *, api_key: str | None, max_body_bytes: int) -> None:
-    """Order matters: auth runs first (outermost), so unauthenticated bodies are never read."""
+def add_common_middleware(
+    app: FastAPI,
+    *,
+    api_key: str | None,
+    max_body_bytes: int,
+    body_read_timeout_s: float = 30.0,
+    query_key_paths: Iterable[str] = (),
+) -> None:
+    """Order matters: auth runs before the body is read, so unauthenticated bodies never are.
+    Call before adding a metrics middleware; `add_request_context` goes last (outermost)."""
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, read_timeout_s=body_read_timeout_s)
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key, query_key_paths=tuple(query_key_paths))
+
+
+def add_request_context(app: FastAPI) -> None:
+    app.add_middleware(RequestContextMiddleware)

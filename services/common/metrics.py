@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.batcher import BatchStats
+from services.common.http import DISCONNECTED
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -58,28 +59,37 @@ class RewardMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP response by endpoint and status and times it."""
+    """Counts every HTTP response by endpoint and status and times it.
 
-    def __init__(self, app: ASGIApp, metrics: RewardMetrics):
+    `requests` is a Counter labelled (endpoint, status), `latency` a Histogram labelled
+    (endpoint); `endpoint(path)` maps a path to a bounded label set. A client that went away
+    before any reply is counted as "499", not as a server error.
+    """
+
+    def __init__(self, app: ASGIApp, metrics=None, *, requests=None, latency=None, endpoint=None):
         self.app = app
-        self.metrics = metrics
+        self.requests = requests if requests is not None else metrics.requests
+        self.latency = latency if latency is not None else metrics.latency
+        self.endpoint = endpoint if endpoint is not None else metrics.endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = self.metrics.endpoint(scope["path"])
+        endpoint = self.endpoint(scope["path"])
         start = time.perf_counter()
-        status = 500  # if the app dies before answering
+        status = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = str(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status is None:
+                status = DISCONNECTED if scope.get("state", {}).get("disconnected") else "500"
+            self.requests.labels(endpoint, status).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - start)

@@ -8,10 +8,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 RewardKind = Literal["preference", "absolute"]
 Role = Literal["system", "user", "assistant"]
+
+
+def valid_text(value: str) -> str:
+    """Reject strings a tokenizer cannot encode: JSON may carry lone UTF-16 surrogates
+    (``"\\ud83d"``), which are not characters and made the tokenizer raise (a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(value[exc.start])
+        raise ValueError(
+            f"contains an unpaired UTF-16 surrogate (U+{bad:04X}) at character {exc.start}; "
+            "send valid Unicode text (a surrogate pair encodes one character)"
+        ) from None
+    return value
+
+
+# Every free-text field of every service uses this type, so both get the same 400.
+Text = Annotated[str, AfterValidator(valid_text)]
 
 
 class _Strict(BaseModel):
@@ -40,12 +58,12 @@ class ErrorResponse(BaseModel):
 
 class ChatMessage(_Strict):
     role: Role
-    content: str
+    content: Text = Field(description="Plain text: special-token strings in it are not special tokens.")
 
 
 class PromptResponseItem(_Strict):
-    prompt: str = Field(min_length=1, description="The user turn (plain text, not templated).")
-    response: str = Field(min_length=1, description="The assistant reply to score.")
+    prompt: Text = Field(min_length=1, description="The user turn (plain text, not templated).")
+    response: Text = Field(description="The assistant reply to score; may be empty (a turn ended at once).")
 
 
 class MessagesItem(_Strict):
@@ -60,8 +78,6 @@ class MessagesItem(_Strict):
             raise ValueError("the last message must be the assistant reply to score (role 'assistant')")
         if not any(m.role == "user" for m in messages[:-1]):
             raise ValueError("the conversation needs at least one 'user' message before the reply")
-        if not messages[-1].content:
-            raise ValueError("the assistant reply to score is empty")
         return messages
 
 
@@ -79,7 +95,7 @@ ScoreItem = Annotated[
 
 
 class ScoreRequest(_Strict):
-    model: str | None = Field(default=None, description="Optional; checked against the served model id.")
+    model: Text | None = Field(default=None, description="Optional; checked against the served model id.")
     items: list[ScoreItem] = Field(min_length=1)
 
 
@@ -113,8 +129,10 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # OpenRLHF versions add fields; ignore them.
 
-    query: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    prompts: list[str] | None = None
+    query: list[Annotated[Text, Field(min_length=1)]] = Field(
+        min_length=1, description="Full templated texts (chat markers included), scored as they are."
+    )
+    prompts: list[Text] | None = None
     labels: list | None = None
 
 

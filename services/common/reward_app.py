@@ -13,12 +13,14 @@ import math
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from services.common.batcher import DynamicBatcher, QueueFullError
 from services.common.chat import ChatFormat
 from services.common.engine import EngineOptions, RewardEngine, load_engine
-from services.common.http import APIError, add_common_middleware
+from services.common.http import APIError, add_common_middleware, add_request_context
 from services.common.metrics import MetricsMiddleware, RewardMetrics
+from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.common.protocol import (
     GetRewardRequest,
     GetRewardResponse,
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 PATHS = frozenset({"/v1/score", "/get_reward", "/health", "/ready", "/v1/models", "/metrics"})
 RETRY_AFTER_S = "1"
+# OpenRLHF's remote-RM client sends no headers: on this path the key may be `?api_key=`.
+QUERY_KEY_PATHS = ("/get_reward",)
 
 
 def sigmoid(x: float) -> float:
@@ -72,7 +76,7 @@ class RewardService:
             await asyncio.to_thread(engine.warmup)
         except Exception as exc:  # keep serving /health so the failure is visible, not a crash loop
             log.exception("loading %s failed", self.settings.model_path)
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = f"{type(exc).__name__} (the details are in the server log)"
             return
         self.attach_engine(engine)
 
@@ -85,7 +89,8 @@ class RewardService:
         max_batch_tokens, max_padding = s.batch_defaults(engine.device.type)
         batcher = DynamicBatcher(
             engine.score_ids, max_batch_tokens=max_batch_tokens, max_wait_ms=s.max_wait_ms,
-            max_queue_items=s.max_queue_items, max_padding=max_padding, cross_request=s.batching,
+            max_queue_items=s.max_queue_items, max_queue_tokens=s.max_queue_tokens, max_padding=max_padding,
+            cross_request=s.batching,
             on_batch=self.metrics.observe_batch, worker_init=engine.init_thread,
         )
         batcher.start()
@@ -129,7 +134,8 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
     app = FastAPI(title=f"crs-rlhf {title}", description=f"{kind} reward model scoring", lifespan=lifespan)
     app.state.service = service
 
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
+              responses=error_responses(*BODY_ERRORS, 404, 503))
     async def score(request: ScoreRequest) -> ScoreResponse:
         service.check_request(request.model, len(request.items), "items")
         engine, _ = service.require_ready()
@@ -144,7 +150,7 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
             usage=Usage(tokens=sum(len(e.ids) for e in encoded)),
         )
 
-    @app.post("/get_reward", response_model=GetRewardResponse)
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=error_responses(*BODY_ERRORS, 503))
     async def get_reward(request: GetRewardRequest) -> GetRewardResponse:
         """OpenRLHF's remote reward protocol: queries are full templated texts, scored as is."""
         service.check_request(None, len(request.query), "query")
@@ -155,13 +161,13 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         probs = [sigmoid(s) for s in scores] if kind == "absolute" else scores
         return GetRewardResponse(rewards=scores, scores=probs, extra_logs={})
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(503))
     async def health() -> dict:
         if service.load_error:
             raise APIError(503, f"the model failed to load: {service.load_error}")
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=error_responses(503))
     async def ready() -> dict:
         service.require_ready()
         return {"status": "ready", "model": service.model_id}
@@ -173,10 +179,15 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         dtype = str(engine.dtype).removeprefix("torch.") if engine else settings.dtype
         return ModelList(data=[ModelCard(id=service.model_id, kind=kind, max_tokens=max_tokens, dtype=dtype)])
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: TEXT})
     async def metrics():
         return service.metrics.response()
 
-    add_common_middleware(app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401/413 too
+    add_common_middleware(
+        app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s, query_key_paths=QUERY_KEY_PATHS,
+    )
+    add_request_context(app)  # request ids; unexpected errors -> JSON 500, connection kept
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401/413/500 too
+    install_openapi(app, secured=settings.api_key is not None, query_key_paths=QUERY_KEY_PATHS)
     return app

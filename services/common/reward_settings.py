@@ -60,6 +60,9 @@ class RewardServiceSettings(ServiceSettings):
     max_queue_items: int = Field(
         16384, gt=0, description="Items waiting to be scored; beyond this requests get 503 + Retry-After."
     )
+    max_queue_tokens: int = Field(
+        4 * 1024 * 1024, gt=0, description="Tokens waiting to be scored (after truncation); beyond this 503 + Retry-After."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "RewardServiceSettings":

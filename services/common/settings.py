@@ -25,6 +25,9 @@ class ServiceSettings(BaseSettings):
         None, description="When set, every endpoint but /health and /ready needs 'Authorization: Bearer <key>'."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not fully received this long after its headers gets 408."
+    )
     log_level: str = Field("info")
 
 
@@ -44,6 +47,9 @@ def settings_or_exit(cls: type[S], argv: Sequence[str] | None = None, prog: str 
         lines = []
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
+            if not field:  # a check across fields: its message names them
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+                continue
             flag, env = "--" + field.replace("_", "-"), "CRS_" + field.upper()
             lines.append(f"  {flag} (or {env}): {err['msg']}")
         print(f"{prog or cls.__name__}: invalid settings\n" + "\n".join(lines) + "\n(--help lists them)", file=sys.stderr)

@@ -1,24 +1,33 @@
 """The policy_gen router: one thin FastAPI app in front of either backend.
 
-Everything that must not depend on the backend lives here: auth and the body cap
-(services.common.http), request validation (protocol.py), adapter-path confinement
-(adapters.py), probes and Prometheus metrics. The backend only generates and holds adapters.
+Everything that must not depend on the backend lives here: auth, body limits and request ids
+(services.common.http), request validation (protocol.py), per-request work limits,
+adapter-path confinement (adapters.py), probes and Prometheus metrics. The backend only
+generates and holds adapters.
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from services.common.http import add_common_middleware, error_response
+from services.common.http import add_common_middleware, add_request_context, error_response
+from services.common.metrics import MetricsMiddleware
+from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.policy_gen import protocol as P
 from services.policy_gen.adapters import inspect_adapter
 from services.policy_gen.backend import Backend, Served
+from services.policy_gen.limits import check_work, prompt_count
 from services.policy_gen.settings import PolicyGenSettings
+
+# Unset max_tokens: 16 for completions (vLLM's default); chat fills the context.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+KNOWN_PATHS = frozenset({
+    "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models",
+})  # fmt: skip
 
 
 class Metrics:
@@ -42,6 +51,10 @@ class Metrics:
         info = Gauge("policy_gen_backend_info", "Which backend serves", ["backend"], registry=self.registry)
         info.labels(backend=backend).set(1)
 
+    @staticmethod
+    def endpoint(path: str) -> str:
+        return path if path in KNOWN_PATHS else "other"
+
 
 def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     metrics = Metrics(settings.backend)
@@ -58,16 +71,6 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
 
     app = FastAPI(title="crs-rlhf policy_gen", lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
-    add_common_middleware(app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path.startswith("/v1/") else "other"
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
-        return response
 
     def _count(served: Served) -> Response:
         metrics.tokens.inc(served.completion_tokens)
@@ -77,29 +80,36 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=error_responses(503))
     async def ready():
         if await backend.ready():
             return {"status": "ready", "backend": settings.backend, "model": backend.model_id}
         return error_response(503, f"{settings.backend} backend is still starting", headers={"Retry-After": "2"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: TEXT})
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList, responses=error_responses(503))
     async def models():
         return _count(await backend.models())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=error_responses(*BODY_ERRORS, 404, 503))
     async def completions(req: P.CompletionRequest):
+        max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+        check_work(settings, prompt_count(req.prompt), req.n, max_tokens)
         return _count(await backend.completions(req))
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions", response_model=P.ChatCompletionResponse,
+        responses=error_responses(*BODY_ERRORS, 404, 503),
+    )
     async def chat(req: P.ChatCompletionRequest):
+        check_work(settings, 1, req.n, req.max_completion_tokens or req.max_tokens or settings.max_model_len)
         return _count(await backend.chat(req))
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+              responses={200: TEXT, **error_responses(*BODY_ERRORS, 404, 503)})
     async def load_lora_adapter(req: P.LoadLoRAAdapterRequest):
         info = inspect_adapter(settings.adapter_root, req.lora_path, settings.max_lora_rank)
         served = await backend.load_adapter(req, info)
@@ -107,7 +117,8 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
             metrics.adapter_loads.inc()
         return served.response
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+              responses={200: TEXT, **error_responses(*BODY_ERRORS, 404, 503)})
     async def unload_lora_adapter(req: P.UnloadLoRAAdapterRequest):
         return (await backend.unload_adapter(req)).response
 
@@ -115,4 +126,11 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     async def root():
         return JSONResponse({"service": "policy_gen", "backend": settings.backend, "model": backend.model_id})
 
+    add_common_middleware(
+        app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+    )
+    add_request_context(app)  # request ids; unexpected errors -> JSON 500, connection kept
+    app.add_middleware(MetricsMiddleware, requests=metrics.requests, latency=metrics.latency, endpoint=metrics.endpoint)
+    install_openapi(app, secured=settings.api_key is not None)
     return app

@@ -3,7 +3,9 @@
 A collector task takes the first queued request, waits up to `max_wait_ms` for more (or
 until `max_batch_size` sequences are gathered), and runs the batch on the ONE worker thread
 that owns the model, so the event loop never blocks and adapter loads never race a decode.
-Static batching: requests that arrive mid-batch wait for the next one. Queue full -> 503.
+Static batching: requests that arrive mid-batch wait for the next one. The queue is bounded
+in requests, sequences and tokens (prompt + requested completion): one request for 1,000
+sequences weighs what 1,000 one-sequence requests do. Queue full -> 503.
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ class _Job:
 
 
 class GenerationBatcher:
-    def __init__(self, engine: HFEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int):
+    def __init__(
+        self, engine: HFEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
+        max_queue_sequences: int | None = None, max_queue_tokens: int | None = None,
+    ):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_sequences = max_queue_sequences
+        self.max_queue_tokens = max_queue_tokens
+        self.queued_sequences = 0
+        self.queued_tokens = 0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-gen-engine")
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
@@ -54,11 +63,33 @@ class GenerationBatcher:
 
     async def submit(self, specs: list[SeqSpec]) -> list[SeqResult]:
         assert self.queue is not None, "batcher not started"
-        if self.queue.qsize() >= self.max_queue:
-            raise APIError(503, "policy_gen is overloaded: too many queued requests", headers={"Retry-After": "1"})
+        tokens = sum(len(s.prompt_ids) + s.max_tokens for s in specs)
+        self._refuse_if_full(len(specs), tokens)
         job = _Job(specs, asyncio.get_running_loop().create_future())
+        self.queued_sequences += len(specs)
+        self.queued_tokens += tokens
         await self.queue.put(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            self.queued_sequences -= len(specs)
+            self.queued_tokens -= tokens
+
+    def _refuse_if_full(self, sequences: int, tokens: int) -> None:
+        """503 when admitting this job would pass a bound. An idle queue admits anything the
+        per-request limits allowed, so a large request is slow, never refused forever."""
+        if self.queue.qsize() >= self.max_queue:
+            what, value, limit = "max_queue (requests)", self.queue.qsize() + 1, self.max_queue
+        elif self.queued_sequences == 0:
+            return
+        elif self.max_queue_sequences and self.queued_sequences + sequences > self.max_queue_sequences:
+            what, value, limit = "max_queue_sequences", self.queued_sequences + sequences, self.max_queue_sequences
+        elif self.max_queue_tokens and self.queued_tokens + tokens > self.max_queue_tokens:
+            what, value, limit = "max_queue_tokens", self.queued_tokens + tokens, self.max_queue_tokens
+        else:
+            return
+        message = f"policy_gen is overloaded: {value} queued would exceed {what} {limit}; retry later"
+        raise APIError(503, message, headers={"Retry-After": "1"})
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()

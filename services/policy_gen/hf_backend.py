@@ -8,18 +8,45 @@ same response objects vLLM returns, logprobs included.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from services.common.chat import format_prompt
-from services.common.http import APIError
+from services.common.chat import CHATML
+from services.common.http import APIError, scrub_paths
+from services.common.tokenize import Piece, ThreadTokenizer
 from services.policy_gen import protocol as P
 from services.policy_gen.adapters import AdapterInfo
 from services.policy_gen.backend import Served
 from services.policy_gen.batcher import GenerationBatcher
 from services.policy_gen.hf_engine import HFEngine, SeqResult, SeqSpec
+from services.policy_gen.limits import too_long_for_context
 from services.policy_gen.settings import PolicyGenSettings
 
 _FLOOR = -9999.0  # vLLM clamps -inf to this so the JSON stays valid
+log = logging.getLogger(__name__)
+
+
+def chat_pieces(tok, messages: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    """The chat template's text as pieces: each message's content marked as content.
+
+    The template is rendered as usual; contents are located in its output in order (a
+    template that rewrites a content, e.g. strips it, leaves that content as template text,
+    which is only a problem when it holds special-token strings: refused by the caller)."""
+    if not tok.chat_template:  # no template shipped: our ChatML, what this project's models are trained on
+        pieces = CHATML.prompt_pieces(messages)
+        return pieces if add_generation_prompt else pieces[:-1]
+    text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    pieces, at = [], 0
+    for m in messages:
+        found = text.find(m["content"], at) if m["content"] else -1
+        if found < 0:
+            continue
+        pieces += [(text[at:found], False), (m["content"], True)]
+        at = found + len(m["content"])
+    pieces.append((text[at:], False))
+    return [p for p in pieces if p[0]]
 
 
 class HFBackend:
@@ -28,6 +55,7 @@ class HFBackend:
         self.model_id = settings.model_id
         self.engine: HFEngine | None = None
         self.batcher: GenerationBatcher | None = None
+        self.tok: ThreadTokenizer | None = None
         self._on_batch = None
 
     def observe_batches(self, fn) -> None:
@@ -37,9 +65,11 @@ class HFBackend:
     async def start(self) -> None:
         # Loaded here, not at import, so `--help` and settings errors stay instant.
         self.engine = HFEngine(self.settings)
+        self.tok = ThreadTokenizer(self.engine.tokenizer)
         s = self.settings
         self.batcher = GenerationBatcher(
-            self.engine, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue
+            self.engine, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+            max_queue_sequences=s.max_queue_sequences, max_queue_tokens=s.max_queue_tokens,
         )
         self.batcher.on_batch = self._on_batch
         self.batcher.start()
@@ -61,20 +91,37 @@ class HFBackend:
         raise APIError(404, f"The model `{model}` does not exist.", type="NotFoundError", param="model")
 
     def _tokenize(self, prompt) -> list[list[int]]:
-        tok = self.engine.tokenizer
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif all(isinstance(p, int) for p in prompt):
+        """Runs in a worker thread (tokenizing must never block the event loop)."""
+        vocab = len(self.engine.tokenizer)
+        if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
             prompts = [prompt]
         else:
             prompts = list(prompt)
+        texts = [p for p in prompts if isinstance(p, str)]
+        for i, text in enumerate(texts):
+            too_long_for_context(self.settings, self.tok, text, "prompt")
+        encoded = iter(self.tok.ids(texts) if texts else [])
         out = []
         for p in prompts:
-            ids = tok(p)["input_ids"] if isinstance(p, str) else list(p)
-            if any(not 0 <= i < len(tok) for i in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {len(tok)})", param="prompt")
+            ids = next(encoded) if isinstance(p, str) else list(p)
+            if any(not 0 <= i < vocab for i in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             out.append(ids)
         return out
+
+    def _chat_ids(self, req: P.ChatCompletionRequest) -> list[int]:
+        """Runs in a worker thread. Message contents are text: their special-token strings are not special."""
+        messages = [m.model_dump() for m in req.messages]
+        for i, m in enumerate(messages):
+            too_long_for_context(self.settings, self.tok, m["content"], f"messages.{i}.content")
+        pieces = chat_pieces(self.engine.tokenizer, messages, req.add_generation_prompt)
+        placed = {p[0] for p in pieces if p[1]}
+        for i, m in enumerate(messages):
+            if m["content"] not in placed and self.tok.has_special(m["content"]):
+                raise APIError(400, f"messages.{i}.content holds special-token text that this model's chat "
+                               "template rewrites, so it cannot be kept as plain text; remove it",
+                               param=f"messages.{i}.content")
+        return self.tok.encode_pieces(pieces)
 
     def _specs(
         self,
@@ -84,8 +131,6 @@ class HFBackend:
         max_tokens: int | None,
         logprobs: int | None,
     ) -> list[SeqSpec]:
-        if req.n > self.settings.max_n:
-            raise APIError(400, f"n={req.n} exceeds the server's max_n {self.settings.max_n}", param="n")
         limit, specs = self.settings.max_model_len, []
         for pi, ids in enumerate(prompts):
             budget = max_tokens if max_tokens is not None else limit - len(ids)
@@ -146,7 +191,7 @@ class HFBackend:
 
     async def completions(self, req: P.CompletionRequest) -> Served:
         adapter = self._adapter_for(req.model)
-        prompts = self._tokenize(req.prompt)
+        prompts = await asyncio.to_thread(self._tokenize, req.prompt)
         results = await self.batcher.submit(self._specs(req, prompts, adapter, req.max_tokens, req.logprobs))
         choices = []
         for i, r in enumerate(results):
@@ -167,13 +212,7 @@ class HFBackend:
 
     async def chat(self, req: P.ChatCompletionRequest) -> Served:
         adapter = self._adapter_for(req.model)
-        tok = self.engine.tokenizer
-        messages = [m.model_dump() for m in req.messages]
-        if tok.chat_template:
-            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
-        else:  # no template shipped: our ChatML, the format every model of this project is trained on
-            text = format_prompt(messages)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = await asyncio.to_thread(self._chat_ids, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         results = await self.batcher.submit(self._specs(req, [ids], adapter, max_tokens, top))
@@ -218,8 +257,13 @@ class HFBackend:
             )
         try:
             await self.batcher.run_exclusive(self.engine.load_adapter, req.lora_name, info.path)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:  # e.g. shapes that do not fit the base
-            message = f"could not load LoRA adapter '{req.lora_name}': {type(exc).__name__}: {exc}"
+        except Exception as exc:  # e.g. shapes that do not fit the base; the engine rolled back
+            log.warning("loading adapter %r from %s failed", req.lora_name, info.path, exc_info=True)
+            detail = scrub_paths(f"{type(exc).__name__}: {exc}", {
+                str(info.root): "<adapter-root>", self.settings.model_path: "<model>",
+            })[:500]
+            message = scrub_paths(f"could not load LoRA adapter '{req.lora_name}' ({req.lora_path}): {detail}",
+                                  {str(info.root): "<adapter-root>"})
             raise APIError(400, message, param="lora_path") from None
         return Served(PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully."), 0)
 

@@ -69,14 +69,13 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class HFEngine:
     def __init__(self, settings: PolicyGenSettings):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.settings = settings
         self.device = _pick_device(settings.device)
         self.dtype = _pick_dtype(settings.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-        model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        self.model = model = self._load_base()
         self.peft = None  # PeftModel once the first adapter is loaded
         self.adapters: dict[str, Path] = {}
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -88,10 +87,37 @@ class HFEngine:
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)  # pad rows are masked anyway
         self._unseeded = torch.Generator().manual_seed(settings.seed)
 
+    def _load_base(self):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.settings.model_path, dtype=self.dtype)
+        return model.to(self.device).eval()
+
     # ------------------------------------------------------------------ adapters
 
     def load_adapter(self, name: str, path: Path) -> None:
-        """Load a LoRA under `name` (replacing a same-named one: load_inplace)."""
+        """Load a LoRA under `name` (replacing a same-named one: load_inplace). On failure the
+        engine is rolled back: generation with the base and the other adapters is unchanged."""
+        try:
+            self._load_adapter(name, path)
+        except Exception:
+            self._roll_back(name)
+            raise
+
+    def _roll_back(self, name: str) -> None:
+        if self.peft is None:
+            # The first adapter failed: peft may already have injected LoRA layers into the
+            # base model in place, so the base is reloaded rather than trusted.
+            if any("lora_" in n for n, _ in self.model.named_modules()):
+                log.warning("adapter %r failed half-way; reloading the base model", name)
+                self.model = self._load_base()
+        elif name in getattr(self.peft, "peft_config", {}) and name not in self.adapters:
+            self.peft.delete_adapter(name)
+            if not self.adapters:
+                self.model = self.peft.unload()
+                self.peft = None
+
+    def _load_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
 
         if name in self.adapters:

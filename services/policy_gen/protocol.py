@@ -15,13 +15,15 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.common.protocol import ErrorInfo, ErrorResponse  # noqa: F401  (re-exported: one error shape)
+from services.common.protocol import ErrorInfo, ErrorResponse, Text  # noqa: F401  (re-exported: one error shape)
 
 _INT64 = 2**63 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON's `false` is not the token id 0 and `0` is not `false` (lax pydantic
+    # coerces both). Integers are still accepted for float fields (1 == 1.0).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Response(BaseModel):
@@ -37,13 +39,21 @@ class SamplingFields(_Request):
     top_k: int | None = Field(None, ge=-1, description="0 or -1: off.")
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-_INT64 - 1, le=_INT64)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool | None = None
-    user: str | None = None
-    stream: Literal[False] | None = Field(False, description="Streaming is not offered.")
+    user: Text | None = None
+    stream: bool | None = Field(False, description="Streaming is not offered: only false.")
+
+    @field_validator("stream", "echo", check_fields=False)
+    @classmethod
+    def _not_offered(cls, v, info):
+        # A bool field, not Literal[False]: a Literal accepts 0 because 0 == False in Python.
+        if v:
+            raise ValueError(f"{info.field_name}=true is not offered by this server")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -55,12 +65,14 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    model: str | None = None
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        description="A string, a list of strings, a token-id list or a list of token-id lists."
+    model: Text | None = None
+    prompt: Union[Text, list[Text], list[int], list[list[int]]] = Field(
+        description="A string, a list of strings, a token-id list or a list of token-id lists. Strings are "
+        "templated text: special-token strings in them ARE special tokens (use /v1/chat/completions for "
+        "user text)."
     )
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token (0: just the sampled one).")
-    echo: Literal[False] | None = False
+    echo: bool | None = Field(False, description="Not offered: only false.")
 
     @field_validator("prompt")
     @classmethod
@@ -76,11 +88,11 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text = Field(description="Plain text: special-token strings in it are not special tokens.")
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Unset: fill the context, as vLLM's chat endpoint.")
     logprobs: bool | None = False
@@ -173,12 +185,12 @@ class ChatCompletionResponse(_Response):
 
 class LoadLoRAAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    lora_path: str = Field(min_length=1)
+    lora_path: Text = Field(min_length=1, max_length=4096, description="Folder under the server's --adapter-root.")
     load_inplace: bool = False
 
 
 class UnloadLoRAAdapterRequest(_Request):
-    lora_name: str = Field(min_length=1)
+    lora_name: Text = Field(min_length=1)
     lora_int_id: int | None = None
 
 

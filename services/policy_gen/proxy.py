@@ -3,11 +3,14 @@
 policy_gen stays the front door (auth, validation, adapter-path confinement, metrics) and
 vLLM does the generating. Bodies come back exactly as vLLM wrote them, status included, so
 clients see vLLM's own replies and errors. vLLM unreachable -> 503 with Retry-After (the
-trainer's client retries on it).
+trainer's client retries on it). vLLM's chat endpoint parses special-token strings inside
+message contents as the real tokens and has no switch to stop it, so chat messages that hold
+such strings are refused here (400) instead of forging turns; the hf backend keeps them as text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -17,6 +20,8 @@ from services.common.http import APIError
 from services.policy_gen import protocol as P
 from services.policy_gen.adapters import AdapterInfo
 from services.policy_gen.backend import Served
+from services.common.tokenize import ThreadTokenizer
+from services.policy_gen.limits import too_long_for_context
 from services.policy_gen.settings import PolicyGenSettings
 
 
@@ -26,9 +31,14 @@ class VLLMProxyBackend:
         self.model_id = settings.model_id
         self.upstream_url = upstream_url
         self.client: httpx.AsyncClient | None = None
+        self.tok: ThreadTokenizer | None = None
         self._ready = False
 
     async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        # Only to know the special tokens and the longest token; vLLM does the real tokenizing.
+        self.tok = ThreadTokenizer(await asyncio.to_thread(AutoTokenizer.from_pretrained, self.settings.model_path))
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         # vLLM was started with our API key (vllm_launcher), so forwarded calls carry it.
         headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
@@ -71,10 +81,21 @@ class VLLMProxyBackend:
             return 0
 
     async def completions(self, req: P.CompletionRequest) -> Served:
+        for text in [req.prompt] if isinstance(req.prompt, str) else req.prompt:
+            if isinstance(text, str):
+                too_long_for_context(self.settings, self.tok, text, "prompt")
         resp = await self._forward("POST", "/v1/completions", req.model_dump(exclude_unset=True))
         return Served(resp, self._completion_tokens(resp))
 
     async def chat(self, req: P.ChatCompletionRequest) -> Served:
+        for i, m in enumerate(req.messages):
+            too_long_for_context(self.settings, self.tok, m.content, f"messages.{i}.content")
+            if self.tok.has_special(m.content):
+                raise APIError(
+                    400, f"messages.{i}.content holds special-token text (e.g. a chat marker); the vllm backend "
+                    "would read it as a real token, so it is refused. Remove it, or use the hf backend, which "
+                    "keeps it as plain text", param=f"messages.{i}.content",
+                )
         resp = await self._forward("POST", "/v1/chat/completions", req.model_dump(exclude_unset=True))
         return Served(resp, self._completion_tokens(resp))
 

@@ -52,7 +52,17 @@ class PolicyGenSettings(ServiceSettings):
     max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the collector waits for batch-mates.")
     max_queue: int = Field(1024, ge=1, description="Queued requests beyond this get 503.")
+    max_queue_sequences: int = Field(2048, ge=1, description="Queued sequences (prompts x n) beyond this get 503.")
+    max_queue_tokens: int = Field(
+        2_000_000, ge=1, description="Queued prompt + requested completion tokens beyond this get 503."
+    )
+
+    # --- per-request limits (both backends): one small body must not hold the engine for long
     max_n: int = Field(64, ge=1, description="Largest n (samples per prompt) accepted.")
+    max_request_sequences: int = Field(256, ge=1, description="Most sequences (prompts x n) in one request; more: 413.")
+    max_request_tokens: int = Field(
+        262_144, ge=1, description="Most completion tokens one request may ask for (sequences x max_tokens); more: 413."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "PolicyGenSettings":

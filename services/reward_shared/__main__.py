@@ -35,7 +35,7 @@ async def load(settings: RewardSharedSettings, services: dict[str, RewardService
     except Exception as exc:  # both services report it on /health, as a single service does
         log.exception("loading the shared reward model failed")
         for service in services.values():
-            service.load_error = f"{type(exc).__name__}: {exc}"
+            service.load_error = f"{type(exc).__name__} (the details are in the server log)"
         return
     for kind in KINDS:
         services[kind].attach_engine(engines[kind])

@@ -7,7 +7,8 @@ unchanged reward app factory takes.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_settings import CliSuppress
 
 from services.common.protocol import RewardKind
 from services.common.reward_settings import RewardServiceSettings
@@ -16,7 +17,11 @@ _SHARED_ONLY = {"base_path", "pref_adapter", "abs_adapter", "pref_port", "abs_po
 
 
 class RewardSharedSettings(RewardServiceSettings):
-    model_path: str = Field("", description="Not used in shared mode: give --base-path and the two adapters.")
+    # Inherited fields this mode has no use for: hidden from --help and refused if set, so a
+    # user's --port or CRS_MODEL_PATH is never silently ignored.
+    model_path: CliSuppress[str] = Field("", description="Not used in shared mode.")
+    port: CliSuppress[int] = Field(0, description="Not used in shared mode.")
+    model_id: CliSuppress[str | None] = Field(None, description="Not used in shared mode.")
     base_path: str = Field(description="Sequence-classification base model both adapters were trained on.")
     pref_adapter: str = Field(description="PEFT LoRA adapter folder of the preference reward model.")
     abs_adapter: str = Field(description="PEFT LoRA adapter folder of the absolute reward model.")
@@ -24,6 +29,15 @@ class RewardSharedSettings(RewardServiceSettings):
     abs_port: int = Field(8002, ge=0, le=65535, description="Port of the absolute contract.")
     pref_model_id: str | None = Field(None, description="Served id of the preference model; default: adapter folder name.")
     abs_model_id: str | None = Field(None, description="Served id of the absolute model; default: adapter folder name.")
+
+    @model_validator(mode="after")
+    def _no_single_service_fields(self) -> "RewardSharedSettings":
+        unused = {"model_path": "--base-path and --pref-adapter/--abs-adapter", "port": "--pref-port/--abs-port",
+                  "model_id": "--pref-model-id/--abs-model-id"}
+        for name, instead in unused.items():
+            if name in self.model_fields_set:
+                raise ValueError(f"{name} is not used in shared mode (CRS_{name.upper()}); use {instead}")
+        return self
 
     def adapter(self, kind: RewardKind) -> str:
         return self.pref_adapter if kind == "preference" else self.abs_adapter
