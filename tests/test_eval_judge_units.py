@@ -33,7 +33,7 @@ def test_logprob_verdicts_by_hand():
 
 
 def _outputs():
-    mk = lambda name, outs: [{"id": f"p{i}", "instruction": f"q{i}", "output": o, "generator": name,  # noqa: E731
+    mk = lambda name, outs: [{"id": f"p{i}", "instruction": f"q{i}", "output": o, "generator": name,
                               "dataset": "s1" if i < 2 else "s2"} for i, o in enumerate(outs)]
     return {"base": mk("base", ["a", "bb", "c", "dddd"]), "ppo": mk("ppo", ["aa", "b", "cccccc", "dd"])}
 
@@ -111,7 +111,7 @@ def test_truncated_judgment_line_is_skipped(tmp_path, capsys):
 
 
 def test_demo_verdict_line():
-    row = lambda judge, p, low, n=8: {"judge": judge, "win_rate": p, "ci95_low": low, "n_total": n}  # noqa: E731
+    row = lambda judge, p, low, n=8: {"judge": judge, "win_rate": p, "ci95_low": low, "n_total": n}
     assert verdict_line([row("rm:pref", 0.7, 0.4), row("rm:abs", 0.6, 0.3)]).startswith(
         "PPO beat SFT by rm:pref and rm:abs (not significant")
     assert verdict_line([row("rm:pref", 0.9, 0.2), row("gpt", 0.3, 0.1)]) == "PPO did NOT beat SFT by gpt (SFT won)"

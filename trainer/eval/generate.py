@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from trainer.eval.io import EvalInputError, read_json, write_json, write_jsonl
 from trainer.eval.prompts import Prompt, instruction_text
@@ -74,8 +74,8 @@ async def _generate_one(api, model: str, prompt: Prompt, index: int, sp: Samplin
     from services.common.chat import format_prompt
 
     async with sem:
-        common = dict(model=model, max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                      seed=sp.seed + index)
+        common = {"model": model, "max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                  "seed": sp.seed + index}
         if sp.chat:
             resp = await retry(api.chat.completions.create, messages=prompt.messages, **common)
             text = resp.choices[0].message.content or ""
@@ -118,7 +118,7 @@ async def generate_policy(url: str, spec: PolicySpec, prompts: Sequence[Prompt],
         if spec.adapter is not None:
             try:
                 await client.unload_adapter(spec.name)
-            except Exception:  # never hide the real error behind a failed clean-up
+            except Exception:  # noqa: BLE001, S110 - never hide the real error behind a failed clean-up
                 pass
         await api.close()
         await client.aclose()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 
 class EvalInputError(ValueError):

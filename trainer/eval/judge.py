@@ -20,9 +20,9 @@ import math
 import random
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from trainer.eval.io import EvalInputError
 
@@ -263,8 +263,9 @@ async def judge_all(tasks: Sequence[JudgeTask], s: JudgeSettings, path: Path, *,
     pending = [asyncio.ensure_future(one(t)) for t in tasks]
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # Plain blocking appends on purpose: one short line per verdict, flushed before the next.
         with open(path, "a", encoding="utf-8") as f, \
-                tqdm(total=len(pending), desc="judge", unit="pair", disable=not progress) as bar:
+                tqdm(total=len(pending), desc="judge", unit="pair", disable=not progress) as bar:  # noqa: ASYNC230
             for fut in asyncio.as_completed(pending):
                 rec = await fut
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")

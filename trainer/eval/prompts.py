@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from trainer.eval.io import EvalInputError, iter_jsonl, read_json
 

@@ -70,7 +70,7 @@ def _model_name(url: str, api_key: str | None) -> str:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         data = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10).json()
         return str(data["data"][0]["id"])
-    except Exception:  # servers speaking only /get_reward have no model list
+    except Exception:  # noqa: BLE001 - servers speaking only /get_reward have no model list
         return url
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from trainer.eval import stats
 from trainer.eval.io import EvalInputError, iter_jsonl, write_csv, write_jsonl

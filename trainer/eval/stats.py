@@ -16,8 +16,8 @@ can never silently become draws.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 Z95 = 1.959963984540054  # the two-sided 95 % quantile of the normal distribution
 

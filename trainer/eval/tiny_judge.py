@@ -24,7 +24,7 @@ def make_tiny_judge_adapter(policy: str | Path, out: str | Path, seed: int = 0, 
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
-    words = "bread water city music garden python river light tea book".split()
+    words = ["bread", "water", "city", "music", "garden", "python", "river", "light", "tea", "book"]
     states = []
     with torch.no_grad():
         for _ in range(6):
