@@ -48,6 +48,9 @@ SIZES = {
 }
 
 
+MODES = ("per_request", "sorted", "packed", "packed_compile", "http")
+
+
 @dataclass
 class Mode:
     name: str
@@ -213,7 +216,8 @@ def parse(argv):
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurement")
     p.add_argument("--http-args", default="", help="extra reward_pref flags for the HTTP mode")
-    p.add_argument("--skip-per-request", action="store_true")
+    p.add_argument("--modes", default=None, help=f"comma list from {','.join(MODES)} (default: all that the "
+                   "other flags allow; packed_compile needs --compile or naming it here)")
     p.add_argument("--torch-threads", type=int, default=None, help="CPU intra-op threads (default 1 on CPU)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     p.add_argument("--plot", type=Path, default=None, help="bar chart of tokens/s per mode (PNG)")
@@ -272,15 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     # shared machine the load drifts, and alternating spreads the drift over all of them.
     runners: list[tuple[str, object, str]] = []
     warm = rows[:8]
-    if not args.skip_per_request:
+    want = set(args.modes.split(",")) if args.modes else {
+        "per_request", "sorted", *(() if args.packing == "off" else ("packed",)),
+        *(("packed_compile",) if args.compile else ()), *(() if args.no_http else ("http",))}
+    if want - set(MODES):
+        raise SystemExit(f"--modes: unknown {sorted(want - set(MODES))}; choose from {','.join(MODES)}")
+    if "per_request" in want:
         per_request(engine, lambda it, d: it)(warm)
         runners.append(("per_request", per_request(engine, bar), ""))
-    padded_sorted(engine, args.max_batch_tokens, args.max_padding, lambda it, d: it)(warm)
-    runners.append(("sorted", padded_sorted(engine, args.max_batch_tokens, args.max_padding, bar),
-                    f"budget {args.max_batch_tokens}, max_padding {args.max_padding}"))
-    if args.packing != "off":
-        attention = resolve_attention(args.packing, device)
-        for name, comp in [("packed", False)] + ([("packed_compile", True)] if args.compile else []):
+    if "sorted" in want:
+        padded_sorted(engine, args.max_batch_tokens, args.max_padding, lambda it, d: it)(warm)
+        runners.append(("sorted", padded_sorted(engine, args.max_batch_tokens, args.max_padding, bar),
+                        f"budget {args.max_batch_tokens}, max_padding {args.max_padding}"))
+    if want & {"packed", "packed_compile"}:
+        attention = resolve_attention("auto" if args.packing == "off" else args.packing, device)
+        for name, comp in [(n, n == "packed_compile") for n in ("packed", "packed_compile") if n in want]:
             # Fewer buckets with compile: each one is a full compile of the backbone at warm-up.
             row_tokens = args.row_tokens or default_row_tokens(attention, device, engine.max_tokens)
             buckets = default_buckets(row_tokens, count=args.buckets or (2 if comp or cuda else 4))
@@ -295,28 +305,30 @@ def main(argv: list[str] | None = None) -> int:
             runners.append((name, packed(scorer, name, bar), note))
 
     with contextlib.ExitStack() as stack:
-        missing = [] if args.no_http else missing_service_packages()
+        missing = missing_service_packages() if "http" in want else []
         if missing:
             print(f"http: skipped, the service needs {', '.join(missing)} (not importable here); "
                   "carry their wheels (bench/gpu_check.sh says how) for the HTTP figure", flush=True)
-        if not args.no_http and not missing:
+        if "http" in want and not missing:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crs-reward-gpu-")))
             svc = start_http(args, model, tokenizer, device, tmp)
             stack.callback(svc.stop)
             runners.append(("http", http_mode(args, svc, items), ""))
         parts: dict[str, list[Mode]] = {name: [] for name, _, _ in runners}
         for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds}", flush=True)
             for name, fn, note in runners:
                 m = timed(name, device, rows, fn, note)
                 if name == "http":  # timed over the 64-client run only, not the drift request
                     m.tokens, m.seconds, m.note = fn.tokens, fn.seconds, fn.note
                 parts[name].append(m)
-            print(f"round {round_ + 1}/{args.rounds}: " + "  ".join(
-                f"{n}={ps[-1].tokens_per_s:,.0f}" for n, ps in parts.items()) + " tok/s", flush=True)
+                print(f"  {name}: {m.tokens_per_s:,.0f} tok/s ({m.tokens} tokens in {m.seconds:.1f} s)", flush=True)
     modes = [Mode(n, sum(m.tokens for m in ps), sum(m.seconds for m in ps), ps[0].scores, ps[-1].note)
              for n, ps in parts.items()]
 
-    base = {m.name: m for m in modes}.get("per_request")
+    # Drift against batch-1 scores (per_request); against sorted when per_request did not run.
+    named = {m.name: m for m in modes}
+    base = named.get("per_request") or named.get("sorted")
     for m in modes:
         if base is not None and m.scores:
             m.drift_max = max(abs(a - b) for a, b in zip(m.scores, base.scores))
@@ -325,16 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"{m.tokens_per_s / roofline:12.3f}" if roofline else f"{'-':>12s}"
         print(f"{m.name:15s} {m.tokens_per_s:12,.0f} {vs} {m.drift_max:10.2e}  {m.note}")
     spread = statistics.pstdev(base.scores) if base is not None and len(base.scores) > 1 else float("nan")
-    print(f"(drift is against per_request scores, whose standard deviation is {spread:.3g})")
+    print(f"(drift is against {base.name if base else '-'} scores, whose standard deviation is {spread:.3g})")
 
     by = {m.name: m.tokens_per_s for m in modes}
     # Always first and always present: nan when there is no peak (CPU) or no HTTP run.
     ratios = {"http_vs_roofline": by["http"] / roofline if "http" in by and roofline else float("nan")}
     best = max((v for k, v in by.items() if k != "http"), default=float("nan"))
     for k in ("packed", "packed_compile"):
-        if k in by:
+        if k in by and "sorted" in by:
             ratios[f"{k}_vs_sorted"] = by[k] / by["sorted"]
-    if "per_request" in by:
+    if "per_request" in by and "sorted" in by:
         ratios["sorted_vs_per_request"] = by["sorted"] / by["per_request"]
     if "http" in by:
         ratios["http_vs_best_in_process"] = by["http"] / best

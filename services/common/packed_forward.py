@@ -123,8 +123,9 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def flex_block_mask(seq_ids: torch.Tensor, causal: bool):
-    """A FlexAttention BlockMask for the same rule as dense_block_mask; no (L, L) tensor on CUDA."""
+def flex_block_mask(seq_ids: torch.Tensor, causal: bool, mask_mod: Callable | None = None):
+    """A FlexAttention BlockMask for the same rule as dense_block_mask; no (L, L) tensor on CUDA.
+    mask_mod, when given, must compute that rule for these seq_ids (PackedScorer's cached one)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, L = seq_ids.shape
@@ -132,6 +133,8 @@ def flex_block_mask(seq_ids: torch.Tensor, causal: bool):
     def document(b, h, q, kv):
         same = seq_ids[b, q] == seq_ids[b, kv]
         return same & (q >= kv) if causal else same
+
+    document = mask_mod or document
 
     # _compile builds the block table without materialising L x L on CUDA (32k^2 = 1 GiB).
     return create_block_mask(document, B, None, L, L, device=seq_ids.device, _compile=seq_ids.device.type == "cuda")
@@ -194,6 +197,7 @@ class PackedScorer:
         self.options = options
         model.set_attn_implementation(_HF_ATTN[self.attention])
         self.head = _Head(model, self.kind).to(self.device)
+        self._flex_mods: dict[int, tuple[torch.Tensor, Callable]] = {}  # bucket length -> (buffer, mask_mod)
         self._backbone: Callable = model.base_model
         if options.compile:
             # One static shape per bucket: dynamic=False, and enough cache entries for all.
@@ -207,9 +211,26 @@ class PackedScorer:
     def _mask(self, seq_ids: torch.Tensor):
         causal = self.kind == "decoder"
         if self.attention == "flex":
-            return flex_block_mask(seq_ids, causal)
+            return self._flex_mask(seq_ids, causal)
         mask = dense_block_mask(seq_ids, causal)
         return mask if self.attention == "sdpa" else additive_mask(mask, self.dtype)
+
+    def _flex_mask(self, seq_ids: torch.Tensor, causal: bool):
+        """As flex_block_mask, but one mask function per bucket reading a persistent buffer:
+        a compiled backbone guards on the BlockMask's mask_mod, and a fresh closure per row
+        would recompile it for every row."""
+        L = seq_ids.shape[1]
+        if L not in self._flex_mods:
+            buf = seq_ids.clone()
+
+            def document(b, h, q, kv):
+                same = buf[b, q] == buf[b, kv]
+                return same & (q >= kv) if causal else same
+
+            self._flex_mods[L] = (buf, document)
+        buf, document = self._flex_mods[L]
+        buf.copy_(seq_ids)
+        return flex_block_mask(seq_ids, causal, mask_mod=document)
 
     @torch.inference_mode()
     def run_row(self, t: RowTensors) -> torch.Tensor:
