@@ -30,7 +30,7 @@ log = logging.getLogger("crs_rlhf.demo")
 TINY_PPO = {
     "optim": {"lr": 1.0e-3},
     "ppo": {"batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2},
-    "kl": {"init_coef": 0.002, "adaptive": True},
+    "kl": {"init_coef": 0.05, "adaptive": True},  # measured: docs/ppo.md, "The demo's KL coefficient"
     "generation": {"max_prompt_tokens": 256, "max_new_tokens": 16},
     "ray": {"num_cpus": 2, "num_rollout_workers": 1},
     "run": {"checkpoint_every": 10},
