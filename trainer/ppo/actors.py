@@ -7,7 +7,7 @@ cluster has one (`ray.learner_gpu: auto`).
 
 from __future__ import annotations
 
-import os
+import logging
 
 import ray
 
@@ -22,12 +22,17 @@ def init_ray(rc: RaySection) -> bool:
     if rc.address:
         ray.init(address=rc.address, **kwargs)
     else:
-        # Token auth is what Ray picks by default for a new local cluster; saying so explicitly keeps
-        # it on and drops the banner Ray prints on every start when the mode is left unset.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray turns token auth on for a new local cluster and logs a banner saying so on every
+        # start. Keep the auth, drop the banner. (Setting RAY_AUTH_MODE here would be too late:
+        # Ray reads it into its config at import time, and a mismatch breaks ray.init.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_auth_banner)
         # A small object store: rollouts are kilobytes, and a huge /dev/shm reservation slows start-up.
         ray.init(num_cpus=rc.num_cpus, object_store_memory=256 * 1024 * 1024, **kwargs)
     return True
+
+
+def _drop_auth_banner(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def learner_gpus(rc: RaySection) -> int:
