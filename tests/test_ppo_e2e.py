@@ -135,7 +135,7 @@ class Stack:
             "services": {"policy_url": url("policy"), "reward_pref_urls": [url("pref")], "reward_abs_urls": [url("abs")],
                          "timeout_s": 30, "retry_max_s": 150, "unhealthy_cooldown_s": 0.5},
             "ray": {"num_cpus": 2},
-            "run": {"output_dir": str(self.runs / run), "steps": steps, "checkpoint_every": 2,
+            "run": {"output_dir": str(self.runs / run), "steps": steps, "checkpoint_every": 2, "keep_adapters": None,
                     "data_source": str(self.prompts), **run_over},
         })
 
