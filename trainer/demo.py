@@ -33,7 +33,8 @@ TINY_PPO = {
     "kl": {"init_coef": 0.05, "adaptive": True},  # measured: docs/ppo.md, "The demo's KL coefficient"
     "generation": {"max_prompt_tokens": 256, "max_new_tokens": 16},
     "ray": {"num_cpus": 2, "num_rollout_workers": 1},
-    "run": {"checkpoint_every": 10},
+    # The held-out evaluation at the end uses the fixture's eval trees: keep PPO off them.
+    "run": {"checkpoint_every": 10, "prompts": {"held_out_fraction": 0.1}},
 }
 
 
