@@ -138,7 +138,6 @@ BAD = [
     ("items not a list", json.dumps({"items": "abc"}).encode(), 400),
     ("empty list", json.dumps({"items": []}).encode(), 400),
     ("empty prompt", json.dumps({"items": [{"prompt": "", "response": "x"}]}).encode(), 400),
-    ("empty response", json.dumps({"items": [{"prompt": "x", "response": ""}]}).encode(), 400),
     ("unknown field", json.dumps({"items": [{"prompt": "x", "respnse": "y"}]}).encode(), 400),
     ("not ending with assistant", json.dumps({"items": [{"messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}]}).encode(), 400),

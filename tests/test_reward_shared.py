@@ -135,3 +135,14 @@ def test_interleaved_requests_do_not_cross_talk(shared, singles):
         k = i % len(ITEMS)
         want = expected[kind][k:] + expected[kind][:k]
         assert scores == pytest.approx(want, abs=1e-5), (kind, i)
+
+
+def test_help_offers_only_what_shared_mode_uses():
+    import subprocess
+
+    out = subprocess.run(python_module("services.reward_shared", "--help"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--pref-port" in out.stdout and "--base-path" in out.stdout
+    assert "--port " not in out.stdout and "--model-path" not in out.stdout and "--model-id" not in out.stdout
+    bad = subprocess.run(python_module("services.reward_shared", "--base-path", "b", "--pref-adapter", "p",
+                                       "--abs-adapter", "a", "--port", "9"), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--pref-port" in bad.stderr
