@@ -10,12 +10,12 @@ import os
 # process that imported ray first (the local cluster then rejects its own driver).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from trainer.ppo.config import PPOConfig, RaySection  # noqa: E402
-from trainer.ppo.experience import RolloutSample  # noqa: E402
-from trainer.ppo.learner_group import shard_rows, shard_weight  # noqa: E402
+from trainer.ppo.config import PPOConfig, RaySection
+from trainer.ppo.experience import RolloutSample
+from trainer.ppo.learner_group import shard_rows, shard_weight
 
 pytestmark = pytest.mark.slow
 

@@ -28,6 +28,7 @@ hanging it; the driver then names the dead worker's node.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -294,9 +295,7 @@ class LearnerGroup:
         from ray.util.placement_group import remove_placement_group
 
         for w in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # a dead worker has nothing left to tear down
                 ray.get(w.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - a dead worker has nothing left to tear down
-                pass
             ray.kill(w)
         remove_placement_group(self.pg)
