@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.eval.io import iter_jsonl
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -48,13 +50,7 @@ def _read_outputs(path: Path, model: str) -> dict[str, dict]:
 
 def _split_ids(path: Path, split: str) -> list[str]:
     ids, seen_splits = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    for n, row in iter_jsonl(path):  # bad lines raise EvalInputError (a ValueError) naming path:line
         if "id" not in row:
             raise ValueError(f"{path}:{n}: a prompt row needs an 'id'")
         seen_splits.add(row.get("split"))
