@@ -8,7 +8,7 @@ fp32 on CPU) scores the same items (lengths 64-1024 tokens, ChatML-encoded by th
 engine) five ways, each timed after its own warm-up:
   per_request     one item per forward (what naive serving does)
   sorted          the batcher's length-sorted, token-budget padded micro-batches
-  packed          services.common.packed_forward: FFD rows, block-diagonal mask
+  packed          services.reward.packed_forward: FFD rows, block-diagonal mask
   packed_compile  the same with torch.compile of the backbone (fixed bucket shapes), --compile
   http            reward_pref as a real process on the model saved to a temp folder, 64 clients
                   sending one item per request (the service as it is now; once packing is
@@ -113,7 +113,7 @@ def per_request(engine, bar):
 
 
 def padded_sorted(engine, max_batch_tokens: int, max_padding: float, bar):
-    from services.common.batcher import plan_micro_batches
+    from services.reward.batcher import plan_micro_batches
 
     def run(rows):
         scores = [0.0] * len(rows)
@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from reward_throughput import make_items
-    from services.common.engine import EngineOptions, RewardEngine, resolve_device
-    from services.common.packed_forward import PackedScorer, PackingOptions, default_row_tokens, resolve_attention
-    from services.common.packing import default_buckets
+    from services.reward.engine import EngineOptions, RewardEngine, resolve_device
+    from services.reward.packed_forward import PackedScorer, PackingOptions, default_row_tokens, resolve_attention
+    from services.reward.packing import default_buckets
     from trainer.tiny_models import build_tokenizer
 
     device = resolve_device(args.device)

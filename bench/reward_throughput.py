@@ -126,7 +126,7 @@ class Ceiling:
     """In-process: items pre-encoded, sorted into token-budget batches, scored; no HTTP, no queue."""
 
     def __init__(self, args, model_path: Path, items: list[dict]):
-        from services.common.engine import EngineOptions, load_engine
+        from services.reward.engine import EngineOptions, load_engine
         from services.common.protocol import PromptResponseItem
 
         self.engine = load_engine(EngineOptions(str(model_path), dtype=args.dtype, device=args.device,
@@ -137,7 +137,7 @@ class Ceiling:
         self.engine.score_ids(self.rows[:4])  # warm-up
 
     def run(self) -> Measurement:
-        from services.common.batcher import plan_micro_batches
+        from services.reward.batcher import plan_micro_batches
 
         lengths = [len(r) for r in self.rows]
         latencies, start = [], time.perf_counter()

@@ -81,7 +81,7 @@ def test_empty_responses_are_scorable_empty_prompts_are_not(svc):
 def test_special_token_strings_in_content_are_text(svc, tiny_models):
     from transformers import AutoTokenizer
 
-    from services.common.engine import EngineOptions, load_engine
+    from services.reward.engine import EngineOptions, load_engine
     from services.common.protocol import ScoreRequest
 
     engine = load_engine(EngineOptions(str(tiny_models["reward_abs"]), device="cpu", max_tokens=256))
@@ -187,7 +187,7 @@ class _ThreadServer:
 
 
 def test_a_500_is_json_with_a_request_id_and_keeps_the_connection(tiny_models, caplog):
-    from services.common.reward_app import build_app
+    from services.reward.app import build_app
     from services.reward_abs.settings import RewardAbsSettings
 
     app = build_app(RewardAbsSettings(model_path=str(tiny_models["reward_abs"])), "absolute")
@@ -213,7 +213,7 @@ def test_a_500_is_json_with_a_request_id_and_keeps_the_connection(tiny_models, c
 
 
 def test_a_load_failure_shows_no_server_path(tmp_path):
-    from services.common.reward_app import build_app
+    from services.reward.app import build_app
     from services.reward_abs.settings import RewardAbsSettings
 
     app = build_app(RewardAbsSettings(model_path=str(tmp_path / "no-such-model")), "absolute")

@@ -1,4 +1,4 @@
-"""The packing planner (services.common.packing): pure, so hand-worked examples and properties."""
+"""The packing planner (services.reward.packing): pure, so hand-worked examples and properties."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.common.packing import bucket_for, check_buckets, default_buckets, plan_packed_rows
+from services.reward.packing import bucket_for, check_buckets, default_buckets, plan_packed_rows
 
 
 def test_hand_worked_ffd_example():

@@ -11,14 +11,14 @@ import random
 import pytest
 import torch
 
-from services.common.packed_forward import PackedScorer, PackingOptions, dense_block_mask, model_kind
+from services.reward.packed_forward import PackedScorer, PackingOptions, dense_block_mask, model_kind
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def llama_engine(tiny_models):
-    from services.common.engine import EngineOptions, load_engine
+    from services.reward.engine import EngineOptions, load_engine
 
     return load_engine(EngineOptions(str(tiny_models["reward_pref"]), device="cpu", dtype="float32"))
 

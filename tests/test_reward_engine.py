@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.batcher import plan_micro_batches
+from services.reward.batcher import plan_micro_batches
 from services.common.chat import format_pair
-from services.common.engine import EngineOptions, load_engine
+from services.reward.engine import EngineOptions, load_engine
 from services.common.protocol import ChatMessage, MessagesItem, PromptResponseItem
 from services.common.truncation import pair_budget, truncate_left, truncate_pair
 
@@ -205,7 +205,7 @@ def test_plan_micro_batches_caps_padding():
 def test_batcher_splits_reassembles_in_order_and_survives_cancellation():
     import asyncio
 
-    from services.common.batcher import DynamicBatcher, QueueFullError
+    from services.reward.batcher import DynamicBatcher, QueueFullError
 
     passes: list[int] = []
 

@@ -77,7 +77,7 @@ def test_models_and_score_contract(pref):
 
 
 def test_batch_invariance_over_http_and_agreement_with_the_engine(pref, tiny_models):
-    from services.common.engine import EngineOptions, load_engine
+    from services.reward.engine import EngineOptions, load_engine
 
     items = [{"prompt": text(n, n), "response": text(m, 1)} for n, m in [(1, 1), (400, 3), (2, 700), (30, 30)]]
     together = score(pref, items).scores

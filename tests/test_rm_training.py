@@ -25,7 +25,7 @@ ABS_KEYS = {"eval_loss", "mse_below_0.4", "mae_below_0.4", "mse_above_0.9", "mae
 
 
 def _engine(path: Path):
-    from services.common.engine import EngineOptions, load_engine
+    from services.reward.engine import EngineOptions, load_engine
 
     return load_engine(EngineOptions(model_path=str(path), max_tokens=512, min_prompt_tokens=128))
 

@@ -13,8 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.batcher import BatchStats
+from typing import TYPE_CHECKING
+
 from services.common.http import DISCONNECTED
+
+if TYPE_CHECKING:  # the reward core's type; common/ must not import reward/ at run time
+    from services.reward.batcher import BatchStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from services.common.reward_settings import RewardServiceSettings
+from services.reward.settings import RewardServiceSettings
 
 
 class RewardAbsSettings(RewardServiceSettings):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from services.common.reward_main import serve
+from services.reward.main import serve
 from services.reward_pref.app import create_app
 from services.reward_pref.settings import RewardPrefSettings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.common.reward_app import build_app
+from services.reward.app import build_app
 from services.reward_pref.settings import RewardPrefSettings
 
 KIND = "preference"

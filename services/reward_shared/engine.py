@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torch import nn
 
-from services.common.engine import EngineOptions, RewardEngine, resolve_device, resolve_dtype
+from services.reward.engine import EngineOptions, RewardEngine, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

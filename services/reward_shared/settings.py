@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import CliSuppress
 
 from services.common.protocol import RewardKind
-from services.common.reward_settings import RewardServiceSettings
+from services.reward.settings import RewardServiceSettings
 
 _SHARED_ONLY = {"base_path", "pref_adapter", "abs_adapter", "pref_port", "abs_port", "pref_model_id", "abs_model_id"}
 

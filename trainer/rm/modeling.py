@@ -1,6 +1,6 @@
 """Model plumbing shared by the reward-model and SFT trainers.
 
-Reward rows are encoded exactly as `services.common.engine` encodes them (ChatML from
+Reward rows are encoded exactly as `services.reward.engine` encodes them (ChatML from
 services.common.chat, prompt and response tokenized apart, the thesis truncation from
 services.common.truncation) and pooled the same way: at each row's last REAL token, found
 from the attention mask, with the score head in fp32, so a service scores a trained model

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from fastapi import FastAPI
 
-from services.common.reward_settings import RewardServiceSettings
+from services.reward.settings import RewardServiceSettings
 from services.common.settings import settings_or_exit
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from services.common.packing import PackedRow, PackPlan, Slot, default_buckets, plan_packed_rows
+from services.reward.packing import PackedRow, PackPlan, Slot, default_buckets, plan_packed_rows
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
-from services.common.batcher import DynamicBatcher, QueueFullError
+from services.reward.batcher import DynamicBatcher, QueueFullError
 from services.common.chat import ChatFormat
-from services.common.engine import EngineOptions, RewardEngine, load_engine
+from services.reward.engine import EngineOptions, RewardEngine, load_engine
 from services.common.http import APIError, add_common_middleware, add_request_context
 from services.common.metrics import MetricsMiddleware, RewardMetrics
 from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
@@ -31,7 +31,7 @@ from services.common.protocol import (
     ScoreResponse,
     Usage,
 )
-from services.common.reward_settings import RewardServiceSettings
+from services.reward.settings import RewardServiceSettings
 from services.common.truncation import Truncated
 
 log = logging.getLogger(__name__)
