@@ -60,7 +60,7 @@ def test_compose_validates_against_compose_spec(files):
 
 def test_compose_gpu_reservations_and_cpu_override():
     gpu, cpu = load_compose(*GPU)["services"], load_compose(*CPU)["services"]
-    for name in ("reward-pref", "reward-abs", "policy-gen", "ray-head"):
+    for name in ("reward-pref", "reward-abs", "policy-gen", "policy-gen-1", "ray-head"):
         devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices and all("gpu" in d["capabilities"] for d in devices), name
         assert "deploy" not in cpu[name], f"{name}: the CPU override must drop the GPU reservation"
@@ -69,7 +69,7 @@ def test_compose_gpu_reservations_and_cpu_override():
     from trainer.cli import COMMANDS
 
     assert cpu["tiny-models"]["command"][0] in COMMANDS
-    for name in ("reward-pref", "reward-abs", "policy-gen", "ray-head"):
+    for name in ("reward-pref", "reward-abs", "policy-gen", "policy-gen-1", "ray-head"):
         assert cpu[name]["depends_on"]["tiny-models"]["condition"] == "service_completed_successfully"
     assert "TORCH_INDEX_URL" in cpu["reward-pref"]["build"]["args"]
     assert cpu["policy-gen"]["build"]["dockerfile"] == "docker/Dockerfile.reward"
@@ -111,7 +111,7 @@ def test_compose_model_services_agree_with_settings(files, routes, tmp_path, mon
 @pytest.mark.parametrize("files", [GPU, CPU], ids=["gpu", "cpu"])
 def test_compose_volumes_share_one_data_layout(files):
     services = load_compose(*files)["services"]
-    for name in (*MODEL_SERVICES, "ray-head"):
+    for name in (*MODEL_SERVICES, "policy-gen-1", "ray-head"):
         by_target = {m.target: m for m in mounts(services[name])}
         assert by_target[DATA].source == "crs-data", f"{name}: the shared volume goes at {DATA}"
         assert by_target["/data/models"].read_only, f"{name}: models are read-only for servers and trainer"
@@ -128,7 +128,7 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     services = load_compose(*files)["services"]
     trainer = services["trainer"]
     assert as_argv(trainer["entrypoint"])[:5] == ["ray", "job", "submit", "--address", "http://ray-head:8265"]
-    assert all(trainer["depends_on"][n]["condition"] == "service_healthy" for n in (*MODEL_SERVICES, "ray-head"))
+    assert all(trainer["depends_on"][n]["condition"] == "service_healthy" for n in (*MODEL_SERVICES, "policy-gen-1", "ray-head"))
     head = as_argv(services["ray-head"]["entrypoint"])
     assert head[:3] == ["ray", "start", "--head"] and "--dashboard-port=8265" in head
     assert set(services["ray-head"]["environment"]) == {"CRS_API_KEY"}
@@ -137,7 +137,7 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     # A re-run of the trainer container continues the run: resume is explicit on the command line.
     assert command[command.index("--resume") + 1] == "auto" and cfg.run.resume == "auto"
     assert cfg.services.wait_ready_s > 0, "the trainer waits for its services' /ready"
-    assert cfg.services.policy_url == "http://policy-gen:8000"
+    assert cfg.services.policy_urls == ["http://policy-gen:8000", "http://policy-gen-1:8000"]
     assert cfg.services.reward_pref_urls == ["http://reward-pref:8001"]
     assert cfg.services.reward_abs_urls == ["http://reward-abs:8002"]
     assert cfg.model.policy_path == "/data/models/policy"
@@ -166,7 +166,7 @@ def test_env_example_names_are_real_settings():
 def test_docker_cli_compose_config_when_available():
     """`docker compose config` resolves files without an engine; the plugin is absent on CI machines."""
     docker = shutil.which("docker")
-    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode != 0:
         pytest.skip("docker compose plugin not installed: the pure-Python merge above stands in for it")
     for files in (GPU, CPU):
         args = [a for f in files for a in ("-f", f)]
@@ -252,7 +252,7 @@ def test_healthcheck_script_probes_a_real_server():
     script = [sys.executable, str(REPO / "docker/healthcheck.py")]
     try:
         port = str(server.server_address[1])
-        run = lambda *a, env=None: subprocess.run([*script, *a], capture_output=True, timeout=20, env=env).returncode  # noqa: E731
+        run = lambda *a, env=None: subprocess.run([*script, *a], capture_output=True, timeout=20, env=env, check=False).returncode
         assert run("/ready", "--port", port) == 0
         assert run("/nope", "--port", port) == 1
         assert run("ready", env={"CRS_PORT": port, "PATH": "/usr/bin:/bin"}) == 0

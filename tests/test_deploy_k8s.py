@@ -79,6 +79,11 @@ def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def workloads(docs: list[dict]) -> dict[str, dict]:
+    """The long-running model servers by name: Deployments, and policy-gen's StatefulSet."""
+    return {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+
+
 # vLLM's OpenAI server answers /health without the API key (its auth covers /v1/* only).
 VLLM_ROUTES = {"/health"}
 
@@ -151,14 +156,14 @@ def test_overlays_render_into_one_namespace(overlay):
 
 def test_selectors_ports_and_references_agree(docs):
     where, docs = docs
-    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    deployments, services = workloads(docs), by_kind(docs, "Service")
     claims = set(by_kind(docs, "PersistentVolumeClaim"))
     for name, dep in deployments.items():
         assert labels_match(dep["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"]), f"{where}/{name}"
     for name, svc in services.items():
         targets = [d for d in deployments.values() if labels_match({"matchLabels": svc["spec"]["selector"]},
                                                                     d["spec"]["template"]["metadata"]["labels"])]
-        assert len(targets) == 1, f"{where}: Service {name} selects {len(targets)} Deployments"
+        assert len(targets) == 1, f"{where}: Service {name} selects {len(targets)} workloads"
         port_names = {p["name"] for c in targets[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
     for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
@@ -186,13 +191,14 @@ def test_selectors_ports_and_references_agree(docs):
 def test_only_the_trainer_reaches_the_model_services(docs):
     where, docs = docs
     policy = by_kind(docs, "NetworkPolicy")["model-services-ingress"]
-    selected = {n for n, d in by_kind(docs, "Deployment").items()
+    selected = {n for n, d in workloads(docs).items()
                 if labels_match(policy["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"])}
     assert selected == set(MODEL_SERVICES), where
     pod_rules = [f["podSelector"] for rule in policy["spec"]["ingress"] for f in rule["from"] if "podSelector" in f]
     trainer_pods = [t["metadata"]["labels"] for d in by_kind(docs, "RayJob").values() for t in pod_templates(d)]
     assert trainer_pods and all(any(labels_match(r, labels) for r in pod_rules) for labels in trainer_pods)
-    others = [t["metadata"]["labels"] for k in ("Deployment", "Job") for d in by_kind(docs, k).values() for t in pod_templates(d)]
+    others = [t["metadata"]["labels"] for k in ("Deployment", "StatefulSet", "Job") for d in by_kind(docs, k).values()
+              for t in pod_templates(d)]
     assert not any(labels_match(r, labels) for r in pod_rules for labels in others), "only Ray pods are reward clients"
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {SETTINGS[s].model_fields["port"].default for s in MODEL_SERVICES}
@@ -203,7 +209,7 @@ def test_only_the_trainer_reaches_the_model_services(docs):
 
 def test_containers_agree_with_service_settings(docs, routes, tmp_path, monkeypatch):
     where, docs = docs
-    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    deployments, services = workloads(docs), by_kind(docs, "Service")
     for name in MODEL_SERVICES:
         pod = deployments[name]["spec"]["template"]
         (c,) = pod["spec"]["containers"]
@@ -242,11 +248,9 @@ def test_rayjob_entrypoint_is_a_valid_trainer_run(docs):
     where, docs = docs
     (job,) = by_kind(docs, "RayJob").values()
     cfg = trainer_config(shlex.split(job["spec"]["entrypoint"]))
-    services = by_kind(docs, "Service")
-    for url in [cfg.services.policy_url, *cfg.services.reward_pref_urls, *cfg.services.reward_abs_urls]:
-        u = urlparse(url)
-        assert u.hostname in services, f"{where}: {url} names no Service"
-        assert u.port == services[u.hostname]["spec"]["ports"][0]["port"]
+    namespace = next((d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"), None)
+    for url in [*cfg.services.policy_urls, *cfg.services.reward_pref_urls, *cfg.services.reward_abs_urls]:
+        assert resolve_in_cluster(url, docs, namespace) is not None, f"{where}: {url} names no Service or StatefulSet pod"
     cluster = job["spec"]["rayClusterSpec"]
     for params in [cluster["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in cluster["workerGroupSpecs"]]:
         assert all(isinstance(v, str) for v in params.values()), "KubeRay's rayStartParams is map[string]string"
@@ -259,6 +263,41 @@ def test_rayjob_entrypoint_is_a_valid_trainer_run(docs):
         assert "CRS_API_KEY" in env_names(t["spec"]["containers"][0])
     if where == "dev":
         assert cfg.run.data_source == "fixture"
+
+
+def resolve_in_cluster(url: str, docs: list[dict], namespace: str | None) -> dict | None:
+    """The workload a URL reaches inside the namespace, as cluster DNS would resolve it, or None.
+
+    `<svc>[.<ns>.svc.cluster.local]` is a Service; `<sts>-<i>.<headless>[.<ns>.svc.cluster.local]`
+    is replica i of a StatefulSet whose serviceName is that headless Service. The port must be a
+    port of the Service. A base without a namespace accepts short names only.
+    """
+    u = urlparse(url)
+    labels = (u.hostname or "").split(".")
+    suffix = ["svc", "cluster", "local"]
+    if len(labels) > 2 and labels[-3:] == suffix:
+        if labels[-4] != namespace:
+            return None
+        labels = labels[:-4]
+    services, sets = by_kind(docs, "Service"), by_kind(docs, "StatefulSet")
+    if len(labels) == 1 and labels[0] in services:
+        svc, target = services[labels[0]], None
+    elif len(labels) == 2 and labels[1] in services:
+        svc = services[labels[1]]
+        pod, _, ordinal = labels[0].rpartition("-")
+        sts = sets.get(pod)
+        if not (sts and ordinal.isdigit() and sts["spec"]["serviceName"] == labels[1]
+                and svc["spec"].get("clusterIP") == "None" and int(ordinal) < sts["spec"].get("replicas", 1)):
+            return None
+        target = sts
+    else:
+        return None
+    if u.port not in {p["port"] for p in svc["spec"]["ports"]}:
+        return None
+    if target is None:
+        (target,) = [w for w in workloads(docs).values()
+                     if labels_match({"matchLabels": svc["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"])]
+    return target
 
 
 # ---------------------------------------------------------------- Kubernetes schemas

@@ -25,7 +25,7 @@ from tests._deploy_support import (
     submitter_template,
     trainer_config,
 )
-from tests.test_deploy_k8s import OVERLAYS, by_kind, containers, probe_targets, render
+from tests.test_deploy_k8s import OVERLAYS, by_kind, containers, probe_targets, render, workloads
 
 RAY_PORTS = {6379, 8265, 10001}
 
@@ -58,7 +58,8 @@ def test_volume_is_laid_out_before_anything_needs_it(rendered, tmp_path, monkeyp
     assert t["spec"]["securityContext"]["runAsUser"] == 10001 and t["spec"]["securityContext"]["runAsNonRoot"]
     script = c["command"][2]
     assert re.search(r"for d in models datasets runs", script)
-    for name, dep in by_kind(docs, "Deployment").items():
+    assert "policy-gen" in workloads(docs)
+    for name, dep in workloads(docs).items():
         s = _settings(dep, tmp_path, monkeypatch)
         wait = _init(dep["spec"]["template"], "wait-for-volume")["command"][2]
         model = c_args_value(dep, "--model-path")
@@ -81,7 +82,7 @@ def c_args_value(dep: dict, flag: str) -> str:
 
 def test_one_start_up_budget_and_a_patient_rayjob(tmp_path, monkeypatch):
     docs = render("prod")
-    policy = by_kind(docs, "Deployment")["policy-gen"]
+    policy = by_kind(docs, "StatefulSet")["policy-gen"]
     s = _settings(policy, tmp_path, monkeypatch)
     assert s.backend == "vllm"
     (c,) = policy["spec"]["template"]["spec"]["containers"]
@@ -174,7 +175,7 @@ def test_ray_pods_refuse_everyone_but_ray_the_submitter_and_the_operator(rendere
     (policy,) = guarding
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     submitter = submitter_template(job)["metadata"]["labels"]
-    strangers = [t["metadata"]["labels"] for k in ("Deployment", "Job") for d in by_kind(docs, k).values()
+    strangers = [t["metadata"]["labels"] for k in ("Deployment", "StatefulSet", "Job") for d in by_kind(docs, k).values()
                  for t in pod_templates(d)] + [{}, {"app": "anything"}]
     operator = {"app.kubernetes.io/name": "kuberay-operator"}
     for port in RAY_PORTS:
@@ -233,10 +234,13 @@ def test_gpu_count_in_the_docs_matches_prod():
         steady += n * per_pod
         if per_pod and dep["spec"].get("strategy", {}).get("type", "RollingUpdate") == "RollingUpdate":
             surge = max(surge, per_pod * int(dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"]))
+    for sts in by_kind(docs, "StatefulSet").values():  # replaced pod by pod, never surging
+        assert sts["spec"]["updateStrategy"]["type"] == "RollingUpdate" and "maxSurge" not in str(sts["spec"])
+        steady += sts["spec"]["replicas"] * gpus(sts["spec"]["template"])
     for job in by_kind(docs, "RayJob").values():
         groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         steady += gpus(job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])
         steady += sum(g["replicas"] * gpus(g["template"]) for g in groups)
-    assert (steady, surge) == (6, 1)
+    assert (steady, surge) == (8, 1), "2 + 2 reward replicas, 2 policy-gen replicas, a learner group of 2"
     text = (REPO / "docs/deploy.md").read_text()
     assert f"{steady} GPUs" in text and f"{steady + surge} GPUs" in text

@@ -111,7 +111,7 @@ def test_prepare_volume_lays_out_a_fresh_volume_and_explains_ownership(tmp_path)
 
 def test_wait_for_volume_waits_until_the_layout_and_model_exist(tmp_path):
     docs = render("prod")
-    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "policy-gen")
+    dep = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "policy-gen")
     script = _script(dep, "wait-for-volume").replace("sleep 10", "sleep 0.2")
     data = tmp_path / "data"
     (data / "models/policy").mkdir(parents=True)
