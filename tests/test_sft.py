@@ -62,9 +62,18 @@ def test_lora_sft_adapter_output(tiny_models, tmp_path):
                     train={"max_steps": 2}, output_dir=str(tmp_path / "lora"))
     out = train_sft(cfg)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    import torch
     from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    assert AutoPeftModelForCausalLM.from_pretrained(out) is not None
+    from trainer.rm.modeling import merge_adapter
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out)
+    # The merge a k-bit (QLoRA) run does at the end: the adapter onto the unquantized base, on CPU.
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out, tmp_path / "merged", dtype=torch.float32))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_instruction_files_in_three_formats(tmp_path):

@@ -24,6 +24,7 @@ from trainer.rm.losses import absolute_loss, prediction
 from trainer.rm.modeling import encode_reply, pad_rows, reward_scores, save_model
 from trainer.rm.report import range_metrics, write_histogram, write_table
 from trainer.rm.sampling import label_range, low_weights, over_sample, parse_remedies, range_counts, under_sample_mid
+from trainer.train_device import SINGLE, DistInfo, broadcast_object, distributed
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,17 @@ class TrainingSet:
     augmented: int = 0
 
 
-def apply_remedies(rows: list[AbsoluteRow], cfg: AbsoluteRMConfig) -> TrainingSet:
-    """augment -> over_s -> under_s_N -> wgt_s_X, in the thesis's order (see sampling.py)."""
+def apply_remedies(rows: list[AbsoluteRow], cfg: AbsoluteRMConfig, info: DistInfo = SINGLE) -> TrainingSet:
+    """augment -> over_s -> under_s_N -> wgt_s_X, in the thesis's order (see sampling.py).
+    Under torchrun rank 0 alone paraphrases (sampled text) and hands the rows to the others."""
     rem = parse_remedies(cfg.remedies)
     seed = cfg.train.seed
     before = range_counts([r.target for r in rows])
     added = 0
     if rem.augment:
         low = [r for r in rows if label_range(r.target) == "low"]
-        new = augment_rows(low, cfg.augment, cfg.model.base, seed).rows
+        new = augment_rows(low, cfg.augment, cfg.model.base, seed).rows if info.is_main else None
+        new = broadcast_object(new, info)
         rows, added = rows + new, len(new)
     if rem.over_s or rem.over_s_to:
         rows = [rows[i] for i in over_sample([r.target for r in rows], rem.over_s or 2.0, seed, to=rem.over_s_to)]
@@ -90,11 +93,11 @@ def predict(model, items: list[_Item], cfg: AbsoluteRMConfig, pad_id: int, devic
 
 def train_absolute_rm(cfg: AbsoluteRMConfig) -> Path:
     """Train, evaluate, write the run folder; returns the model folder (= cfg.output_dir)."""
-    with cpu_threads(cfg.train.cpu_threads):
-        return _train(cfg)
+    with cpu_threads(cfg.train.cpu_threads), distributed(cfg.train.dist_timeout_s) as info:
+        return _train(cfg, info)
 
 
-def _train(cfg: AbsoluteRMConfig) -> Path:
+def _train(cfg: AbsoluteRMConfig, info: DistInfo) -> Path:
     """Train, evaluate per label range, write model folder, metrics.json/.md, histogram PNG, card."""
     seed_everything(cfg.train.seed)
     out = Path(cfg.output_dir)
@@ -108,21 +111,28 @@ def _train(cfg: AbsoluteRMConfig) -> Path:
         story += f"; {n - len(train_l.rows) - len(eval_l.rows)} near-duplicate high replies skipped"
     story += f"; {train_l.dropped + eval_l.dropped} replies dropped for missing labels {train_l.missing}"
     require(train_l.rows, "labelled training replies", story)
-    model, tok, device = setup_model(cfg.model)
-    tset = apply_remedies(train_l.rows, cfg)
+    model, tok, td = setup_model(cfg.model, cfg.train, info)
+    device = td.device
+    tset = apply_remedies(train_l.rows, cfg, info)
     m = cfg.model
     enc = lambda r: encode_reply(tok, r.prompt, r.reply, m.max_tokens, m.min_prompt_tokens)
     train_items = [_Item(enc(r), r.target, w) for r, w in zip(tset.rows, tset.weights)]
     eval_items = [_Item(enc(r), r.target) for r in eval_l.rows] or train_items  # no eval trees: report on train
     pad = tok.pad_token_id
-    _, initial_loss = predict(model, eval_items, cfg, pad, device)
+    with td.autocast():
+        _, initial_loss = predict(model, eval_items, cfg, pad, device)
 
     def loss_fn(mdl, batch):
         z, t, w = _batch(mdl, batch, pad, device)
         return absolute_loss(z, t, cfg.loss.kind, w, cfg.loss.penalty, cfg.loss.penalty_form)
 
-    result = train_loop(model, train_items, loss_fn, cfg.train, out / "checkpoint", desc="rm-absolute")
-    preds, eval_loss = predict(model, eval_items, cfg, pad, device)
+    # The loss is a mean over rows (weights scale terms, they do not divide): shards weigh by rows.
+    result = train_loop(model, train_items, loss_fn, cfg.train, out / "checkpoint", desc="rm-absolute",
+                        units=len, dev=td)
+    if not info.is_main:
+        return out
+    with td.autocast():
+        preds, eval_loss = predict(model, eval_items, cfg, pad, device)
     targets = [it.target for it in eval_items]
     metrics = {"eval_loss": eval_loss, "initial_eval_loss": initial_loss, **range_metrics(preds, targets),
                "eval_rows": len(eval_items), "train_rows": len(train_items), "steps": result.steps,

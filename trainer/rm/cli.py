@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from trainer.config_io import ConfigError, add_config_args, load_config
@@ -14,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["preference", "absolute"])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
 
     cls, run = (PreferenceRMConfig, train_preference_rm) if args.kind == "preference" else (AbsoluteRMConfig, train_absolute_rm)
@@ -24,5 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         print(f"crs-rlhf train-rm {args.kind}: {e}", file=sys.stderr)
         return 2
-    print(f"model written to {out} (metrics.json, config.yaml, README.md beside it)")
+    if main_rank:
+        print(f"model written to {out} (metrics.json, config.yaml, README.md beside it)")
     return 0

@@ -9,7 +9,9 @@ from pathlib import Path
 from trainer.config_io import dump_config
 from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
 from trainer.rm.config import DataSection, ModelSection
-from trainer.rm.modeling import device_and_dtype, load_reward_model, load_tokenizer
+from trainer.rm.loop import TrainSection
+from trainer.rm.modeling import load_reward_model, load_tokenizer
+from trainer.train_device import SINGLE, DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,13 @@ def require(items: list, what: str, story: str) -> list:
     return items
 
 
-def setup_model(model_cfg: ModelSection):
-    """(model, tokenizer, device): classifier on the device, LoRA-wrapped when configured."""
-    device, dtype = device_and_dtype()
+def setup_model(model_cfg: ModelSection, train_cfg: TrainSection, info: DistInfo = SINGLE):
+    """(model, tokenizer, TrainDevice): classifier on this rank's device, LoRA-wrapped when configured."""
+    td = resolve_device(train_cfg.precision, model_cfg.quantization, trains_base=not model_cfg.lora, info=info)
     tok = load_tokenizer(model_cfg.base)
     lora = {"r": model_cfg.lora_r, "alpha": model_cfg.lora_alpha, "dropout": model_cfg.lora_dropout} if model_cfg.lora else None
-    model = load_reward_model(model_cfg.base, tok, dtype, lora).to(device)
-    return model, tok, device
+    model = load_reward_model(model_cfg.base, tok, td, lora, train_cfg.gradient_checkpointing)
+    return model, tok, td
 
 
 def write_outputs(out: Path, cfg, metrics: dict, card: str) -> None:

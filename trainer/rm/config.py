@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.rm.augment import AugmentSection
 from trainer.rm.loop import TrainSection
+from trainer.train_device import Quantization
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_quantization(quantization: str, lora: bool) -> None:
+    """A k-bit base cannot be trained itself: only an adapter on top of it."""
+    if quantization != "none" and not lora:
+        raise ValueError(f"model.quantization: {quantization} freezes the base in k-bit weights, which cannot be "
+                         "fine-tuned fully: set model.lora: true (QLoRA) or model.quantization: none")
 
 
 class ModelSection(_Section):
@@ -27,6 +35,14 @@ class ModelSection(_Section):
     merge: bool = Field(True, description="write merged weights (True) or the peft adapter folder (False)")
     max_tokens: int = Field(2048, description="truncation limit (thesis 2048)")
     min_prompt_tokens: int = Field(256, description="the prompt keeps at least this many tokens (thesis 256)")
+    quantization: Quantization = Field(
+        "none", description="frozen base in 8bit / 4bit (NF4) under the LoRA adapter via bitsandbytes (CUDA only; "
+        "pip install 'crs-rlhf[gpu]'); merged outputs are merged into the unquantized base")
+
+    @model_validator(mode="after")
+    def _quantized_needs_lora(self):
+        check_quantization(self.quantization, self.lora)
+        return self
 
 
 class DataSection(_Section):

@@ -10,6 +10,7 @@ with the very numbers training saw (HF #27502: scores must not depend on padding
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,15 +20,9 @@ from torch import nn
 
 from services.common.chat import format_prompt, format_response
 from services.common.truncation import special_affixes, truncate_pair
+from trainer.train_device import TrainDevice, load_kwargs, place, prepare_base, upcast_trainable
 
 log = logging.getLogger(__name__)
-
-
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU that supports it, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.device("cpu"), torch.float32
 
 
 def load_tokenizer(path: str):
@@ -61,16 +56,19 @@ def wrap_lora(model: nn.Module, r: int, alpha: int, dropout: float, task: str, s
     return get_peft_model(model, cfg)
 
 
-def load_reward_model(base: str, tokenizer, dtype: torch.dtype, lora: dict | None) -> nn.Module:
-    """`num_labels=1` sequence classifier from a causal-LM or classifier folder, LoRA optional."""
+def load_reward_model(base: str, tokenizer, td: TrainDevice, lora: dict | None,
+                      gradient_checkpointing: bool = False) -> nn.Module:
+    """`num_labels=1` sequence classifier from a causal-LM or classifier folder, LoRA optional,
+    on `td`'s device in its dtypes (trained tensors fp32), k-bit base when `td` says so."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **load_kwargs(td))
     model.config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_base(model, td, gradient_checkpointing)
     if lora is not None:
         # The fresh score head must be trained fully and saved with the adapter.
         model = wrap_lora(model, task="SEQ_CLS", save=("score",), **lora)
-    return model
+    return place(upcast_trainable(model), td)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -110,7 +108,8 @@ def reward_scores(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> to
     if hasattr(head, "modules_to_save"):  # peft wrapper: the trained copy
         head = head.modules_to_save["default"]
     bias = None if head.bias is None else head.bias.float()
-    return F.linear(pooled.float(), head.weight.float(), bias)[:, 0]  # (B,)
+    with torch.autocast(ids.device.type, enabled=False):  # the head in fp32 even under bf16 autocast
+        return F.linear(pooled.float(), head.weight.float(), bias)[:, 0]  # (B,)
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool, base: str) -> Path:
@@ -121,6 +120,11 @@ def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool, base: str
     """
     out.mkdir(parents=True, exist_ok=True)
     is_peft = callable(getattr(model, "merge_and_unload", None))
+    if is_peft and merge and getattr(unwrap(model), "hf_quantizer", None) is not None:
+        # Merging into k-bit weights would round the update away: merge into the unquantized base.
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tokenizer, Path(tmp), merge=False, base=base)
+            return merge_adapter(Path(tmp), out)
     if is_peft and not merge:
         model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve()) if Path(base).exists() else base
         model.save_pretrained(out, safe_serialization=True)
@@ -128,4 +132,21 @@ def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool, base: str
         plain = model.merge_and_unload() if is_peft else model
         plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def merge_adapter(adapter_dir: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A peft adapter folder -> merged weights in `out`, on CPU from the base it names (unquantized)."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig
+    from transformers import AutoTokenizer
+
+    task = PeftConfig.from_pretrained(adapter_dir).task_type
+    cls = AutoPeftModelForSequenceClassification if task == "SEQ_CLS" else AutoPeftModelForCausalLM
+    kwargs = {"num_labels": 1} if task == "SEQ_CLS" else {}
+    model = cls.from_pretrained(adapter_dir, dtype=dtype, **kwargs)
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    model.config.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
     return out

@@ -13,6 +13,7 @@ from trainer.rm.config import PreferenceRMConfig
 from trainer.rm.loop import cpu_threads, seed_everything, train_loop
 from trainer.rm.losses import pairwise_stats, ranked_set_loss
 from trainer.rm.modeling import encode_reply, pad_rows, reward_scores, save_model
+from trainer.train_device import DistInfo, distributed
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +55,43 @@ def evaluate(model, data: list[_Encoded], cfg: PreferenceRMConfig, pad_id: int, 
 
 
 def train_preference_rm(cfg: PreferenceRMConfig) -> Path:
-    """Train, evaluate, write the run folder; returns the model folder (= cfg.output_dir)."""
-    with cpu_threads(cfg.train.cpu_threads):
-        return _train(cfg)
+    """Train, evaluate, write the run folder; returns the model folder (= cfg.output_dir).
+    Under torchrun every rank trains its share of each batch; rank 0 writes."""
+    with cpu_threads(cfg.train.cpu_threads), distributed(cfg.train.dist_timeout_s) as info:
+        return _train(cfg, info)
 
 
-def _train(cfg: PreferenceRMConfig) -> Path:
+def loss_terms(batch: list[_Encoded], average: str) -> int:
+    """Terms the loss averages over: sets ('prompt') or all C(K,2) pairs ('pair')."""
+    return len(batch) if average == "prompt" else sum(len(s.rows) * (len(s.rows) - 1) // 2 for s in batch)
+
+
+def _train(cfg: PreferenceRMConfig, info: DistInfo) -> Path:
     """Train, evaluate, and write the model folder + metrics.json + config.yaml + README.md."""
     seed_everything(cfg.train.seed)
     out = Path(cfg.output_dir)
     split, story = load_split(cfg.data)
     train_sets = require(build_preference_sets(split.train, max_replies=cfg.loss.max_replies), "training preference sets", story)
     eval_sets = build_preference_sets(split.eval, max_replies=cfg.loss.max_replies)
-    model, tok, device = setup_model(cfg.model)
+    model, tok, td = setup_model(cfg.model, cfg.train, info)
+    device = td.device
     train_data, eval_data = _encode(train_sets, tok, cfg), _encode(eval_sets, tok, cfg)
     pad = tok.pad_token_id
 
-    before = evaluate(model, eval_data, cfg, pad, device, "eval")
+    with td.autocast():  # every rank evaluates everything (same numbers, no waiting on rank 0)
+        before = evaluate(model, eval_data, cfg, pad, device, "eval")
 
     def loss_fn(m, batch):
         s, k = _scores(m, batch, pad, device)
         return ranked_set_loss(s, k, cfg.loss.l2, cfg.loss.average)
 
-    result = train_loop(model, train_data, loss_fn, cfg.train, out / "checkpoint", desc="rm-preference")
-    metrics = {**evaluate(model, eval_data, cfg, pad, device, "eval"),
-               **evaluate(model, train_data, cfg, pad, device, "train")}
+    result = train_loop(model, train_data, loss_fn, cfg.train, out / "checkpoint", desc="rm-preference",
+                        units=lambda b: loss_terms(b, cfg.loss.average), dev=td)
+    if not info.is_main:
+        return out
+    with td.autocast():
+        metrics = {**evaluate(model, eval_data, cfg, pad, device, "eval"),
+                   **evaluate(model, train_data, cfg, pad, device, "train")}
     metrics.update(initial_eval_loss=before.get("eval_loss"), initial_eval_pairwise_accuracy=before.get("eval_pairwise_accuracy"),
                    steps=result.steps, train_loss_history=result.losses, data=story)
     save_model(model, tok, out, merge=cfg.model.merge, base=cfg.model.base)

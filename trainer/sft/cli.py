@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from trainer.config_io import ConfigError, add_config_args, load_config
@@ -13,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crs-rlhf train-sft", description="supervised fine-tuning on OASST threads")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from trainer.sft import SFTConfig, train_sft
 
     try:
@@ -21,5 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         print(f"crs-rlhf train-sft: {e}", file=sys.stderr)
         return 2
-    print(f"model written to {out} (metrics.json, config.yaml, README.md beside it)")
+    if main_rank:
+        print(f"model written to {out} (metrics.json, config.yaml, README.md beside it)")
     return 0

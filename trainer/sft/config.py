@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.rm.config import check_quantization
 from trainer.rm.loop import TrainSection
+from trainer.train_device import Quantization
 
 
 class _Section(BaseModel):
@@ -24,6 +26,14 @@ class SFTModelSection(_Section):
     lora_dropout: float = 0.0
     merge: bool = Field(True, description="write merged weights (True) or the peft adapter folder (False)")
     max_tokens: int = Field(2048, description="threads are cut at this many tokens (thesis 2048)")
+    quantization: Quantization = Field(
+        "none", description="frozen base in 8bit / 4bit (NF4) under the LoRA adapter via bitsandbytes (CUDA only; "
+        "pip install 'crs-rlhf[gpu]'); merged outputs are merged into the unquantized base")
+
+    @model_validator(mode="after")
+    def _quantized_needs_lora(self):
+        check_quantization(self.quantization, self.lora)
+        return self
 
 
 class SFTDataSection(_Section):

@@ -15,15 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from services.common.chat import format_conversation, format_prompt, format_response
 from services.common.truncation import special_affixes
 from trainer.data import build_sft_threads, filter_trees, fixture_path, load_oasst, split_by_tree, top_languages
 from trainer.rm.common import EmptyDataError, write_outputs
 from trainer.rm.loop import cpu_threads, seed_everything, train_loop
-from trainer.rm.modeling import device_and_dtype, load_tokenizer, pad_rows, save_model, wrap_lora
+from trainer.rm.modeling import load_tokenizer, pad_rows, save_model, wrap_lora
 from trainer.sft.config import SFTConfig
 from trainer.sft.instructions import load_instructions
+from trainer.train_device import (
+    DistInfo,
+    distributed,
+    load_kwargs,
+    place,
+    prepare_base,
+    resolve_device,
+    upcast_trainable,
+)
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label id that cross-entropy skips
@@ -68,16 +78,38 @@ def _batch(examples: list[SFTExample], pad_id: int, device) -> dict[str, torch.T
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def labelled_tokens(examples: list[SFTExample]) -> int:
+    """Tokens the loss averages over (shifted: a sequence's first token is never predicted)."""
+    return sum(sum(lab != IGNORE for lab in e.labels[1:]) for e in examples)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, in fp32 whatever the logits' dtype.
+
+    logits (B, T, V), labels (B, T) with IGNORE where no loss is taken.
+    """
+    vocab = logits.shape[-1]
+    shifted = logits[:, :-1].float().reshape(-1, vocab)  # (B*(T-1), V)
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def micro_batch_loss(model, examples: list[SFTExample], pad_id: int, device) -> torch.Tensor:
+    b = _batch(examples, pad_id, device)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+    return token_loss(logits, b["labels"])
+
+
 @torch.no_grad()
 def eval_loss(model, examples: list[SFTExample], pad_id: int, device, batch_size: int) -> float:
     """Mean token-level cross-entropy over assistant tokens."""
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        b = _batch(examples[i : i + batch_size], pad_id, device)
-        n = int((b["labels"][:, 1:] != IGNORE).sum())  # shifted: the first token is never predicted
-        total += float(model(**b).loss) * n
-        tokens += n
+        chunk = examples[i : i + batch_size]
+        n = labelled_tokens(chunk)
+        if n:
+            total += float(micro_batch_loss(model, chunk, pad_id, device)) * n
+            tokens += n
     return total / max(tokens, 1)
 
 
@@ -106,39 +138,48 @@ def pre_sft_examples(cfg: SFTConfig, tok) -> list[SFTExample]:
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Fine-tune, evaluate, write a causal-LM folder (+ tokenizer), metrics.json, config.yaml, README.md."""
-    with cpu_threads(cfg.train.cpu_threads):
-        return _train(cfg)
+    with cpu_threads(cfg.train.cpu_threads), distributed(cfg.train.dist_timeout_s) as info:
+        return _train(cfg, info)
 
 
-def _train(cfg: SFTConfig) -> Path:
+def _train(cfg: SFTConfig, info: DistInfo) -> Path:
     from transformers import AutoModelForCausalLM
 
     seed_everything(cfg.train.seed)
     out = Path(cfg.output_dir)
     train_threads, eval_threads, story = load_threads(cfg)
-    device, dtype = device_and_dtype()
-    tok = load_tokenizer(cfg.model.base)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=dtype)
-    model.config.pad_token_id = tok.pad_token_id
     m = cfg.model
+    td = resolve_device(cfg.train.precision, m.quantization, trains_base=not m.lora, info=info)
+    device = td.device
+    tok = load_tokenizer(m.base)
+    model = AutoModelForCausalLM.from_pretrained(m.base, **load_kwargs(td))
+    model.config.pad_token_id = tok.pad_token_id
+    model = prepare_base(model, td, cfg.train.gradient_checkpointing)
     if m.lora:
         model = wrap_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, task="CAUSAL_LM")
-    model.to(device)
+    model = place(upcast_trainable(model), td)
     train_ex = [encode_thread(tok, t, m.max_tokens) for t in train_threads]
     eval_ex = [encode_thread(tok, t, m.max_tokens) for t in eval_threads] or train_ex
     pad, bs = tok.pad_token_id, cfg.train.batch_size
-    before = eval_loss(model, eval_ex, pad, device, bs)
+    loss_fn = lambda mdl, b: micro_batch_loss(mdl, b, pad, device)
+    with td.autocast():  # every rank evaluates (same numbers; no rank idles at a collective meanwhile)
+        before = eval_loss(model, eval_ex, pad, device, bs)
     pre = pre_sft_examples(cfg, tok)
     pre_metrics = {}
     if pre:  # stage 1 on instruction data; its own checkpoint folder, so a resume knows which stage it is in
         stage = cfg.train.model_copy(update={"epochs": cfg.pre_sft.epochs, "max_steps": cfg.pre_sft.max_steps})
-        r1 = train_loop(model, pre, lambda mdl, b: mdl(**_batch(b, pad, device)).loss, stage,
-                        out / "checkpoint-pre-sft", desc="pre-sft")
+        r1 = train_loop(model, pre, loss_fn, stage, out / "checkpoint-pre-sft", desc="pre-sft",
+                        units=labelled_tokens, dev=td)
+        with td.autocast():
+            after_pre = eval_loss(model, eval_ex, pad, device, bs)
         pre_metrics = {"pre_sft_examples": len(pre), "pre_sft_steps": r1.steps, "pre_sft_loss_history": r1.losses,
-                       "eval_loss_after_pre_sft": eval_loss(model, eval_ex, pad, device, bs)}
-    result = train_loop(model, train_ex, lambda mdl, b: mdl(**_batch(b, pad, device)).loss, cfg.train,
-                        out / "checkpoint", desc="sft")
-    after = eval_loss(model, eval_ex, pad, device, bs)
+                       "eval_loss_after_pre_sft": after_pre}
+    result = train_loop(model, train_ex, loss_fn, cfg.train, out / "checkpoint", desc="sft",
+                        units=labelled_tokens, dev=td)
+    if not info.is_main:
+        return out
+    with td.autocast():
+        after = eval_loss(model, eval_ex, pad, device, bs)
     metrics = {"eval_loss": after, "initial_eval_loss": before, "eval_perplexity": math.exp(min(after, 50.0)),
                "train_threads": len(train_ex), "eval_threads": len(eval_threads), "steps": result.steps,
                "train_loss_history": result.losses, "data": story, **pre_metrics}
