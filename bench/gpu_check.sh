@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures for packed reward scoring, in one short run (< 8 minutes on an H100/H200).
+# The GPU figures for packed reward scoring, in one short run (< 10 minutes on an H100/H200).
 #
 #   bash bench/gpu_check.sh            # writes logs, JSON and PNGs to $OUT (or runs/gpu-check/)
 #
@@ -33,14 +33,16 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, log to $OUT_DIR/NAME.l
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
-# 1. Exactness on the GPU: FlexAttention BlockMask (and compiled) packed == alone in fp32; bf16 bound.
+# 1. Exactness on the GPU: FlexAttention BlockMask (and compiled) packed == alone in fp32; bf16 bound;
+#    packing=auto falls back to padded batches for a model it cannot serve.
 step tests 60 $PY -m pytest -q -x -p no:cacheprovider tests/test_packing_forward.py -k cuda
 # 2. 8B in process: per-request, padded-sorted, packed (flex), packed + compile (one bucket: one compile).
 step bench-8b 190 $PY bench/reward_gpu.py --size 8b --device cuda --modes per_request,sorted,packed,packed_compile \
     --buckets 1 --json "$OUT_DIR/reward_gpu_8b.json" --plot "$OUT_DIR/reward_gpu_8b.png"
-# 3. 1B, every mode, HTTP with 64 clients included.
-step bench-1b 120 $PY bench/reward_gpu.py --size 1b --device cuda --compile --buckets 1 \
+# 3. 1B, every mode; HTTP with 64 clients through reward_pref --packing on, then --packing on --compile.
+step bench-1b 180 $PY bench/reward_gpu.py --size 1b --device cuda --compile --buckets 1 \
     --json "$OUT_DIR/reward_gpu_1b.json" --plot "$OUT_DIR/reward_gpu_1b.png"
-# 4. 8B through HTTP (the service as it is; add --http-args "..." once packing is wired into it).
-step bench-8b-http 95 $PY bench/reward_gpu.py --size 8b --device cuda --modes sorted,http
+# 4. 8B through HTTP: reward_pref --packing on --compile (flex, rows of 32768, one bucket), the
+#    figure users get; packed in process alongside for the http_compile_vs_packed_compile ratio.
+step bench-8b-http 150 $PY bench/reward_gpu.py --size 8b --device cuda --modes packed_compile,http_compile --buckets 1
 grep -h "^RESULT" "$OUT_DIR"/bench-*.log

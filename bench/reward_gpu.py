@@ -5,14 +5,17 @@
 
 A random-weight Llama reward model built from a config (nothing downloaded; bf16 on CUDA,
 fp32 on CPU) scores the same items (lengths 64-1024 tokens, ChatML-encoded by the reward
-engine) five ways, each timed after its own warm-up:
+engine) up to six ways, each timed after its own warm-up:
   per_request     one item per forward (what naive serving does)
   sorted          the batcher's length-sorted, token-budget padded micro-batches
   packed          services.reward.packed_forward: FFD rows, block-diagonal mask
   packed_compile  the same with torch.compile of the backbone (fixed bucket shapes), --compile
   http            reward_pref as a real process on the model saved to a temp folder, 64 clients
-                  sending one item per request (the service as it is now; once packing is
-                  wired in, pass its flags through --http-args, e.g. "--packing on --compile")
+                  sending one item per request, with `--packing on` and the packed modes' row
+                  length, buckets and attention (`--packing off` here: the padded service)
+  http_compile    the same service with `--compile` too (with --compile): what users get
+                  with the GPU settings of docs/reward_gpu.md
+HTTP services run one at a time after the in-process rounds (an 8B model per process).
 Score drift is each mode's max |score - per_request score| (the bf16 bound; ~1e-6 in fp32).
 The roofline is peak FLOP/s / (2 x non-embedding parameters) tokens/s (attention FLOPs are
 not counted, so long rows can only fall below it). On CPU (`--device cpu` or no GPU) a tiny
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
@@ -39,16 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python bench/reward
 
 # Llama 3.2 1B and Llama 3.1 8B shapes (public configs); "tiny" is for CPU runs.
 SIZES = {
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=1024, rope_theta=500000.0),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    "tiny": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024, "rope_theta": 500000.0},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "rope_theta": 500000.0},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0},
 }
 
 
-MODES = ("per_request", "sorted", "packed", "packed_compile", "http")
+MODES = ("per_request", "sorted", "packed", "packed_compile", "http", "http_compile")
+HTTP_MODES = ("http", "http_compile")
 
 
 @dataclass
@@ -136,29 +139,55 @@ def packed(scorer, name: str, bar):
     return run
 
 
-def start_http(args, model, tokenizer, device, tmp: Path):
-    """Save the model and start reward_pref on it as a real process (stopped by the caller)."""
+def save_model(model, tokenizer, tmp: Path, size: str) -> Path:
+    path = tmp / f"random-llama-{size}"
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def packed_layout(args, attention: str, device, max_tokens: int, compiled: bool) -> tuple[int, int]:
+    """(row_tokens, bucket count) of a packed mode: the same for in-process and HTTP rows.
+    Fewer buckets with compile or on CUDA: each one is a full compile at warm-up."""
+    from services.reward.packed_forward import default_row_tokens
+
+    row_tokens = args.row_tokens or default_row_tokens(attention, device, max_tokens)
+    return row_tokens, args.buckets or (2 if compiled or device.type == "cuda" else 4)
+
+
+def service_flags(args, attention: str, device, max_tokens: int, compiled: bool) -> list[str]:
+    """reward_pref flags of an HTTP mode: packing on with the in-process packed layout."""
+    if args.packing == "off":
+        return ["--packing", "off"]
+    row_tokens, buckets = packed_layout(args, attention, device, max_tokens, compiled)
+    return ["--packing", "on", "--packing-attention", attention, "--row-tokens", str(row_tokens),
+            "--packing-buckets", str(buckets), *(["--compile"] if compiled else [])]
+
+
+def start_http(args, path: Path, device, tmp: Path, name: str, flags: list[str]):
+    """Start reward_pref on the saved model as a real process (stopped by the caller)."""
     from services.common.process import ServiceProcess, free_port, python_module
 
     t0 = time.perf_counter()
-    path = tmp / f"random-llama-{args.size}"
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
     port = free_port()
     argv = python_module(
         "services.reward_pref", "--model-path", str(path), "--port", str(port), "--device", device.type,
         "--dtype", args.dtype_name, "--max-batch-tokens", str(args.max_batch_tokens),
-        "--max-padding", str(args.max_padding), "--max-tokens", str(args.max_tokens), "--log-level", "warning",
-        *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []), *args.http_args.split(),
+        "--max-padding", str(args.max_padding), "--max-tokens", str(args.max_tokens), "--log-level", "info",
+        *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []), *flags,
+        *args.http_args.split(),
     )
-    svc = ServiceProcess(argv, port, log_path=tmp / "http.log", name="reward_pref", startup_timeout=900)
+    log = tmp / f"{name}.log"
+    svc = ServiceProcess(argv, port, log_path=log, name="reward_pref", startup_timeout=900)
     try:
         svc.start().wait_ready()
     except Exception as exc:
         svc.stop()
-        tail = (tmp / "http.log").read_text(errors="replace")[-2000:] if (tmp / "http.log").exists() else ""
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         raise RuntimeError(f"reward_pref did not start: {exc}\n--- service log tail ---\n{tail}") from exc
-    print(f"http: reward_pref ready in {time.perf_counter() - t0:.0f} s (save + load + warm-up)", flush=True)
+    warm = [line for line in log.read_text(errors="replace").splitlines() if "packed scoring on" in line]
+    print(f"{name}: reward_pref {' '.join(flags)} ready in {time.perf_counter() - t0:.0f} s (load + warm-up)"
+          + (f"; {warm[-1].split(': ', 1)[-1]}" if warm else ""), flush=True)
     return svc
 
 
@@ -231,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
+    from reward_throughput import make_items
     from tqdm import tqdm
 
-    from reward_throughput import make_items
     from services.reward.engine import EngineOptions, RewardEngine, resolve_device
-    from services.reward.packed_forward import PackedScorer, PackingOptions, default_row_tokens, resolve_attention
+    from services.reward.packed_forward import PackedScorer, PackingOptions, resolve_attention
     from services.reward.packing import default_buckets
     from trainer.tiny_models import build_tokenizer
 
@@ -278,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = rows[:8]
     want = set(args.modes.split(",")) if args.modes else {
         "per_request", "sorted", *(() if args.packing == "off" else ("packed",)),
-        *(("packed_compile",) if args.compile else ()), *(() if args.no_http else ("http",))}
+        *(("packed_compile",) if args.compile else ()), *(() if args.no_http else ("http",)),
+        *(("http_compile",) if args.compile and not args.no_http and args.packing != "off" else ())}
     if want - set(MODES):
         raise SystemExit(f"--modes: unknown {sorted(want - set(MODES))}; choose from {','.join(MODES)}")
     if "per_request" in want:
@@ -288,12 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         padded_sorted(engine, args.max_batch_tokens, args.max_padding, lambda it, d: it)(warm)
         runners.append(("sorted", padded_sorted(engine, args.max_batch_tokens, args.max_padding, bar),
                         f"budget {args.max_batch_tokens}, max_padding {args.max_padding}"))
+    attention = resolve_attention("auto" if args.packing == "off" else args.packing, device)
     if want & {"packed", "packed_compile"}:
-        attention = resolve_attention("auto" if args.packing == "off" else args.packing, device)
         for name, comp in [(n, n == "packed_compile") for n in ("packed", "packed_compile") if n in want]:
-            # Fewer buckets with compile: each one is a full compile of the backbone at warm-up.
-            row_tokens = args.row_tokens or default_row_tokens(attention, device, engine.max_tokens)
-            buckets = default_buckets(row_tokens, count=args.buckets or (2 if comp or cuda else 4))
+            row_tokens, count = packed_layout(args, attention, device, engine.max_tokens, comp)
+            buckets = default_buckets(row_tokens, count=count)
             opts = PackingOptions(row_tokens=row_tokens, buckets=buckets, attention=attention, compile=comp,
                                   compile_mode=args.compile_mode)
             scorer = PackedScorer(model, pad_id=engine.pad_id, max_tokens=engine.max_tokens, options=opts)
@@ -304,25 +333,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {note}", flush=True)
             runners.append((name, packed(scorer, name, bar), note))
 
-    with contextlib.ExitStack() as stack:
-        missing = missing_service_packages() if "http" in want else []
-        if missing:
-            print(f"http: skipped, the service needs {', '.join(missing)} (not importable here); "
-                  "carry their wheels (bench/gpu_check.sh says how) for the HTTP figure", flush=True)
-        if "http" in want and not missing:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crs-reward-gpu-")))
-            svc = start_http(args, model, tokenizer, device, tmp)
-            stack.callback(svc.stop)
-            runners.append(("http", http_mode(args, svc, items), ""))
-        parts: dict[str, list[Mode]] = {name: [] for name, _, _ in runners}
-        for round_ in range(args.rounds):
-            print(f"round {round_ + 1}/{args.rounds}", flush=True)
-            for name, fn, note in runners:
-                m = timed(name, device, rows, fn, note)
-                if name == "http":  # timed over the 64-client run only, not the drift request
-                    m.tokens, m.seconds, m.note = fn.tokens, fn.seconds, fn.note
-                parts[name].append(m)
-                print(f"  {name}: {m.tokens_per_s:,.0f} tok/s ({m.tokens} tokens in {m.seconds:.1f} s)", flush=True)
+    def measure(name, fn, note, parts):
+        m = timed(name, device, rows, fn, note)
+        if name in HTTP_MODES:  # timed over the 64-client run only, not the drift request
+            m.tokens, m.seconds, m.note = fn.tokens, fn.seconds, fn.note
+        parts.setdefault(name, []).append(m)
+        print(f"  {name}: {m.tokens_per_s:,.0f} tok/s ({m.tokens} tokens in {m.seconds:.1f} s)", flush=True)
+
+    parts: dict[str, list[Mode]] = {}
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1}/{args.rounds}", flush=True)
+        for name, fn, note in runners:
+            measure(name, fn, note, parts)
+    http_modes = [n for n in HTTP_MODES if n in want]
+    missing = missing_service_packages() if http_modes else []
+    if missing:
+        print(f"http: skipped, the service needs {', '.join(missing)} (not importable here); "
+              "carry their wheels (bench/gpu_check.sh says how) for the HTTP figure", flush=True)
+    if http_modes and not missing:
+        with tempfile.TemporaryDirectory(prefix="crs-reward-gpu-") as tmp_dir:
+            tmp = Path(tmp_dir)
+            path = save_model(model, tokenizer, tmp, args.size)
+            for name in http_modes:  # one service process at a time
+                flags = service_flags(args, attention, device, engine.max_tokens, name == "http_compile")
+                svc = start_http(args, path, device, tmp, name, flags)
+                try:
+                    fn = http_mode(args, svc, items)
+                    for _ in range(args.rounds):
+                        measure(name, fn, "", parts)
+                finally:
+                    svc.stop()
     modes = [Mode(n, sum(m.tokens for m in ps), sum(m.seconds for m in ps), ps[0].scores, ps[-1].note)
              for n, ps in parts.items()]
 
@@ -340,16 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(drift is against {base.name if base else '-'} scores, whose standard deviation is {spread:.3g})")
 
     by = {m.name: m.tokens_per_s for m in modes}
-    # Always first and always present: nan when there is no peak (CPU) or no HTTP run.
-    ratios = {"http_vs_roofline": by["http"] / roofline if "http" in by and roofline else float("nan")}
-    best = max((v for k, v in by.items() if k != "http"), default=float("nan"))
+    # Always first and always present: the best HTTP figure (what users get with the best
+    # settings run); nan when there is no peak (CPU) or no HTTP run.
+    best_http = max((by[k] for k in HTTP_MODES if k in by), default=None)
+    ratios = {"http_vs_roofline": best_http / roofline if best_http and roofline else float("nan")}
+    best = max((v for k, v in by.items() if k not in HTTP_MODES), default=float("nan"))
     for k in ("packed", "packed_compile"):
         if k in by and "sorted" in by:
             ratios[f"{k}_vs_sorted"] = by[k] / by["sorted"]
     if "per_request" in by and "sorted" in by:
         ratios["sorted_vs_per_request"] = by["sorted"] / by["per_request"]
-    if "http" in by:
-        ratios["http_vs_best_in_process"] = by["http"] / best
+    for http, inproc in (("http", "packed" if args.packing != "off" else "sorted"), ("http_compile", "packed_compile")):
+        if http in by and inproc in by:
+            ratios[f"{http}_vs_{inproc}"] = by[http] / by[inproc]
+    if best_http:
+        ratios["http_vs_best_in_process"] = best_http / best
     if roofline:
         ratios["best_in_process_vs_roofline"] = best / roofline
     if args.json:

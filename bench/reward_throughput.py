@@ -30,11 +30,7 @@ import httpx
 
 from services.common.process import ServiceProcess, free_port, python_module
 
-_WORDS = (
-    "the model answer question because people often write short clear helpful replies about "
-    "science history cooking travel music code math health weather sports language learning "
-    "when where which while would could should might again always never every other small large"
-).split()
+_WORDS = ["the", "model", "answer", "question", "because", "people", "often", "write", "short", "clear", "helpful", "replies", "about", "science", "history", "cooking", "travel", "music", "code", "math", "health", "weather", "sports", "language", "learning", "when", "where", "which", "while", "would", "could", "should", "might", "again", "always", "never", "every", "other", "small", "large"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class Measurement:
     def line(self) -> str:
         lat = sorted(self.latencies)
         p50 = statistics.median(lat)
-        p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
+        p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
         return (f"{self.name:8s} tokens/s={self.tokens_per_s:9.1f}  p50={p50 * 1000:8.1f} ms  "
                 f"p99={p99 * 1000:8.1f} ms  tokens={self.tokens}  wall={self.seconds:.1f}s")
 
@@ -126,8 +122,8 @@ class Ceiling:
     """In-process: items pre-encoded, sorted into token-budget batches, scored; no HTTP, no queue."""
 
     def __init__(self, args, model_path: Path, items: list[dict]):
-        from services.reward.engine import EngineOptions, load_engine
         from services.common.protocol import PromptResponseItem
+        from services.reward.engine import EngineOptions, load_engine
 
         self.engine = load_engine(EngineOptions(str(model_path), dtype=args.dtype, device=args.device,
                                                 torch_threads=args.torch_threads))

@@ -212,3 +212,62 @@ def test_cuda_flex_packed_equals_alone(llama_engine, dtype, compiled, tol):
     got = scorer.score_ids(rows)
     diff = max(abs(a - b) for a, b in zip(got, alone))
     assert diff <= tol, f"{dtype} compiled={compiled}: max |diff| {diff:.2e} > {tol}"
+
+
+class _IgnoresBlockMask(PackedScorer):
+    """What an architecture whose attention ignores our 4-D mask computes: one causal mask
+    over the whole row, so an item sees the items before it."""
+
+    def _mask(self, seq_ids):
+        L = seq_ids.shape[1]
+        return torch.ones(1, 1, L, L, dtype=torch.bool, device=seq_ids.device).tril()
+
+
+def test_self_check_catches_a_model_that_ignores_the_block_mask(llama_engine):
+    item, neighbour = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26, 27, 28]
+    opts = PackingOptions(row_tokens=128, buckets=(32, 128), attention="sdpa")
+    honest = PackedScorer(fresh_llama(llama_engine), pad_id=llama_engine.pad_id, max_tokens=128, options=opts)
+    leaky = _IgnoresBlockMask(fresh_llama(llama_engine), pad_id=llama_engine.pad_id, max_tokens=128, options=opts)
+    assert honest.self_check(item, neighbour) <= 1e-5
+    assert leaky.self_check(item, neighbour) > 1e-2  # the engine refuses anything above 1e-4 in fp32
+
+
+def test_engine_packing_on_refuses_an_unsupported_model_and_off_keeps_it_padded(tmp_path):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from services.reward.engine import EngineOptions, PackingUnavailable, RewardEngine
+    from trainer.tiny_models import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=300, num_labels=1, pad_token_id=tok.pad_token_id))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    on = RewardEngine(roberta, tok, EngineOptions("roberta", max_tokens=128, packing="on"), torch.device("cpu"))
+    with pytest.raises(PackingUnavailable, match="start it with --packing off"):
+        on.enable_packing()
+    off = RewardEngine(roberta, tok, EngineOptions("roberta", max_tokens=128, packing="auto"), torch.device("cpu"))
+    off.enable_packing()  # auto on CPU: padded batches, no attempt
+    assert off.packed is None and len(off.score_ids([[5, 6, 7], [8]])) == 2
+
+
+@cuda
+def test_cuda_auto_falls_back_to_padded_for_an_unsupported_model(tmp_path, caplog):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from services.reward.engine import EngineOptions, RewardEngine
+    from trainer.tiny_models import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=300, num_labels=1, pad_token_id=tok.pad_token_id))
+    engine = RewardEngine(roberta, AutoTokenizer.from_pretrained(tmp_path),
+                          EngineOptions("roberta", max_tokens=128, packing="auto"), torch.device("cuda"))
+    with caplog.at_level("WARNING"):
+        engine.enable_packing()
+        engine.warmup()
+    assert engine.packed is None
+    assert sum("packing unavailable" in r.getMessage() for r in caplog.records) == 1

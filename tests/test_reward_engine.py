@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.reward.batcher import plan_micro_batches
 from services.common.chat import format_pair
-from services.reward.engine import EngineOptions, load_engine
 from services.common.protocol import ChatMessage, MessagesItem, PromptResponseItem
 from services.common.truncation import pair_budget, truncate_left, truncate_pair
+from services.reward.batcher import plan_micro_batches
+from services.reward.engine import EngineOptions, load_engine
 
-WORDS = "the quick brown fox jumps over the lazy dog and bakes bread in a hot oven".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and", "bakes", "bread", "in", "a", "hot", "oven"]
 
 
 def text(n_words: int, offset: int = 0) -> str:
@@ -97,7 +97,7 @@ def test_decoder_scores_do_not_depend_on_the_batch(engine):
     reversed_ = engine.score_ids(rows[::-1])[::-1]
     for a, b, c in zip(alone, together, reversed_):
         assert abs(a - b) <= 1e-5 and abs(a - c) <= 1e-5
-    assert len(set(round(a, 6) for a in alone)) == len(alone)  # the scores are not all the same
+    assert len({round(a, 6) for a in alone}) == len(alone)  # the scores are not all the same
 
 
 def test_decoder_pooling_matches_the_model_on_unpadded_rows(engine, tiny_models):

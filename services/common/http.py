@@ -16,7 +16,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, Request
@@ -25,9 +26,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.identity import request_identity
 from services.common.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
+# One DEBUG line per request with its run: per-request lines at INFO would cost real time at
+# thousands of requests/s (the per-run counters in /metrics are the always-on view).
+access_log = logging.getLogger("services.access")
 
 _TYPES = {
     400: "BadRequestError",
@@ -148,6 +153,7 @@ class RequestContextMiddleware:
 
     A client-supplied id is kept when it is short and plain, so traces join across services.
     `scope["state"]["disconnected"]` tells the metrics layer that the client went away.
+    Log lines name the sending run, step and adapter (the X-CRS-* identity headers).
     """
 
     def __init__(self, app: ASGIApp):
@@ -161,7 +167,8 @@ class RequestContextMiddleware:
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        started = False
+        who = request_identity(scope).log_fields()
+        started, status, t0 = False, 0, time.perf_counter()
 
         async def receive_wrapper() -> Message:
             message = await receive()
@@ -170,19 +177,22 @@ class RequestContextMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug("request %s %s %s %s %.1fms %s", request_id, scope.get("method"), scope.get("path"),
+                                 status, 1000 * (time.perf_counter() - t0), who)
         except Exception as exc:
             if state.get("disconnected"):
-                log.info("request %s: client disconnected (%s)", request_id, type(exc).__name__)
+                log.info("request %s: client disconnected (%s) %s", request_id, type(exc).__name__, who)
                 return
-            log.exception("request %s %s %s failed", request_id, scope.get("method"), scope.get("path"))
+            log.exception("request %s %s %s failed %s", request_id, scope.get("method"), scope.get("path"), who)
             if not started:
                 message = f"internal server error (request id {request_id}); the details are in the server log"
                 await send_wrapper(_json_start(500))
@@ -272,7 +282,7 @@ class BodySizeLimitMiddleware:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 message = f"request body not received within {self.read_timeout_s:g}s (body_read_timeout_s)"
                 await _send_json(send, 408, error_body(408, message), [(b"connection", b"close")])
                 return

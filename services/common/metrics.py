@@ -3,19 +3,22 @@
 A registry per app (not prometheus_client's global one) lets tests and benchmarks build many
 apps in one process without "Duplicated timeseries" errors. Requests are counted by a pure
 ASGI middleware, so 401s and 413s answered by the outer middleware are counted too.
+Per-run counters (`RunMetrics`) tell an operator which trainer loads a shared server.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from typing import TYPE_CHECKING
-
 from services.common.http import DISCONNECTED
+from services.common.identity import request_identity
 
 if TYPE_CHECKING:  # the reward core's type; common/ must not import reward/ at run time
     from services.reward.batcher import BatchStats
@@ -23,10 +26,65 @@ if TYPE_CHECKING:  # the reward core's type; common/ must not import reward/ at 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_FILL_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+OTHER_RUN = "other"  # the label of runs beyond the tracked ones, and of missing/invalid run ids
+UNCOUNTED_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes belong to no run
+
+
+class RunMetrics:
+    """Requests, items and tokens per run (the `X-CRS-Run` header), on a given registry.
+
+    Label cardinality is bounded: the first `max_tracked_runs` distinct valid run ids get a
+    label of their own, every later one (and any missing or invalid id) is "other". A server
+    that lives for months among many sweeps must not grow a time series per run forever.
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_tracked_runs: int = 32):
+        self.requests = Counter("crs_run_requests", "HTTP requests by the run that sent them", ["run"], registry=registry)
+        self.items = Counter(
+            "crs_run_items", "Items scored, or sequences generated (prompts x n), by run", ["run"], registry=registry
+        )
+        self.tokens = Counter(
+            "crs_run_tokens", "Tokens scored, or prompt + completion tokens, by run", ["run"], registry=registry
+        )
+        self.max_tracked_runs = max_tracked_runs
+        self._tracked: set[str] = set()
+        self._lock = threading.Lock()  # usage may be counted from worker threads too
+
+    def label(self, run: str | None, *, claim: bool = True) -> str:
+        """`run`'s label: itself when tracked (or newly tracked, if `claim` and a slot is free), else "other"."""
+        if run is None:
+            return OTHER_RUN
+        with self._lock:
+            if run in self._tracked:
+                return run
+            if claim and len(self._tracked) < self.max_tracked_runs:
+                self._tracked.add(run)
+                return run
+        return OTHER_RUN
+
+
+# The current request's (run counters, run id), set by MetricsMiddleware. Routes that know a
+# request's usage call `count_run_usage` instead of threading the run through every layer;
+# asyncio tasks and `asyncio.to_thread` copy it, so it follows the request wherever it runs.
+_CURRENT_RUN: ContextVar[tuple[RunMetrics, str | None] | None] = ContextVar("crs_current_run", default=None)
+
+
+def count_run_usage(items: int, tokens: int) -> None:
+    """Add a finished request's work to its run's counters (no-op outside a served request)."""
+    current = _CURRENT_RUN.get()
+    if current is None:
+        return
+    runs, run = current
+    label = runs.label(run)
+    runs.items.labels(label).inc(items)
+    runs.tokens.labels(label).inc(tokens)
 
 
 class RewardMetrics:
-    def __init__(self, known_paths: frozenset[str]):
+    def __init__(self, known_paths: frozenset[str], max_tracked_runs: int = 32):
         self.registry = CollectorRegistry()
         self.known_paths = known_paths  # any other path is labelled "other": bounded cardinality
         r = self.registry
@@ -37,7 +95,8 @@ class RewardMetrics:
         self.queue_depth = Gauge("crs_queue_items", "Items waiting for the model worker", registry=r)
         self.batch_rows = Histogram("crs_batch_items", "Items per forward pass", buckets=_ROW_BUCKETS, registry=r)
         self.batch_tokens = Histogram(
-            "crs_batch_tokens", "Padded tokens (rows x longest) per forward pass", buckets=_TOKEN_BUCKETS, registry=r
+            "crs_batch_tokens", "Tokens computed per forward pass, padding included: rows x longest row, "
+            "or a packed row's length", buckets=_TOKEN_BUCKETS, registry=r
         )
         self.forward_seconds = Histogram(
             "crs_forward_seconds", "Model forward time per pass", buckets=_LATENCY_BUCKETS, registry=r
@@ -45,6 +104,10 @@ class RewardMetrics:
         self.tokens_scored = Counter("crs_tokens_scored", "Real (unpadded) tokens scored", registry=r)
         self.items_scored = Counter("crs_items_scored", "Items scored", registry=r)
         self.padding_tokens = Counter("crs_padding_tokens", "Pad tokens fed to the model", registry=r)
+        self.batch_fill = Histogram(
+            "crs_batch_fill", "Real / computed tokens per forward pass (1 = no padding)", buckets=_FILL_BUCKETS, registry=r
+        )
+        self.runs = RunMetrics(r, max_tracked_runs)
 
     def observe_batch(self, stats: BatchStats) -> None:
         """Called from the worker thread; prometheus_client metrics are thread-safe."""
@@ -54,6 +117,7 @@ class RewardMetrics:
         self.tokens_scored.inc(stats.tokens)
         self.items_scored.inc(stats.rows)
         self.padding_tokens.inc(stats.padded_tokens - stats.tokens)
+        self.batch_fill.observe(stats.fill)
 
     def endpoint(self, path: str) -> str:
         return path if path in self.known_paths else "other"
@@ -67,14 +131,17 @@ class MetricsMiddleware:
 
     `requests` is a Counter labelled (endpoint, status), `latency` a Histogram labelled
     (endpoint); `endpoint(path)` maps a path to a bounded label set. A client that went away
-    before any reply is counted as "499", not as a server error.
+    before any reply is counted as "499", not as a server error. With `runs` (default:
+    `metrics.runs`) it also counts requests by run and makes the run current for
+    `count_run_usage`; a 401 never claims a run label (no key, no say in the label set).
     """
 
-    def __init__(self, app: ASGIApp, metrics=None, *, requests=None, latency=None, endpoint=None):
+    def __init__(self, app: ASGIApp, metrics=None, *, requests=None, latency=None, endpoint=None, runs=None):
         self.app = app
         self.requests = requests if requests is not None else metrics.requests
         self.latency = latency if latency is not None else metrics.latency
         self.endpoint = endpoint if endpoint is not None else metrics.endpoint
+        self.runs: RunMetrics | None = runs if runs is not None else getattr(metrics, "runs", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,6 +150,8 @@ class MetricsMiddleware:
         endpoint = self.endpoint(scope["path"])
         start = time.perf_counter()
         status = None
+        run = request_identity(scope).run
+        current = _CURRENT_RUN.set((self.runs, run)) if self.runs is not None else None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -97,3 +166,7 @@ class MetricsMiddleware:
                 status = DISCONNECTED if scope.get("state", {}).get("disconnected") else "500"
             self.requests.labels(endpoint, status).inc()
             self.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if current is not None:
+                _CURRENT_RUN.reset(current)
+                if scope["path"] not in UNCOUNTED_PATHS:
+                    self.runs.requests.labels(self.runs.label(run, claim=status != "401")).inc()

@@ -6,9 +6,19 @@ so client and server can never disagree on a field name.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 RewardKind = Literal["preference", "absolute"]
 Role = Literal["system", "user", "assistant"]
@@ -89,7 +99,7 @@ def _item_kind(value) -> str:
 
 
 ScoreItem = Annotated[
-    Union[Annotated[PromptResponseItem, Tag("pair")], Annotated[MessagesItem, Tag("messages")]],
+    Annotated[PromptResponseItem, Tag("pair")] | Annotated[MessagesItem, Tag("messages")],
     Discriminator(_item_kind),
 ]
 
@@ -114,7 +124,7 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
     @model_validator(mode="after")
-    def _lengths_agree(self) -> "ScoreResponse":
+    def _lengths_agree(self) -> ScoreResponse:
         n = len(self.scores)
         if len(self.truncated) != n or (self.probabilities is not None and len(self.probabilities) != n):
             raise ValueError("scores, truncated and probabilities must have one entry per item")
@@ -140,6 +150,125 @@ class GetRewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- /classify (vLLM)
+
+
+def _input_kind(value) -> str | None:
+    # Pick the branch by shape so a bad input reports one branch's errors, not four.
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else ""
+    if isinstance(first, list):
+        return "id_lists"
+    return "texts" if isinstance(first, str) else "ids"  # [1.0] or [true] reads "not a valid integer"
+
+
+# Strict scalars: JSON `1.0`, `"1"` or `true` is not a token id, `"yes"` is not a bool.
+TokenId = Annotated[int, Strict(), Field(ge=0)]
+ClassifyText = Annotated[str, Strict(), Field(min_length=1), AfterValidator(valid_text)]
+ClassifyInput = Annotated[
+    Annotated[ClassifyText, Tag("text")]
+    | Annotated[list[ClassifyText], Field(min_length=1), Tag("texts")]
+    | Annotated[list[TokenId], Field(min_length=1), Tag("ids")]
+    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1), Tag("id_lists")],
+    Discriminator(
+        _input_kind,
+        custom_error_type="invalid_input",
+        custom_error_message="must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    ),
+]
+
+
+class ClassifyRequest(_Strict):
+    """vLLM's classification request (`POST /classify`), the fields a 1-label reward model uses.
+
+    Texts are full templated texts (chat markers included) scored as they are, as `/get_reward`
+    does; token-id lists are scored as given. verl's reward loop sends `use_activation: false`
+    and reads `data[-1].probs[-1]`: the raw logit.
+    """
+
+    model: Text | None = Field(default=None, description="Optional; checked against the served model id.")
+    input: ClassifyInput = Field(
+        description="One text, a list of texts, one token-id list, or a list of token-id lists."
+    )
+    use_activation: Annotated[bool, Strict()] | None = Field(
+        default=None, description="true (the default, as vLLM): probs = sigmoid(logit); false: the raw logit."
+    )
+    activation: Annotated[bool, Strict()] | None = Field(
+        default=None, description="Deprecated vLLM name of use_activation (older verl sends it)."
+    )
+    softmax: Annotated[bool, Strict()] | None = Field(
+        default=None, description="Deprecated vLLM name of use_activation."
+    )
+    truncate_prompt_tokens: Annotated[int, Strict(), Field(ge=-1)] | None = Field(
+        default=None,
+        description="Keep only the last N tokens of each input (-1: the service's max_tokens). Unset: texts "
+        "are cut to max_tokens from the left; token-id lists longer than max_tokens are a 400.",
+    )
+    add_special_tokens: Annotated[bool, Strict()] = Field(
+        default=True,
+        description="As vLLM: add the tokenizer's own special tokens (BOS; BERT's CLS/SEP) around each "
+        "text. Token-id inputs never get any. /get_reward adds none: send false to match it.",
+    )
+    user: Text | None = Field(default=None, description="Accepted for OpenAI/vLLM compatibility; unused.")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 would keep no tokens: use -1 (the service's max_tokens) or a positive count")
+        return value
+
+    @model_validator(mode="after")
+    def _one_activation(self) -> ClassifyRequest:
+        given = {v for v in (self.use_activation, self.activation, self.softmax) if v is not None}
+        if len(given) > 1:
+            raise ValueError("use_activation, activation and softmax disagree; send only use_activation")
+        return self
+
+    def activation_on(self) -> bool:
+        """vLLM's rule: whichever of the three names is set, else True."""
+        for value in (self.use_activation, self.activation, self.softmax):
+            if value is not None:
+                return value
+        return True
+
+    def texts_or_ids(self) -> tuple[list[str], list[list[int]]]:
+        """(texts, token-id rows): exactly one of the two is non-empty."""
+        value = self.input
+        if isinstance(value, str):
+            return [value], []
+        if isinstance(value[0], str):
+            return list(value), []
+        if isinstance(value[0], int):
+            return [], [list(value)]
+        return [], [list(row) for row in value]
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str | None = Field(description="The model's id2label name of its one class (vLLM: the argmax label).")
+    probs: list[float] = Field(description="One number: sigmoid(logit) with use_activation, else the raw logit.")
+    num_classes: int = 1
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens fed to the model after truncation, summed over inputs.")
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ClassifyResponse(BaseModel):
+    id: str = Field(description="'classify-' and a random hex id.")
+    object: Literal["list"] = "list"
+    created: int = Field(description="Unix time (seconds) of the reply.")
+    model: str
+    data: list[ClassifyData]
+    usage: ClassifyUsage
 
 
 # --------------------------------------------------------------------------- /v1/models

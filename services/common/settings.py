@@ -8,7 +8,8 @@ truth and no hand-written argparse to drift from it.
 from __future__ import annotations
 
 import sys
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
@@ -29,6 +30,10 @@ class ServiceSettings(BaseSettings):
         30.0, gt=0, description="A request body not fully received this long after its headers gets 408."
     )
     log_level: str = Field("info")
+    max_tracked_runs: int = Field(
+        32, ge=0, description="Per-run Prometheus counters (crs_run_*) label the first N distinct X-CRS-Run ids "
+        "a server sees; later runs and missing/invalid ids are counted as 'other' (bounded label cardinality).",
+    )
 
 
 def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:

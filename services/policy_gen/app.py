@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.common.http import add_common_middleware, add_request_context, error_response
-from services.common.metrics import MetricsMiddleware
+from services.common.metrics import MetricsMiddleware, RunMetrics, count_run_usage
 from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.policy_gen import protocol as P
 from services.policy_gen.adapters import inspect_adapter
@@ -33,8 +33,9 @@ KNOWN_PATHS = frozenset({
 class Metrics:
     """Per-app registry, so several apps in one process (tests) never collide."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, max_tracked_runs: int = 32):
         self.registry = CollectorRegistry()
+        self.runs = RunMetrics(self.registry, max_tracked_runs)  # crs_run_*: load by trainer run
         self.requests = Counter(
             "policy_gen_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
@@ -57,7 +58,7 @@ class Metrics:
 
 
 def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
-    metrics = Metrics(settings.backend)
+    metrics = Metrics(settings.backend, settings.max_tracked_runs)
     if hasattr(backend, "observe_batches"):  # only the hf backend batches itself
         backend.observe_batches(lambda sequences, _seconds: metrics.batch_sequences.observe(sequences))
 
@@ -72,8 +73,10 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     app = FastAPI(title="crs-rlhf policy_gen", lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
 
-    def _count(served: Served) -> Response:
+    def _count(served: Served, sequences: int = 0) -> Response:
         metrics.tokens.inc(served.completion_tokens)
+        if sequences and served.response.status_code == 200:  # per run: prompts x n, prompt + completion tokens
+            count_run_usage(sequences, served.prompt_tokens + served.completion_tokens)
         return served.response
 
     @app.get("/health")
@@ -98,7 +101,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     async def completions(req: P.CompletionRequest):
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         check_work(settings, prompt_count(req.prompt), req.n, max_tokens)
-        return _count(await backend.completions(req))
+        return _count(await backend.completions(req), prompt_count(req.prompt) * req.n)
 
     @app.post(
         "/v1/chat/completions", response_model=P.ChatCompletionResponse,
@@ -106,7 +109,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     )
     async def chat(req: P.ChatCompletionRequest):
         check_work(settings, 1, req.n, req.max_completion_tokens or req.max_tokens or settings.max_model_len)
-        return _count(await backend.chat(req))
+        return _count(await backend.chat(req), req.n)
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
               responses={200: TEXT, **error_responses(*BODY_ERRORS, 404, 503)})
@@ -131,6 +134,8 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
         body_read_timeout_s=settings.body_read_timeout_s,
     )
     add_request_context(app)  # request ids; unexpected errors -> JSON 500, connection kept
-    app.add_middleware(MetricsMiddleware, requests=metrics.requests, latency=metrics.latency, endpoint=metrics.endpoint)
+    app.add_middleware(
+        MetricsMiddleware, requests=metrics.requests, latency=metrics.latency, endpoint=metrics.endpoint, runs=metrics.runs
+    )
     install_openapi(app, secured=settings.api_key is not None)
     return app

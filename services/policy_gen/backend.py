@@ -13,10 +13,11 @@ from services.policy_gen.adapters import AdapterInfo
 
 @dataclass
 class Served:
-    """A backend's reply, plus the generated-token count the router feeds to /metrics."""
+    """A backend's reply, plus the token counts the router feeds to /metrics."""
 
     response: Response
     completion_tokens: int = 0
+    prompt_tokens: int = 0  # once per prompt, not per sample (usage.prompt_tokens, as vLLM counts)
 
 
 class Backend(Protocol):

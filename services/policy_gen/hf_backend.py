@@ -208,7 +208,7 @@ class HFBackend:
         n_prompt = sum(len(p) for p in prompts)
         usage = P.UsageInfo(prompt_tokens=n_prompt, completion_tokens=done, total_tokens=n_prompt + done)
         body = P.CompletionResponse(model=req.model or self.model_id, choices=choices, usage=usage)
-        return Served(JSONResponse(body.model_dump(exclude_none=False)), done)
+        return Served(JSONResponse(body.model_dump(exclude_none=False)), done, n_prompt)
 
     async def chat(self, req: P.ChatCompletionRequest) -> Served:
         adapter = self._adapter_for(req.model)
@@ -235,7 +235,7 @@ class HFBackend:
             usage=usage,
             prompt_token_ids=ids if req.return_token_ids else None,
         )
-        return Served(JSONResponse(body.model_dump()), done)
+        return Served(JSONResponse(body.model_dump()), done, len(ids))
 
     async def load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
         if req.lora_name == self.model_id:

@@ -72,20 +72,22 @@ class VLLMProxyBackend:
         return Response(content=upstream.content, status_code=upstream.status_code, headers=headers)
 
     @staticmethod
-    def _completion_tokens(resp: Response) -> int:
+    def _usage(resp: Response) -> tuple[int, int]:
+        """(completion_tokens, prompt_tokens) of vLLM's reply; zeros when it has none."""
         if resp.status_code != 200:
-            return 0
+            return 0, 0
         try:
-            return int((json.loads(resp.body).get("usage") or {}).get("completion_tokens") or 0)
+            usage = json.loads(resp.body).get("usage") or {}
+            return int(usage.get("completion_tokens") or 0), int(usage.get("prompt_tokens") or 0)
         except (ValueError, AttributeError, TypeError):
-            return 0
+            return 0, 0
 
     async def completions(self, req: P.CompletionRequest) -> Served:
         for text in [req.prompt] if isinstance(req.prompt, str) else req.prompt:
             if isinstance(text, str):
                 too_long_for_context(self.settings, self.tok, text, "prompt")
         resp = await self._forward("POST", "/v1/completions", req.model_dump(exclude_unset=True))
-        return Served(resp, self._completion_tokens(resp))
+        return Served(resp, *self._usage(resp))
 
     async def chat(self, req: P.ChatCompletionRequest) -> Served:
         for i, m in enumerate(req.messages):
@@ -97,7 +99,7 @@ class VLLMProxyBackend:
                     "keeps it as plain text", param=f"messages.{i}.content",
                 )
         resp = await self._forward("POST", "/v1/chat/completions", req.model_dump(exclude_unset=True))
-        return Served(resp, self._completion_tokens(resp))
+        return Served(resp, *self._usage(resp))
 
     async def load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
         # vLLM gets the path we checked (resolved), never the caller's spelling of it.

@@ -10,18 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
-from services.reward.batcher import DynamicBatcher, QueueFullError
 from services.common.chat import ChatFormat
-from services.reward.engine import EngineOptions, RewardEngine, load_engine
 from services.common.http import APIError, add_common_middleware, add_request_context
-from services.common.metrics import MetricsMiddleware, RewardMetrics
+from services.common.metrics import MetricsMiddleware, RewardMetrics, count_run_usage
 from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.common.protocol import (
+    ClassifyData,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyUsage,
     GetRewardRequest,
     GetRewardResponse,
     ModelCard,
@@ -31,12 +36,14 @@ from services.common.protocol import (
     ScoreResponse,
     Usage,
 )
+from services.common.truncation import Truncated, truncate_left
+from services.reward.batcher import DynamicBatcher, QueueFullError
+from services.reward.engine import EngineOptions, RewardEngine, load_engine
 from services.reward.settings import RewardServiceSettings
-from services.common.truncation import Truncated
 
 log = logging.getLogger(__name__)
 
-PATHS = frozenset({"/v1/score", "/get_reward", "/health", "/ready", "/v1/models", "/metrics"})
+PATHS = frozenset({"/v1/score", "/get_reward", "/classify", "/health", "/ready", "/v1/models", "/metrics"})
 RETRY_AFTER_S = "1"
 # OpenRLHF's remote-RM client sends no headers: on this path the key may be `?api_key=`.
 QUERY_KEY_PATHS = ("/get_reward",)
@@ -50,6 +57,56 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
+def frame_text_row(row: Truncated, keep: int, prefix: Sequence[int], suffix: Sequence[int]) -> Truncated:
+    """A text's ids cut to their last `keep - len(prefix) - len(suffix)`, between the tokenizer's
+    own special tokens, which always survive (as in /v1/score). Pure.
+
+    >>> frame_text_row(Truncated([5, 6, 7], False), 4, [1], [2])
+    Truncated(ids=[1, 6, 7, 2], truncated=True)
+    """
+    budget = keep - len(prefix) - len(suffix)
+    if budget <= 0:
+        raise ValueError(f"a cap of {keep} tokens leaves no room next to the {keep - budget} special tokens")
+    cut = truncate_left(row.ids, budget)
+    return Truncated([*prefix, *cut.ids, *suffix], row.truncated or cut.truncated)
+
+
+def encode_classify(
+    engine: RewardEngine, texts: list[str], rows: list[list[int]], truncate_prompt_tokens: int | None,
+    add_special_tokens: bool,
+) -> list[Truncated]:
+    """/classify inputs -> model rows (tokenizes: run it in a thread). Bad input raises APIError 400.
+
+    Texts go through `encode_queries` (templated text as is, cut from the left, as /get_reward)
+    plus, as vLLM, the tokenizer's own BOS/EOS when `add_special_tokens`. Token ids are used as
+    given; over the cap they are refused unless the caller asked for truncation (as vLLM).
+    """
+    cap, k = engine.max_tokens, truncate_prompt_tokens
+    if k is not None and k > cap:
+        raise APIError(400, f"truncate_prompt_tokens={k} is over this service's max_tokens={cap}; "
+                       f"send at most {cap}, or -1 for the cap", param="truncate_prompt_tokens")
+    keep = cap if k is None or k == -1 else k
+    if rows:
+        long = next(((i, len(r)) for i, r in enumerate(rows) if len(r) > cap), None)
+        if k is None and long is not None:
+            raise APIError(400, f"input[{long[0]}] has {long[1]} token ids, over max_tokens={cap}: send fewer, "
+                           "or set truncate_prompt_tokens to keep the last ones", param="input")
+        try:
+            return engine.encode_token_ids(rows, keep)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="input") from None
+    prefix, suffix = (engine.prefix, engine.suffix) if add_special_tokens else ([], [])
+    try:
+        encoded = [frame_text_row(r, keep, prefix, suffix) for r in engine.encode_queries(texts)]
+    except ValueError as exc:
+        raise APIError(400, f"{exc}; raise truncate_prompt_tokens or send add_special_tokens false",
+                       param="truncate_prompt_tokens") from None
+    empty = next((i for i, e in enumerate(encoded) if not e.ids), None)
+    if empty is not None:
+        raise APIError(400, f"input[{empty}] encodes to no tokens; send text the tokenizer keeps", param="input")
+    return encoded
+
+
 class RewardService:
     """Everything a running service holds: settings, engine (once loaded), batcher, metrics."""
 
@@ -57,7 +114,7 @@ class RewardService:
         self.settings = settings
         self.kind = kind
         self.model_id = settings.served_model_id()
-        self.metrics = RewardMetrics(PATHS)
+        self.metrics = RewardMetrics(PATHS, max_tracked_runs=settings.max_tracked_runs)
         self.engine: RewardEngine | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
@@ -68,6 +125,7 @@ class RewardService:
             model_path=s.model_path, dtype=s.dtype, device=s.device, max_tokens=s.max_tokens,
             min_prompt_tokens=s.min_prompt_tokens, trust_remote_code=s.trust_remote_code,
             chat=ChatFormat(s.chat_im_start, s.chat_im_end), torch_threads=s.torch_threads,
+            packing=s.packing, packing_options=s.packing_options(),
         )
 
     async def load(self) -> None:
@@ -92,6 +150,7 @@ class RewardService:
             max_queue_items=s.max_queue_items, max_queue_tokens=s.max_queue_tokens, max_padding=max_padding,
             cross_request=s.batching,
             on_batch=self.metrics.observe_batch, worker_init=engine.init_thread,
+            packed=engine.packed,  # set when --packing is on (engine.enable_packing): packed rows
         )
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.queued_items)
@@ -141,13 +200,15 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         engine, _ = service.require_ready()
         encoded = await asyncio.to_thread(engine.encode_items, request.items)
         scores = await service.score(encoded)
+        usage = Usage(tokens=sum(len(e.ids) for e in encoded))
+        count_run_usage(len(scores), usage.tokens)  # per-run counters (X-CRS-Run)
         return ScoreResponse(
             model=service.model_id,
             kind=kind,
             scores=scores,
             probabilities=[sigmoid(s) for s in scores] if kind == "absolute" else None,
             truncated=[e.truncated for e in encoded],
-            usage=Usage(tokens=sum(len(e.ids) for e in encoded)),
+            usage=usage,
         )
 
     @app.post("/get_reward", response_model=GetRewardResponse, responses=error_responses(*BODY_ERRORS, 503))
@@ -157,9 +218,31 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         engine, _ = service.require_ready()
         encoded = await asyncio.to_thread(engine.encode_queries, request.query)
         scores = await service.score(encoded)
+        count_run_usage(len(scores), sum(len(e.ids) for e in encoded))
         # Absolute: rewards are logits (docs/method.md: the logit is the stronger RL signal), scores are probabilities.
         probs = [sigmoid(s) for s in scores] if kind == "absolute" else scores
         return GetRewardResponse(rewards=scores, scores=probs, extra_logs={})
+
+    @app.post("/classify", response_model=ClassifyResponse, responses=error_responses(*BODY_ERRORS, 404, 503))
+    async def classify(request: ClassifyRequest) -> ClassifyResponse:
+        """vLLM's classification API for a 1-label reward model. verl's reward loop sends
+        `use_activation: false` and reads `data[-1].probs[-1]`, the raw logit /v1/score returns."""
+        texts, rows = request.texts_or_ids()
+        service.check_request(request.model, len(texts) + len(rows), "input")
+        engine, _ = service.require_ready()
+        encoded = await asyncio.to_thread(
+            encode_classify, engine, texts, rows, request.truncate_prompt_tokens, request.add_special_tokens
+        )
+        scores = await service.score(encoded)
+        tokens = sum(len(e.ids) for e in encoded)
+        count_run_usage(len(scores), tokens)
+        activate = request.activation_on()
+        label = (getattr(engine.model.config, "id2label", None) or {}).get(0)
+        data = [ClassifyData(index=i, label=label, probs=[sigmoid(s) if activate else s], num_classes=1)
+                for i, s in enumerate(scores)]
+        usage = ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens)
+        return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=service.model_id,
+                                data=data, usage=usage)
 
     @app.get("/health", responses=error_responses(503))
     async def health() -> dict:

@@ -7,6 +7,13 @@ padded size (rows x longest row) stays under `max_batch_tokens` and whose paddin
 under `max_padding` -- padding waste is what makes naive batching slow. Forward passes run
 on ONE dedicated worker thread so the event loop never blocks; a request's rows may land in
 different micro-batches and are reassembled in order.
+
+Packed mode (`packed=` a scorer of packed rows, `--packing on`): the window holds up to
+WINDOW_BATCHES rows' worth of tokens (row length x rows), planned into packed rows by first-fit
+decreasing (packing.py) instead of padded micro-batches; one row is one forward pass. An
+item's score never depends on its neighbours: the scorer masks each item off from the rest of
+its row (exact in fp32; in bf16 a row's matmuls may round an item differently next to other
+items, within the bf16 bound in docs/reward_gpu.md).
 """
 
 from __future__ import annotations
@@ -15,13 +22,27 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Protocol
+
+from services.reward.packing import PackedRow, plan_packed_rows
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[Sequence[Sequence[int]]], list[float]]
+
+
+class RowScorer(Protocol):
+    """What packed mode needs (services.reward.packed_forward.PackedScorer is one)."""
+
+    row_tokens: int
+    buckets: tuple[int, ...]
+
+    def score_row(self, rows: Sequence[Sequence[int]], row: PackedRow) -> list[float]:
+        """Scores of row.items (indices into `rows`), in row.items order."""
+        ...
 
 
 WINDOW_BATCHES = 4  # a collector window holds up to this many budgets of real tokens
@@ -62,8 +83,13 @@ class BatchStats:
 
     rows: int
     tokens: int  # real tokens
-    padded_tokens: int  # rows x longest row
+    padded_tokens: int  # tokens computed: rows x longest row, or a packed row's bucket length
     seconds: float
+
+    @property
+    def fill(self) -> float:
+        """real / computed tokens: 1.0 = no compute spent on padding."""
+        return self.tokens / self.padded_tokens if self.padded_tokens else 1.0
 
 
 def plan_micro_batches(lengths: Sequence[int], max_batch_tokens: int, max_padding: float = 1.0) -> list[list[int]]:
@@ -105,8 +131,10 @@ class DynamicBatcher:
         cross_request: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
         worker_init: Callable[[], None] | None = None,
+        packed: RowScorer | None = None,
     ):
         self.score_fn = score_fn
+        self.packed = packed  # packed rows instead of padded micro-batches (score_fn then unused)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
@@ -114,7 +142,8 @@ class DynamicBatcher:
         self.max_padding = max_padding
         # A window spans several micro-batches so that sorting has neighbours of similar
         # length to group (less padding); its micro-batches still respect the budget.
-        self.window_tokens = WINDOW_BATCHES * max_batch_tokens
+        # Packed: a few rows' worth, so first-fit decreasing has items to fill each row with.
+        self.window_tokens = WINDOW_BATCHES * (packed.row_tokens if packed is not None else max_batch_tokens)
         self.cross_request = cross_request
         self.on_batch = on_batch
         self._queue: collections.deque[_Row] = collections.deque()
@@ -203,7 +232,7 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             window = self._take_window()
             if not window:
@@ -216,6 +245,9 @@ class DynamicBatcher:
         """Worker thread: sorted micro-batches under the budget; each one's scores are handed
         to the event loop as soon as it is done, so short requests need not wait for the window."""
         lengths = [len(r.ids) for r in window]
+        if self.packed is not None:
+            self._run_packed(window, lengths, loop)
+            return
         for batch in plan_micro_batches(lengths, self.max_batch_tokens, self.max_padding):
             t0 = time.perf_counter()
             out = self.score_fn([window[i].ids for i in batch])
@@ -224,6 +256,17 @@ class DynamicBatcher:
                 longest = max(lengths[i] for i in batch)
                 real = sum(lengths[i] for i in batch)
                 self.on_batch(BatchStats(len(batch), real, longest * len(batch), time.perf_counter() - t0))
+
+    def _run_packed(self, window: list[_Row], lengths: list[int], loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: the window as packed rows, one forward pass each, delivered row by row."""
+        plan = plan_packed_rows(lengths, self.packed.row_tokens, self.packed.buckets)
+        ids = [r.ids for r in window]
+        for row in plan.rows:
+            t0 = time.perf_counter()
+            out = self.packed.score_row(ids, row)
+            loop.call_soon_threadsafe(self._deliver, [window[s.index] for s in row.items], out)
+            if self.on_batch is not None:
+                self.on_batch(BatchStats(len(row.items), row.used, row.length, time.perf_counter() - t0))
 
     @staticmethod
     def _deliver(rows: list[_Row], scores: list[float]) -> None:

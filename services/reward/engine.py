@@ -6,6 +6,9 @@ the `encode_*` methods. Two rules carry the correctness:
 * An item's score must not depend on its batch (the thesis hit transformers issue 27502,
   where scores moved with the amount of padding). Rows are right-padded and each row is
   pooled at its LAST REAL TOKEN, found from the attention mask, never from a pad/EOS id.
+* Packed rows (`--packing`, packed_forward.py) keep the first rule by construction: an item
+  sees only itself (block-diagonal mask, positions from 0), so its score equals the padded
+  path's. A model that cannot honour that mask is refused at start-up, never served wrong.
 * The text is the training text: ChatML via services.common.chat, prompt and response
   tokenized separately so the prompt can be cut from its beginning (truncation.py). What a
   user or a policy wrote is text: its special-token strings stay text (tokenize.py).
@@ -14,9 +17,9 @@ the `encode_*` methods. Two rules carry the correctness:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,8 @@ from torch import nn
 from services.common.chat import CHATML, ChatFormat
 from services.common.tokenize import Piece, ThreadTokenizer
 from services.common.truncation import Truncated, special_affixes, truncate_left, truncate_pair
+from services.reward.packed_forward import PackedScorer
+from services.reward.packing import PackingOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,18 @@ class EngineOptions:
     trust_remote_code: bool = False
     chat: ChatFormat = CHATML
     torch_threads: int | None = None  # intra-op threads; None = torch's default
+    packing: str = "off"  # auto | on | off; the services pass --packing (default auto)
+    packing_options: PackingOptions = field(default_factory=PackingOptions)
+
+
+class PackingUnavailable(RuntimeError):
+    """`--packing on` for a model or setup the packed path cannot serve: the service stops."""
+
+
+# A packed item's pooled hidden state may move this much (relative) from the item alone, in
+# its dtype: fp32 differs by ~1e-6; bf16 rounding over a deep model by ~1e-2 (not yet measured
+# on a GPU, hence the margin); a model that ignores the block mask or our position ids, O(1).
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 1e-1}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,6 +68,14 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
+
+
+def packing_wanted(packing: str, device: torch.device) -> bool:
+    """auto = on for CUDA (padding waste dominates there), off on CPU (sorted padded batches
+    were faster than a dense-masked packed row on the tiny models: docs/reward_gpu.md)."""
+    if packing not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be auto, on or off, got {packing!r}")
+    return packing == "on" or (packing == "auto" and device.type == "cuda")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -124,6 +149,50 @@ class RewardEngine:
         # ourselves and run the head in fp32. Encoders (BERT, MiniLM) pool [CLS] with the mask.
         head = getattr(model, "score", None)
         self._head: nn.Linear | None = head if isinstance(head, nn.Linear) and model.base_model is not model else None
+        # Set by `enable_packing` (load_engine does it): the batcher then plans packed rows.
+        self.packed: PackedScorer | None = None
+
+    # ------------------------------------------------------------------ packing
+
+    def enable_packing(self) -> None:
+        """Build the packed scorer if `opts.packing` asks for it; warm-up compiles and checks it.
+
+        packing=on and it cannot be built: PackingUnavailable (the service refuses to start).
+        packing=auto: one log line and the padded path."""
+        wanted = packing_wanted(self.opts.packing, self.device)
+        if not wanted:
+            if self.opts.packing_options.compile:
+                log.info("--compile ignored: packing is off on %s (auto); pass --packing on to compile packed rows",
+                         self.device.type)
+            return
+        try:
+            self.packed = PackedScorer(self.model, pad_id=self.pad_id, max_tokens=self.max_tokens,
+                                       options=self.opts.packing_options)
+        except Exception as exc:  # noqa: BLE001 -- auto falls back on any failure, on re-raises it
+            self._packing_failed(exc)
+
+    def _packing_failed(self, exc: Exception) -> None:
+        if self.packed is not None:
+            self.packed.release()
+            self.packed = None
+        if self.opts.packing == "on":
+            raise PackingUnavailable(f"--packing on, but this model cannot be scored in packed rows: {exc} "
+                                     "(start it with --packing off or auto)") from exc
+        log.warning("packing unavailable, scoring padded length-sorted batches instead: %s", exc)
+
+    def _check_packed(self) -> None:
+        """Two probe items, one after the other in a row vs alone: a model whose attention
+        ignores our 4-D/Block mask or position ids (some custom architectures) fails here
+        instead of serving scores that depend on their neighbours."""
+        probe = self._tokenize(["the packed self check looks at one item after another"])[0] or [self.pad_id]
+        item = (self.prefix + probe + self.suffix)[: max(1, self.max_tokens // 2)]
+        neighbour = (self.prefix + probe * 3 + self.suffix)[: max(1, self.max_tokens // 2)]
+        drift = self.packed.self_check(item, neighbour)
+        tol = SELF_CHECK_TOL.get(self.dtype, 1e-1)
+        if not drift <= tol:  # also catches nan
+            raise ValueError(f"packed self-check failed: an item's hidden state moved by {drift:.2e} (relative, "
+                             f"> {tol:g}) when another item preceded it in the row, so this architecture's "
+                             f"attention ignores the block mask or the position ids")
 
     # ------------------------------------------------------------------ encoding
 
@@ -168,6 +237,18 @@ class RewardEngine:
         ids = self.tok.encode_kept([[(q, False)] for q in queries], "end", self.max_tokens)
         return [truncate_left(row, self.max_tokens) for row in ids]
 
+    def encode_token_ids(self, rows: Sequence[Sequence[int]], keep: int) -> list[Truncated]:
+        """Token-id inputs (vLLM /classify): scored as given, each cut to its last `keep` ids.
+
+        Raises ValueError naming the first id the embedding table has no row for: such an id
+        would fail inside the forward pass, for every request sharing that batch."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for i, row in enumerate(rows):
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"input[{i}] holds token id {bad}, outside this model's vocabulary [0, {vocab})")
+        return [truncate_left(row, keep) for row in rows]
+
     # ------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
@@ -202,8 +283,21 @@ class RewardEngine:
             torch.set_num_threads(self.opts.torch_threads)
 
     def warmup(self) -> None:
-        """One padded batch through the model: first-call costs are paid before /ready says 200."""
+        """First-call costs paid before /ready says 200: packed, one row per bucket (compiling
+        each shape once) and the self-check; padded, one batch."""
         self.init_thread()
+        if self.packed is not None:
+            try:
+                seconds = self.packed.warmup()
+                self._check_packed()
+            except Exception as exc:  # noqa: BLE001 -- as in enable_packing
+                self._packing_failed(exc)
+            else:
+                p = self.packed
+                log.info("packed scoring on: rows of %d tokens, buckets %s, attention %s, compile %s; "
+                         "warm-up (compile included) %.1f s", p.row_tokens, p.buckets, p.attention,
+                         p.options.compile, seconds)
+                return
         row = self._tokenize(["warm up the model"])[0] or [self.pad_id]
         self.score_ids([self.prefix + row + self.suffix, self.prefix + row * 4 + self.suffix])
 
@@ -216,4 +310,6 @@ def load_engine(opts: EngineOptions) -> RewardEngine:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     model, tokenizer = _load_model_and_tokenizer(opts, dtype)
-    return RewardEngine(model, tokenizer, opts, device)
+    engine = RewardEngine(model, tokenizer, opts, device)
+    engine.enable_packing()
+    return engine

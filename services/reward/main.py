@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
 
-from services.reward.settings import RewardServiceSettings
 from services.common.settings import settings_or_exit
+from services.reward.settings import RewardServiceSettings
 
 
 def serve(

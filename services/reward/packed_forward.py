@@ -22,13 +22,21 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from services.reward.packing import PackedRow, PackPlan, Slot, default_buckets, plan_packed_rows
+from services.reward.packing import (
+    PackedRow,
+    PackingOptions,
+    PackPlan,
+    Slot,
+    bucket_for,
+    default_buckets,
+    plan_packed_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +74,6 @@ def default_row_tokens(attention: str, device: torch.device, max_tokens: int) ->
     else:
         base = 2048
     return max(base, max_tokens)
-
-
-@dataclass(frozen=True)
-class PackingOptions:
-    """How rows are built and run; the reward settings fill it (`--packing`, `--compile`)."""
-
-    row_tokens: int | None = None  # None: default_row_tokens(...)
-    buckets: tuple[int, ...] | None = None  # None: default_buckets(row_tokens)
-    attention: str = "auto"  # auto | flex | sdpa | eager
-    compile: bool = False
-    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
-    compile_backend: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,8 @@ class PackedScorer:
     """Scores token-id rows in packed rows. Sets the model's attention implementation to
     match its mask, so give it the model it should own (the engine's, when wired in)."""
 
-    def __init__(self, model: nn.Module, *, pad_id: int, max_tokens: int, options: PackingOptions = PackingOptions()):
+    def __init__(self, model: nn.Module, *, pad_id: int, max_tokens: int, options: PackingOptions | None = None):
+        options = options or PackingOptions()
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -192,9 +189,11 @@ class PackedScorer:
         self.row_tokens = options.row_tokens or default_row_tokens(self.attention, self.device, max_tokens)
         if self.row_tokens < max_tokens:
             raise ValueError(f"row_tokens {self.row_tokens} < max_tokens {max_tokens}: the longest item would "
-                             "not fit a row; raise the row budget or lower max_tokens")
-        self.buckets = options.buckets or default_buckets(self.row_tokens)
+                             "not fit a row; raise the row budget (--row-tokens) or lower --max-tokens")
+        self.buckets = options.buckets or default_buckets(self.row_tokens, count=options.bucket_count)
         self.options = options
+        # Remembered so a caller that falls back to padded batches can hand the model back as it was.
+        self._original_attention = getattr(model.config, "_attn_implementation", None)
         model.set_attn_implementation(_HF_ATTN[self.attention])
         self.head = _Head(model, self.kind).to(self.device)
         self._flex_mods: dict[int, tuple[torch.Tensor, Callable]] = {}  # bucket length -> (buffer, mask_mod)
@@ -233,13 +232,23 @@ class PackedScorer:
         return flex_block_mask(seq_ids, causal, mask_mod=document)
 
     @torch.inference_mode()
-    def run_row(self, t: RowTensors) -> torch.Tensor:
-        """One row through backbone + fp32 head: (n,) scores for the row's items."""
+    def pooled(self, t: RowTensors) -> torch.Tensor:
+        """One row through the backbone: (n, H) hidden state at each item's pooling token."""
         kwargs = {"use_cache": False} if self.kind == "decoder" else {}
         out = self._backbone(input_ids=t.input_ids, position_ids=t.position_ids,
                              attention_mask=self._mask(t.seq_ids), **kwargs)
         hidden = out.last_hidden_state[0]  # (L, H)
-        return self.head(hidden[t.pool_at])  # (n,)
+        return hidden[t.pool_at]  # (n, H)
+
+    @torch.inference_mode()
+    def run_row(self, t: RowTensors) -> torch.Tensor:
+        """One row through backbone + fp32 head: (n,) scores for the row's items."""
+        return self.head(self.pooled(t))  # (n,)
+
+    def score_row(self, rows: Sequence[Sequence[int]], row: PackedRow) -> list[float]:
+        """Scores of one planned row's items, in `row.items` order (the batcher's unit of work)."""
+        pool = "last" if self.kind == "decoder" else "first"
+        return self.run_row(row_tensors(row, rows, self.pad_id, pool, self.device)).tolist()
 
     def score_plan(self, rows: Sequence[Sequence[int]], plan: PackPlan) -> list[float]:
         scores: list[float | None] = [None] * len(rows)
@@ -272,6 +281,28 @@ class PackedScorer:
         log.info("packed scorer warm-up: %d bucket(s) %s, attention=%s, compile=%s, %.1f s",
                  len(self.buckets), self.buckets, self.attention, self.options.compile, seconds)
         return seconds
+
+
+    def self_check(self, item: Sequence[int], neighbour: Sequence[int]) -> float:
+        """Relative change of `item`'s pooled hidden state when `neighbour` precedes it in
+        its row, vs `item` first in a row of its own: ~0 when the model honours our position
+        ids and block mask, large when its attention ignores them (it then sees the neighbour
+        or counts positions across the row). Runs at a bucket shape, so a compiled backbone
+        does not recompile. Returns |h_packed - h_alone| / |h_alone| (max over H is not used:
+        one norm is steadier in bf16)."""
+        rows = [list(neighbour), list(item)]
+        together = (len(neighbour), len(item))
+        pool = "last" if self.kind == "decoder" else "first"
+        packed_row = _one_row(list(together), bucket_for(sum(together), self.buckets))
+        alone_row = PackedRow((Slot(1, 0, len(item)),), bucket_for(len(item), self.buckets))
+        h_packed = self.pooled(row_tensors(packed_row, rows, self.pad_id, pool, self.device))[1].float()  # (H,)
+        h_alone = self.pooled(row_tensors(alone_row, rows, self.pad_id, pool, self.device))[0].float()  # (H,)
+        return float((h_packed - h_alone).norm() / h_alone.norm().clamp_min(1e-12))
+
+    def release(self) -> None:
+        """Give the model back with its original attention implementation (padded fallback)."""
+        if self._original_attention is not None:
+            self.model.set_attn_implementation(self._original_attention)
 
 
 def _one_row(lengths: list[int], length: int) -> PackedRow:

@@ -13,8 +13,23 @@ of shapes and never recompiles under load. The forward pass itself is packed_for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+
+
+@dataclass(frozen=True)
+class PackingOptions:
+    """How rows are built and run; the reward settings fill it (`--packing`, `--compile`, ...).
+
+    Here rather than in packed_forward.py so settings can build it without importing torch."""
+
+    row_tokens: int | None = None  # None: packed_forward.default_row_tokens(...)
+    buckets: tuple[int, ...] | None = None  # None: default_buckets(row_tokens, bucket_count)
+    bucket_count: int = 4  # how many row lengths when `buckets` is None; each is one compile
+    attention: str = "auto"  # auto | flex | sdpa | eager
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    compile_backend: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ def default_buckets(row_tokens: int, count: int = 4, multiple: int = 128) -> tup
 
 def check_buckets(row_tokens: int, buckets: Sequence[int]) -> tuple[int, ...]:
     """Buckets sorted ascending; the largest must be row_tokens (a full row needs a shape)."""
-    out = tuple(sorted(set(int(b) for b in buckets)))
+    out = tuple(sorted({int(b) for b in buckets}))
     if not out or out[0] < 1:
         raise ValueError(f"buckets must be positive row lengths, got {list(buckets)}")
     if out[-1] != row_tokens:

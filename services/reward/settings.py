@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
+from pydantic_settings import CliImplicitFlag
 
 from services.common.settings import ServiceSettings
+from services.reward.packing import PackingOptions
 
 
 class RewardServiceSettings(ServiceSettings):
@@ -64,13 +66,51 @@ class RewardServiceSettings(ServiceSettings):
         4 * 1024 * 1024, gt=0, description="Tokens waiting to be scored (after truncation); beyond this 503 + Retry-After."
     )
 
+    # --- packed rows (docs/reward_gpu.md): many items per row, block-diagonal mask, no padding between them
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Score items packed end to end in rows of --row-tokens (each item masked off from its "
+        "neighbours) instead of padded, length-sorted batches. 'auto' = on for CUDA, off on CPU (sorted padded "
+        "batches are as fast there); with 'auto' a model the packed path cannot serve falls back to padded "
+        "batches (one log line), with 'on' the service refuses to start.",
+    )
+    compile: CliImplicitFlag[bool] = Field(
+        False, description="torch.compile the backbone for packed rows: one compile per row length (bucket) at "
+        "start-up, before /ready says 200, none under load. Needs packing (ignored, with a log line, when packing "
+        "is off).",
+    )
+    row_tokens: int | None = Field(
+        None, gt=0, description="Packed row length in tokens (>= max_tokens). Default: 32768 with flex attention "
+        "on CUDA, 8192 with sdpa on CUDA, 2048 on CPU.",
+    )
+    packing_attention: Literal["auto", "flex", "sdpa", "eager"] = Field(
+        "auto", description="Attention of packed rows: 'flex' (FlexAttention BlockMask, skips masked blocks), "
+        "'sdpa' (dense (L, L) mask, works everywhere), 'eager'. 'auto' = flex on CUDA, sdpa elsewhere.",
+    )
+    packing_buckets: int | None = Field(
+        None, gt=0, le=8, description="How many packed row lengths (row_tokens, /2, /4, ...); a short row runs "
+        "at the smallest that holds it. Each is one compile at start-up. Default: 2 with --compile, else 4.",
+    )
+
     @model_validator(mode="after")
-    def _check(self) -> "RewardServiceSettings":
+    def _check(self) -> RewardServiceSettings:
         if self.min_prompt_tokens >= self.max_tokens:
             raise ValueError(
                 f"min_prompt_tokens ({self.min_prompt_tokens}) must be below max_tokens ({self.max_tokens})"
             )
+        if self.packing == "off" and self.compile:
+            raise ValueError("--compile (CRS_COMPILE) compiles the packed rows' fixed shapes; it needs "
+                             "--packing on or auto (or drop --compile)")
+        if self.row_tokens is not None and self.row_tokens < self.max_tokens:
+            raise ValueError(f"row_tokens ({self.row_tokens}) must be at least max_tokens ({self.max_tokens}): "
+                             "an item never spans two packed rows; raise --row-tokens or lower --max-tokens")
         return self
+
+    def packing_options(self) -> PackingOptions:
+        """What the packed scorer needs; row length and attention defaults are per device (packed_forward)."""
+        return PackingOptions(
+            row_tokens=self.row_tokens, attention=self.packing_attention, compile=self.compile,
+            bucket_count=self.packing_buckets or (2 if self.compile else 4),
+        )
 
     def batch_defaults(self, device_type: str) -> tuple[int, float]:
         """(max_batch_tokens, max_padding) with the per-device defaults filled in."""

@@ -17,8 +17,8 @@ import signal
 import sys
 
 from services.common.protocol import RewardKind
-from services.reward.app import RewardService, build_app
 from services.common.settings import settings_or_exit
+from services.reward.app import RewardService, build_app
 from services.reward_shared.engine import AdapterSpec, load_shared_engines
 from services.reward_shared.settings import RewardSharedSettings
 

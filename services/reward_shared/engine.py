@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from torch import nn
 
-from services.reward.engine import EngineOptions, RewardEngine, resolve_device, resolve_dtype
+from services.reward.engine import EngineOptions, RewardEngine, packing_wanted, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def _adapter_head(hf_model: nn.Module, name: str) -> nn.Module:
 
     head = hf_model.score
     if isinstance(head, ModulesToSaveWrapper):
-        return head.modules_to_save[name] if name in head.modules_to_save else head.original_module
+        # nn.ModuleDict has no .get()
+        return head.modules_to_save[name] if name in head.modules_to_save else head.original_module  # noqa: SIM401
     return head
 
 
@@ -59,7 +60,7 @@ class AdapterEngine(RewardEngine):
         self.adapter = name
         head = _adapter_head(hf_model, name)
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"adapter {name!r}: expected a linear `score` head, found {type(head).__name__}")
+            raise ValueError(f"adapter {name!r}: expected a linear `score` head, found {type(head).__name__}")  # noqa: TRY004 -- a setup error, not a caller's type
         self._head = head
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> list[float]:
@@ -95,6 +96,9 @@ def load_shared_engines(base_path: str, specs: Sequence[AdapterSpec]) -> dict[st
     first = specs[0].opts
     device = resolve_device(first.device)
     dtype = resolve_dtype(first.dtype, device)
+    if packing_wanted(first.packing, device):  # auto on CUDA; settings refuse "on"
+        log.info("packing is off in shared-base mode (two unmerged adapters score padded batches); "
+                 "serve each adapter with reward_pref/reward_abs for packed rows")
     for spec in specs:
         _check_adapter(Path(spec.path), base_path)
     base = AutoModelForSequenceClassification.from_pretrained(

@@ -31,12 +31,18 @@ class RewardSharedSettings(RewardServiceSettings):
     abs_model_id: str | None = Field(None, description="Served id of the absolute model; default: adapter folder name.")
 
     @model_validator(mode="after")
-    def _no_single_service_fields(self) -> "RewardSharedSettings":
+    def _no_single_service_fields(self) -> RewardSharedSettings:
         unused = {"model_path": "--base-path and --pref-adapter/--abs-adapter", "port": "--pref-port/--abs-port",
                   "model_id": "--pref-model-id/--abs-model-id"}
         for name, instead in unused.items():
             if name in self.model_fields_set:
                 raise ValueError(f"{name} is not used in shared mode (CRS_{name.upper()}); use {instead}")
+        # Packed rows need one merged model per process; here two unmerged adapters take turns
+        # on one base (engine.py), so shared mode scores padded batches only.
+        if self.packing == "on" or self.compile:
+            raise ValueError("--packing on and --compile are not available in shared-base mode (two unmerged "
+                             "LoRA adapters on one base score padded batches); use --packing auto/off without "
+                             "--compile, or serve each adapter with reward_pref/reward_abs for packed rows")
         return self
 
     def adapter(self, kind: RewardKind) -> str:
