@@ -1,12 +1,16 @@
 """Time split of one PPO step on the tiny setup, and the gain from overlapping scoring with generation.
 
     python bench/ppo_step.py [--batch 16] [--new-tokens 32] [--concurrency 4] [--reps 3]
+                             [--device cpu|cuda] [--precision auto|fp32|bf16] [--micro-batch-tokens N]
+                             [--gradient-checkpointing]
 
 Starts policy_gen (hf backend) and both reward services as real processes on loopback, then
 in this process (no Ray, so only the rollout strategy differs):
   - rollouts with scoring on arrival (overlap) vs. all generation first, then all scoring
     (sequential), alternated `--reps` times on the same prompts and seeds;
-  - one learner step (CRS → KL → GAE → PPO epochs) and one adapter save + sync.
+  - one learner step (CRS → KL → GAE → PPO epochs) and one adapter save + sync, on `--device`
+    with the learner's GPU knobs; the step's time is split into experience (the no-grad policy,
+    reference and value forwards), update (the PPO epochs) and save (the adapter's safetensors).
 `--concurrency` caps generation requests in flight, so completions arrive in waves as they
 do from a busy server; with everything arriving at once there is nothing to overlap.
 Prints `RESULT overlap_speedup=<x>`: median over back-to-back pairs of sequential/overlapped
@@ -31,11 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the learner's device")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="learner.precision")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="learner.micro_batch_tokens")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="learner.gradient_checkpointing")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: torch sees no CUDA device here; run with --device cpu", file=sys.stderr)
+            return 2
 
     from trainer.ppo.config import PPOConfig
-    from trainer.ppo.driver import _sync_adapter, load_prompts
+    from trainer.ppo.driver import load_prompts
     from trainer.ppo.learner import Learner
+    from trainer.ppo.policy_sync import sync_adapter
     from trainer.ppo.rollout import PromptItem, RolloutWorker
     from trainer.tiny_models import make_tiny_models
 
@@ -62,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             "generation": {"max_new_tokens": args.new_tokens},
             "services": {"policy_url": svcs["policy"].url, "reward_pref_urls": [svcs["pref"].url],
                          "reward_abs_urls": [svcs["abs"].url], "max_concurrency": args.concurrency},
+            "learner": {"precision": args.precision, "micro_batch_tokens": args.micro_batch_tokens,
+                        "gradient_checkpointing": args.gradient_checkpointing},
             "run": {"output_dir": str(run)},
         })
         prompts = load_prompts(cfg).prompts
@@ -82,21 +99,34 @@ def main(argv: list[str] | None = None) -> int:
         speedup = statistics.median(s / o for s, o in zip(times[False], times[True]))
         batch, seq_batch = last[True], last[False]
 
-        learner = Learner(cfg)
+        learner = Learner(cfg, device=args.device)
+        learner.train_step(batch.samples)  # warm-up: CUDA context, kernels, allocator; its weights are discarded below
+        learner = Learner(cfg, device=args.device)
+        _sync_device(args.device)
         t0 = time.perf_counter()
         stats = learner.train_step(batch.samples)
+        _sync_device(args.device)
         t_learn = time.perf_counter() - t0
         t0 = time.perf_counter()
         path = learner.save_adapter(run / "adapters" / "step-000001")
-        _sync_adapter(cfg, path, "bench-step-000001", None)
+        t_save = time.perf_counter() - t0
+        sync_adapter(cfg, path, "bench-step-000001", None)
         t_sync = time.perf_counter() - t0
+        peak = ""
+        if args.device == "cuda":
+            import torch
+
+            peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
 
         total = batch.time_total + t_learn + t_sync
         print(f"tiny PPO step: batch {args.batch}, {args.new_tokens} new tokens, {args.concurrency} generation requests in flight")
         print(f"  generate {batch.time_generate:6.2f}s  score (not hidden) {batch.time_score:6.2f}s  "
               f"learn {t_learn:6.2f}s  sync {t_sync:6.2f}s  total {total:6.2f}s")
-        print(f"  learn split: PPO epochs {cfg.ppo.ppo_epochs} x {cfg.ppo.num_minibatches} minibatches; "
-              f"kl/objective {stats['kl/objective']:.4f}, logprob gap {stats['logprob_gap/mean']:.2e}")
+        print(f"  learner on {learner.device} ({args.precision} -> autocast {learner.autocast_dtype or 'off'}, "
+              f"micro_batch_tokens {args.micro_batch_tokens}, checkpointing {args.gradient_checkpointing}){peak}")
+        print(f"  learn split: experience {stats['time/experience']:.2f}s  update {stats['time/update']:.2f}s  "
+              f"save {t_save:.2f}s  (PPO epochs {cfg.ppo.ppo_epochs} x {cfg.ppo.num_minibatches} minibatches; "
+              f"kl/objective {stats['kl/objective']:.4f}, logprob gap {stats['logprob_gap/mean']:.2e})")
         print(f"  sequential mode split: generate {seq_batch.time_generate:.2f}s, then score {seq_batch.time_score:.2f}s")
         print(f"  rollout sequential (generate all, then score) median {seq:.2f}s; overlapped median {ovl:.2f}s "
               f"(runs: {[round(t, 2) for t in times[False]]} vs {[round(t, 2) for t in times[True]]})")
@@ -108,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in svcs.values():
             s.stop()
+
+
+def _sync_device(device: str) -> None:
+    """CUDA runs asynchronously: wait for queued kernels so a timer measures the work."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -102,7 +101,7 @@ def test_two_trainers_share_one_default_policy_gen(shared):
 
 def test_a_full_adapter_table_is_waited_out_then_named(shared, caplog):
     from trainer.clients.policy import AdapterTableFull, PolicyClient
-    from trainer.ppo.driver import _sync_adapter
+    from trainer.ppo.policy_sync import sync_adapter
 
     cfg = _cfg(shared, "w0-a", adapter_slot_wait_s=60)
     adapters = sorted(str(p) for p in (cfg.run_dir / "adapters").iterdir())
@@ -117,13 +116,13 @@ def test_a_full_adapter_table_is_waited_out_then_named(shared, caplog):
     releaser = threading.Timer(2.0, lambda: asyncio.run(call("unload_adapter", "other-trainer-1")))
     releaser.start()
     with caplog.at_level("WARNING", logger="crs_rlhf.ppo"):
-        _sync_adapter(cfg, adapters[2], "waiting-trainer", None)  # blocks until the slot frees
+        sync_adapter(cfg, adapters[2], "waiting-trainer", None)  # blocks until the slot frees
     releaser.join()
     assert "adapter table is full" in caplog.text
     assert sorted(_models(shared)[1:]) == ["other-trainer-2", "waiting-trainer"]
 
     impatient = _cfg(shared, "w0-a", adapter_slot_wait_s=0)
     with pytest.raises(AdapterTableFull, match="--max-loras >= the number of trainers"):
-        _sync_adapter(impatient, adapters[2], "third-trainer", None)
+        sync_adapter(impatient, adapters[2], "third-trainer", None)
     for name in ("other-trainer-2", "waiting-trainer"):
         asyncio.run(call("unload_adapter", name))

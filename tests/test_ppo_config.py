@@ -24,6 +24,13 @@ def test_thesis_defaults():
     assert (c.crs.weight, c.crs.abs_output, c.crs.normalise, c.crs.score_clip) == (0.25, "logit", "none", 4.0)
 
 
+def test_learner_defaults_are_the_single_fp32_learner_on_cpu():
+    c = PPOConfig().learner
+    assert (c.num_workers, c.precision, c.gradient_checkpointing, c.micro_batch_tokens) == (1, "auto", False, None)
+    ok = load_config(PPOConfig, None, ["learner.num_workers=2", "ppo.mini_batch_size=2", "ppo.grad_accum=2"])
+    assert ok.learner.num_workers == 2 and ok.mini_batch_size == 2
+
+
 def test_tiny_yaml_loads_with_overrides():
     cfg = load_config(PPOConfig, ROOT / "configs" / "tiny" / "ppo.yaml",
                       ["crs.weight=1", "services.policy_url=http://127.0.0.1:1", "services.reward_pref_urls=[http://127.0.0.1:2]"])
@@ -37,6 +44,10 @@ def test_tiny_yaml_loads_with_overrides():
     (["crs.normalise=zscore"], "normalise"),
     (["ppo.batch_size=10"], "multiple of ppo.num_minibatches"),
     (["services.policy_url=http://x", "services.reward_abs_urls=[http://y]"], "needs services.reward_pref_urls"),
+    (["learner.num_workers=3"], r"num_workers 3 must divide the minibatch size 4 .*Use num_workers in \[1, 2, 4\]"),
+    (["learner.num_workers=0"], "num_workers"),
+    (["learner.precision=fp16"], "precision"),
+    (["learner.micro_batch_tokens=0"], "micro_batch_tokens"),
 ])
 def test_bad_configs_name_the_problem(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -50,6 +61,18 @@ def test_train_cli_rejects_bad_input(capsys):
     assert "nope" in capsys.readouterr().err
     assert main([]) == 2
     assert "services.policy_url" in capsys.readouterr().err
+
+
+def test_learner_failures_have_their_own_exit_code():
+    from trainer.ppo.actors import LearnerFailed
+    from trainer.ppo.cli import EXIT_LEARNER, EXIT_SERVICE, classify_failure
+    from trainer.ppo.driver import StepFailed
+    from trainer.ppo.learner_group import LearnerGroupError
+
+    msg = "learner worker rank 1 (node 10.0.0.2 / gpu-2, pid 7) died during train_step: ActorDiedError: x. Resume ..."
+    for exc in (LearnerGroupError(msg), LearnerFailed(msg)):
+        assert classify_failure(exc) == (EXIT_LEARNER, f"the learner failed: {msg}")
+    assert EXIT_LEARNER == 4 and classify_failure(StepFailed("step 3: rollout failed"))[0] == EXIT_SERVICE
 
 
 def test_plot_cli_on_a_missing_run(tmp_path, capsys):

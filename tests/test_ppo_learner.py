@@ -135,3 +135,67 @@ def test_grad_accum_averages_minibatch_gradients(tiny_models, tmp_path, learner_
     assert len(grads["accum"]) == len(grads["whole"]) > 0
     for a, b in zip(grads["accum"], grads["whole"]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batches_hand_worked():
+    from trainer.ppo.learner import micro_batches, resolve_precision
+
+    assert micro_batches(5, 10, 20) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert micro_batches(5, 10, None) == [slice(0, 5)]
+    assert micro_batches(3, 10, 7) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a row over budget still runs alone
+    assert micro_batches(4, 10, 40) == [slice(0, 4)]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_precision("auto", cpu), resolve_precision("auto", cuda)) == (None, torch.bfloat16)
+    assert (resolve_precision("fp32", cuda), resolve_precision("bf16", cpu)) == (None, torch.bfloat16)
+
+
+def _params(learner) -> dict[str, torch.Tensor]:
+    out = {k: v.detach().clone() for k, v in learner.model.named_parameters() if v.requires_grad}
+    out.update({f"value_head.{k}": v.detach().clone() for k, v in learner.value_head.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("learner_over", [
+    {"micro_batch_tokens": 14},  # padded length 14 (prompts 3..9 + responses 3..5): one row per micro-batch
+    {"gradient_checkpointing": True},
+    {"micro_batch_tokens": 30, "gradient_checkpointing": True},  # two rows, then one
+])
+def test_micro_batches_and_checkpointing_give_the_unsplit_step(tiny_models, tmp_path, learner_cls, learner_over):
+    # Unequal response lengths: only token-weighted micro-batch losses sum to the minibatch's gradient.
+    # lr 1e-4 with clipping, as in test_learner_group: Adam turns a near-eps gradient element's
+    # summation-order noise into a step of ~2 % of lr; the step still moves weights far beyond 1e-5.
+    def cfg(**learner):
+        return PPOConfig.model_validate({
+            "model": {"policy_path": str(tiny_models["policy"])},
+            "optim": {"lr": 1e-4, "max_grad_norm": 0.5},
+            "ppo": {"batch_size": 4, "num_minibatches": 2, "ppo_epochs": 2},
+            "kl": {"init_coef": 0.05},
+            "learner": learner,
+            "run": {"output_dir": str(tmp_path), "seed": 5},
+        })
+
+    whole, split = learner_cls(cfg()), learner_cls(cfg(**learner_over))
+    assert max(len(s.prompt_ids) for s in _samples()) + max(len(s.response_ids) for s in _samples()) == 14
+    before = _params(whole)
+    stats_whole, stats_split = whole.train_step(_samples()), split.train_step(_samples())
+    want, got = _params(whole), _params(split)
+    assert max((want[k] - before[k]).abs().max().item() for k in want) > 30 * 1e-5
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+    for k in ("loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac", "policy/entropy", "kl/objective"):
+        assert stats_split[k] == pytest.approx(stats_whole[k], abs=1e-5), k
+    assert stats_split["ppo/optimizer_steps"] == stats_whole["ppo/optimizer_steps"] == 4
+
+
+def test_bf16_autocast_keeps_logprob_math_in_fp32(tiny_models, tmp_path, learner_cls):
+    cfg = _cfg(tiny_models, tmp_path).model_copy(update={"learner": PPOConfig().learner.model_copy(update={"precision": "bf16"})})
+    learner = learner_cls(cfg)
+    assert learner.autocast_dtype is torch.bfloat16
+    exp, _ = learner.make_experience(_samples())
+    assert exp.logprobs.dtype == exp.values.dtype == exp.advantages.dtype == torch.float32
+    ref = learner_cls(_cfg(tiny_models, tmp_path)).make_experience(_samples())[0]
+    gap = ((exp.logprobs - ref.logprobs).abs() * exp.response_mask).max().item()
+    assert 0 < gap < 0.5, gap  # bf16 forwards: close to fp32, not identical (autocast really ran)
+    stats = learner.update(exp)
+    assert all(p.dtype == torch.float32 for p in learner.model.parameters())  # fp32 master weights
+    assert torch.isfinite(torch.tensor(stats["loss/policy"]))

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 urls = start_local_services(stack, models, out, args.policy_backend, need_pref or bool(args.eval_config),
                                             need_abs or bool(args.eval_config), logs=out / "logs",
                                             max_loras=max(2, min(parallel, len(runs))))
-                svc = {"policy_url": urls["policy_gen"], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
+                svc = {"policy_urls": [urls["policy_gen"]], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
                        "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else []}
                 for r in todo:
                     r.cfg = r.cfg.model_copy(update={"services": r.cfg.services.model_copy(update=svc)})

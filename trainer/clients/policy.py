@@ -10,8 +10,9 @@ bug in the request and retrying it would only hide that.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Self
 
 import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
@@ -44,6 +45,7 @@ class Rollout:
     response_logprobs: list[float]  # (R,) log pi_old(a_t | s_t), processed (post temperature/top-p)
     text: str
     finish_reason: str  # "stop" | "length"
+    model: str = ""  # the model name policy_gen reports having generated with: the adapter version
 
 
 class AdapterTableFull(RuntimeError):
@@ -68,11 +70,15 @@ class PolicyClient:
         timeout_s: float = 600.0,
         max_attempts: int = 6,
         max_backoff_s: float = 30.0,
+        headers: Mapping[str, str] | None = None,
     ):
+        self.base_url = base_url.rstrip("/")
         self.base_model = model
         self.model = model
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
+        # Sent with every request (identity: run, step, adapter); the owner updates it per step.
+        self.headers: dict[str, str] = dict(headers or {})
         self._api = openai.AsyncOpenAI(
             base_url=base_url.rstrip("/") + "/v1", api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0
         )
@@ -80,7 +86,7 @@ class PolicyClient:
     async def aclose(self) -> None:
         await self._api.close()
 
-    async def __aenter__(self) -> "PolicyClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -109,10 +115,11 @@ class PolicyClient:
         """n completions per prompt, ordered by (prompt, sample). One request per prompt, all concurrent."""
         texts = [p if isinstance(p, str) else format_prompt(p) for p in prompts]
         model = model or self.model
-        per_prompt = await asyncio.gather(*(self._one(i, t, n, sampling, model) for i, t in enumerate(texts)))
+        per_prompt = await asyncio.gather(*(self.complete(i, t, n, sampling, model) for i, t in enumerate(texts)))
         return [r for rollouts in per_prompt for r in rollouts]
 
-    async def _one(self, index: int, text: str, n: int, sp: SamplingParams, model: str) -> list[Rollout]:
+    async def complete(self, index: int, text: str, n: int, sp: SamplingParams, model: str) -> list[Rollout]:
+        """n completions of one templated prompt (`index`: its position in the caller's batch, the seed offset)."""
         resp = await self._retry(
             self._api.completions.create,
             model=model,
@@ -125,6 +132,7 @@ class PolicyClient:
             stop=list(sp.stop) or None,
             logprobs=0,
             extra_body={"top_k": sp.top_k, "return_token_ids": True},
+            extra_headers=self.headers,
         )
         out = []
         for j, choice in enumerate(sorted(resp.choices, key=lambda c: c.index)):
@@ -137,13 +145,14 @@ class PolicyClient:
             logprobs = [float(x) for x in choice.logprobs.token_logprobs]
             if len(logprobs) != len(ids):
                 raise RuntimeError(f"policy_gen returned {len(ids)} token ids but {len(logprobs)} logprobs")
-            out.append(Rollout(index, j, list(prompt_ids), list(ids), logprobs, choice.text, choice.finish_reason))
+            out.append(Rollout(index, j, list(prompt_ids), list(ids), logprobs, choice.text, choice.finish_reason,
+                               resp.model))
         return out
 
     # ------------------------------------------------------------------ adapters
 
     async def _post_text(self, path: str, body: dict) -> str:
-        return await self._retry(self._api.post, path, body=body, cast_to=str)
+        return await self._retry(self._api.post, path, body=body, cast_to=str, options={"headers": self.headers})
 
     async def load_adapter(self, path: str, name: str, *, inplace: bool = False) -> None:
         try:
@@ -185,5 +194,5 @@ class PolicyClient:
             await self.unload_adapter(previous)
 
     async def models(self) -> list[str]:
-        page = await self._retry(self._api.models.list)
+        page = await self._retry(self._api.models.list, extra_headers=self.headers)
         return [m.id for m in page.data]

@@ -4,14 +4,17 @@ One `RewardClient` per signal. It spreads requests over M replica URLs round-rob
 skips a URL that just failed for `unhealthy_cooldown_s` (health-aware), retries connection
 errors, timeouts, 5xx and 503 (honouring `Retry-After`) with exponential backoff via
 tenacity, and raises once retries are exhausted. It never turns a failure into a zero
-reward: a made-up score would silently train the policy on noise.
+reward: a made-up score would silently train the policy on noise. `headers` go with every
+request: the trainer's run identity (services.common.identity.run_headers), so a shared
+reward server can log and count its load by run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Self
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
@@ -44,7 +47,7 @@ class RewardScores:
 def _error_message(resp: httpx.Response) -> str:
     try:
         return ErrorResponse.model_validate(resp.json()).error.message
-    except Exception:
+    except ValueError:  # not JSON, or not the error shape (pydantic's ValidationError is a ValueError)
         return resp.text[:300]
 
 
@@ -78,6 +81,7 @@ class RewardClient:
         backoff_initial_s: float = 0.25,
         backoff_max_s: float = 5.0,
         name: str = "reward",
+        headers: Mapping[str, str] | None = None,
     ):
         if not urls:
             raise ValueError(f"{name}: at least one reward service URL is needed")
@@ -89,13 +93,13 @@ class RewardClient:
         self._next = 0
         self._unhealthy_until: dict[str, float] = {}
         self.failures = 0  # transient failures seen (for logs/metrics)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(timeout=timeout_s, headers=headers)
+        sent = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._http = httpx.AsyncClient(timeout=timeout_s, headers=sent)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "RewardClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -94,11 +94,12 @@ async def generate_policy(url: str, spec: PolicySpec, prompts: Sequence[Prompt],
     import openai
     from tqdm import tqdm
 
+    from services.common.identity import run_headers
     from trainer.clients.policy import PolicyClient
 
     client = PolicyClient(url, model=spec.model, api_key=api_key)
     api = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "EMPTY", max_retries=0,
-                             timeout=600)
+                             timeout=600, default_headers=run_headers("eval", 0, None))  # counted as run "eval"
     try:
         if spec.adapter is not None:
             await client.load_adapter(str(spec.adapter), spec.name)

@@ -55,11 +55,14 @@ async def _score_all(url: str, rm: str, items: list, batch_size: int, api_key: s
                      progress: bool) -> list[tuple[float, float | None]]:
     from tqdm import tqdm
 
+    from services.common.identity import run_headers
     from trainer.clients.reward import RewardClient
 
     sem = asyncio.Semaphore(concurrency)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    async with RewardClient([url], api_key=api_key, name=rm, retry_max_s=120) as client:
+    # "eval": shared reward servers count this load apart from the training runs'.
+    async with RewardClient([url], api_key=api_key, name=rm, retry_max_s=120,
+                            headers=run_headers("eval", 0, None)) as client:
         async def one(batch):
             async with sem:
                 return await client.score(batch)

@@ -6,7 +6,9 @@ trainer waits up to `services.wait_ready_s` for their `/ready`. policy_gen needs
 
 Exit codes: 0 finished; 2 bad config or a request a service refused (e.g. an adapter outside
 policy_gen's --adapter-root); 3 a service unreachable, not ready in time, or failing after
-retries; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint; 1 anything else.
+retries; 4 the learner failed (a learner worker died, a collective timed out, or the update
+raised: the message names the worker's rank and node; `--resume` continues from the last
+checkpoint); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint; 1 anything else.
 Expected failures print one line; `--debug` shows the traceback.
 """
 
@@ -18,7 +20,7 @@ import sys
 
 from trainer.config_io import ConfigError, add_config_args, load_config
 
-EXIT_CONFIG, EXIT_SERVICE = 2, 3
+EXIT_CONFIG, EXIT_SERVICE, EXIT_LEARNER = 2, 3, 4
 
 
 def classify_failure(exc: BaseException) -> tuple[int, str]:
@@ -27,10 +29,13 @@ def classify_failure(exc: BaseException) -> tuple[int, str]:
     import openai
 
     from trainer.clients.wait import ServicesNotReady
+    from trainer.ppo.actors import LearnerFailed
     from trainer.ppo.driver import StepFailed
 
     if isinstance(exc, ServicesNotReady):
         return EXIT_SERVICE, str(exc)
+    if isinstance(exc, LearnerFailed):
+        return EXIT_LEARNER, f"the learner failed: {exc}"
     if isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500:
         detail = exc.message
         hint = " (policy_gen's --adapter-root must contain run.output_dir)" if "adapter" in detail.lower() else ""
@@ -58,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"crs-rlhf train: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if not cfg.services.policy_url:
-        print("crs-rlhf train: services.policy_url is not set (start policy_gen and pass --set services.policy_url=...)", file=sys.stderr)
+    if not cfg.services.policy_urls:
+        print("crs-rlhf train: services.policy_urls is not set (start policy_gen and pass "
+              "--set services.policy_url=URL, or services.policy_urls='[URL1, URL2]' for several replicas)", file=sys.stderr)
         return EXIT_CONFIG
     from trainer.ppo.driver import train
     from trainer.ppo.signals import Interrupted

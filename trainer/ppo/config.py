@@ -12,13 +12,15 @@ Unknown keys are errors everywhere (`extra="forbid"`), so a typo names itself.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from services.common.identity import RUN_ID_RULE, is_valid_run_id
 from trainer.data.rl import RLPromptOptions
 
 
@@ -83,7 +85,9 @@ class CRSSection(_Section):
 
 
 class ServicesSection(_Section):
-    policy_url: str = Field("", description="policy_gen base URL (vLLM-compatible /v1/completions).")
+    policy_urls: list[str] = Field(default_factory=list, description="policy_gen replicas (vLLM-compatible "
+                                   "/v1/completions): generation goes to the least busy healthy one, and each step's "
+                                   "adapter is loaded into every one. `policy_url: URL` is the one-replica spelling.")
     policy_model: str | None = Field(None, description="Base model id served by policy_gen; None = ask /v1/models.")
     reward_pref_urls: list[str] = Field(default_factory=list, description="Preference RM replicas, round-robin.")
     reward_abs_urls: list[str] = Field(default_factory=list, description="Absolute RM replicas, round-robin.")
@@ -98,6 +102,45 @@ class ServicesSection(_Section):
     wait_ready_s: float = Field(900.0, ge=0, description="Wait this long for every service's /ready before step 1 "
                                 "(and before redoing a step after a service dropped out); vLLM can take minutes to load.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_policy_url(cls, data):
+        # `policy_url` (one replica) predates `policy_urls`; both spellings stay valid, and a
+        # config that sets both to different things is refused rather than silently merged.
+        if not isinstance(data, dict) or "policy_url" not in data:
+            return data
+        data = dict(data)
+        one, many = data.pop("policy_url"), data.get("policy_urls") or []
+        if one and many and list(many) != [one]:
+            raise ValueError(f"services.policy_url ({one}) and services.policy_urls ({list(many)}) disagree: set only "
+                             "policy_urls (list every replica there) and leave policy_url empty")
+        if one and not many:
+            data["policy_urls"] = [one]
+        return data
+
+    @field_validator("policy_urls")
+    @classmethod
+    def _distinct_policy_urls(cls, urls: list[str]) -> list[str]:
+        urls = [u.rstrip("/") for u in urls]
+        if twice := sorted({u for u in urls if urls.count(u) > 1}):
+            raise ValueError(f"services.policy_urls lists {twice} more than once: list each replica once")
+        return urls
+
+    @model_serializer(mode="wrap")
+    def _dump_one_policy_url(self, handler):
+        # A one-replica config dumps as before (`policy_url: URL`), so RUN/config.yaml files and
+        # scripts that edit a dumped config's policy_url keep working.
+        data = handler(self)
+        if len(self.policy_urls) <= 1:
+            data.pop("policy_urls", None)
+            data = {"policy_url": self.policy_url, **data}
+        return data
+
+    @property
+    def policy_url(self) -> str:
+        """The first policy_gen replica ("" when none is set): what one-replica code paths call."""
+        return self.policy_urls[0] if self.policy_urls else ""
+
 
 class RaySection(_Section):
     address: str | None = Field(None, description="Join this Ray cluster ('auto' or host:port); None = start a local one.")
@@ -106,8 +149,31 @@ class RaySection(_Section):
     learner_gpu: Literal["auto", "never", "always"] = Field("auto", description="auto: take a GPU when the cluster has one.")
 
 
+class LearnerSection(_Section):
+    """How the learner runs: data-parallel workers, precision, memory savers (docs/ppo.md, "The learner").
+
+    The GPU switch stays `ray.learner_gpu`: with N workers each takes one GPU when it applies.
+    """
+
+    num_workers: int = Field(1, gt=0, description="Data-parallel learner workers (Ray actors in one torch.distributed "
+                             "group); each takes an equal share of every minibatch. 1 = the single learner actor.")
+    collective_timeout_s: float = Field(600.0, gt=0, description="A collective (gradient all_reduce) waiting longer "
+                                        "than this fails the step: a dead peer must not hang the run.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Forward passes under autocast: auto = bf16 on CUDA, fp32 on CPU. Weights, logprob math, "
+        "losses and the optimizer stay fp32 either way.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30 % "
+                                         "more compute); non-reentrant, so it works with the frozen LoRA base.")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="Split forwards into micro-batches of at most this many rows × padded length tokens "
+        "(gradients accumulated with token weights: the same step); null = one pass per minibatch.")
+
+
 class RunSection(_Section):
     output_dir: str = "runs/ppo"
+    name: str | None = Field(
+        None, description="The run's id on shared servers (X-CRS-Run header: their logs and per-run metrics), "
+        f"{RUN_ID_RULE}; null = the run folder's tag, ppo-<8 hex>.")
     steps: int = Field(100, gt=0, description="PPO steps in total (a resumed run continues up to this).")
     checkpoint_every: int = Field(10, gt=0)
     seed: int = 0
@@ -129,6 +195,18 @@ class RunSection(_Section):
         "never", description="auto: continue from the run folder's latest checkpoint when there is one, else start "
         "fresh (cluster jobs: a resubmitted job picks up where it stopped); never: start fresh (`--resume` sets auto).")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not is_valid_run_id(v):
+            raise ValueError(f"run.name {v!r} must be {RUN_ID_RULE} (servers label metrics by it), e.g. 'ppo-w025-seed1'")
+        return v
+
+
+def run_tag(run_dir: Path) -> str:
+    """Adapter-name prefix unique to a run folder: runs sharing one policy_gen never collide."""
+    return "ppo-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+
 
 class PPOConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
@@ -139,10 +217,11 @@ class PPOConfig(_Section):
     crs: CRSSection = Field(default_factory=CRSSection)
     services: ServicesSection = Field(default_factory=ServicesSection)
     ray: RaySection = Field(default_factory=RaySection)
+    learner: LearnerSection = Field(default_factory=LearnerSection)
     run: RunSection = Field(default_factory=RunSection)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PPOConfig":
+    def _consistent(self) -> PPOConfig:
         p = self.ppo
         if p.batch_size % p.completions_per_prompt:
             raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.completions_per_prompt {p.completions_per_prompt}")
@@ -155,6 +234,12 @@ class PPOConfig(_Section):
         if p.batch_size % (self.mini_batch_size * p.grad_accum):
             raise ValueError(f"ppo.batch_size {p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum "
                              f"({self.mini_batch_size} × {p.grad_accum}); e.g. the thesis's 16 = 2 × 8")
+        n = self.learner.num_workers
+        if self.mini_batch_size % n:
+            fits = [d for d in range(1, self.mini_batch_size + 1) if self.mini_batch_size % d == 0]
+            raise ValueError(f"learner.num_workers {n} must divide the minibatch size {self.mini_batch_size} "
+                             f"(ppo.mini_batch_size, or batch_size / num_minibatches): each worker takes an equal share "
+                             f"of every minibatch. Use num_workers in {fits} or a minibatch size that {n} divides")
         if "wandb" in self.run.report_to and importlib.util.find_spec("wandb") is None:
             raise ValueError("run.report_to includes 'wandb' but wandb is not installed: "
                              "pip install 'crs-rlhf[wandb]' (or remove wandb from run.report_to)")
@@ -181,3 +266,8 @@ class PPOConfig(_Section):
     def run_dir(self) -> Path:
         # Absolute: adapter paths are sent to policy_gen, another process with its own cwd.
         return Path(self.run.output_dir).resolve()
+
+    @property
+    def run_id(self) -> str:
+        """What this run calls itself on shared servers (X-CRS-Run): run.name or the run folder's tag."""
+        return self.run.name or run_tag(self.run_dir)

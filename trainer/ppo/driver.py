@@ -4,7 +4,7 @@
         rollouts  = workers generate + score (both reward services, on arrival)
         stats     = learner.train_step(rollouts)        # CRS → KL penalty → GAE → PPO epochs
         adapter   = learner.save_adapter(step)          # RUN/adapters/step-{k:06d}/, a new folder each step
-        policy_gen.sync_adapter(adapter)                # the next rollouts use the new policy
+        policy_sync.sync_adapter(adapter)               # into every policy_gen replica: the next rollouts use it
         metrics.log(step); checkpoint every K steps
 
 Prompt order is a pure function of (seed, data position): each epoch over the prompts is a
@@ -14,26 +14,30 @@ prompt skipped or repeated, and step numbers continue from the checkpoint's step
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import ray
 
-from trainer.clients.policy import AdapterTableFull, PolicyClient
 from trainer.clients.wait import Target, wait_ready
 from trainer.config_io import dump_config
 from trainer.ppo.actors import init_ray, make_learner, make_rollout_workers
 from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
-from trainer.ppo.config import PPOConfig
-from trainer.ppo.experience import RolloutBatch
+from trainer.ppo.config import PPOConfig, run_tag  # run_tag: re-exported here too
+from trainer.ppo.experience import RolloutBatch, drop_stale
 from trainer.ppo.metrics import MetricsLogger
+from trainer.ppo.policy_sync import (
+    NoReplicaHoldsAdapter,
+    release_adapter_slots,
+    sync_adapter,
+    unload_stale_adapters,
+    wait_for_a_replica,
+)
 from trainer.ppo.rollout import PromptItem, split_prompts
 from trainer.ppo.signals import Interrupted, stop_on_signals
 
@@ -92,111 +96,66 @@ def load_prompts(cfg: PPOConfig) -> PromptSet:
     return PromptSet(prompts=split.train, dropped=split.dropped_long)
 
 
-def run_tag(run_dir: Path) -> str:
-    """Adapter-name prefix unique to a run folder: runs sharing one policy_gen never collide."""
-    return "ppo-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
-
-
 def adapter_name(run_dir: Path, step: int) -> str:
     return f"{run_tag(run_dir)}-step-{step:06d}"
 
 
-def _unload_stale_adapters(cfg: PPOConfig) -> list[str]:
-    """Unload adapters an earlier (interrupted) invocation of this run left in policy_gen."""
-    async def go():
-        s = cfg.services
-        async with PolicyClient(s.policy_url, model="", api_key=s.api_key, timeout_s=s.timeout_s) as client:
-            stale = [m for m in await client.models() if m.startswith(run_tag(cfg.run_dir) + "-step-")]
-            for name in stale:
-                await client.unload_adapter(name)
-            return stale
-
-    return asyncio.run(go())
-
-
-def _release_adapter_slot(cfg: PPOConfig) -> None:
-    """A finished (or interrupted) run frees its policy_gen slot for the next trainer: the adapter
-    stays on disk, and `--resume` loads it again. Best effort: a run that trained is not failed
-    because policy_gen went away at the end."""
-    try:
-        _unload_stale_adapters(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure here only costs a slot until the next start
-        log.warning("could not unload this run's adapter from policy_gen: %s", e)
-
-
-def _sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None) -> None:
-    """Unload the previous adapter, then load the new one (a new name and folder each step).
-
-    Unload first, so a trainer holds at most one of policy_gen's `--max-loras` slots and N
-    trainers sharing one policy_gen need N slots, not 2N (load-then-unload made two trainers
-    crash on the default 2). Nothing generates with `previous` here: the step's rollouts
-    are done. A table that is still full (more trainers than slots) is waited out.
-    """
-    async def go():
-        s = cfg.services
-        async with PolicyClient(s.policy_url, model=previous or "", api_key=s.api_key, timeout_s=s.timeout_s) as client:
-            if previous and previous != name:
-                await client.unload_adapter(previous)
-            await _load_waiting_for_a_slot(client, path, name, cfg.run.adapter_slot_wait_s)
-
-    asyncio.run(go())
-
-
-async def _load_waiting_for_a_slot(client: PolicyClient, path: str, name: str, wait_s: float) -> None:
-    """load_adapter, retried with backoff (0.5 s → 10 s) while policy_gen's adapter table is full."""
-    deadline, delay = time.monotonic() + wait_s, 0.5
-    while True:
-        try:
-            return await client.load_adapter(path, name)
-        except AdapterTableFull as e:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AdapterTableFull(
-                    f"{e}; waited {wait_s:.0f}s (run.adapter_slot_wait_s) for a free slot. Each trainer sharing this "
-                    "policy_gen holds one adapter: start it with --max-loras >= the number of trainers") from None
-            log.warning("policy_gen's adapter table is full (another trainer is syncing?); retrying %s in %.1fs", name, delay)
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 10.0)
+def _stale_prefix(cfg: PPOConfig) -> str:
+    return run_tag(cfg.run_dir) + "-step-"  # every adapter name of this run starts so (adapter_name)
 
 
 def service_targets(cfg: PPOConfig) -> list[Target]:
-    """The services this run calls: policy_gen, and each reward service its CRS weight uses."""
+    """The services this run calls: every policy_gen replica, and each reward service its CRS weight uses."""
     s, w = cfg.services, cfg.crs.weight
-    targets = [Target("policy_gen", s.policy_url)]
+    targets = [Target("policy_gen", u) for u in s.policy_urls]
     targets += [Target("reward_pref", u) for u in s.reward_pref_urls] if w > 0 else []
     targets += [Target("reward_abs", u) for u in s.reward_abs_urls] if w < 1 else []
     return targets
 
 
 def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: str | None, step: int) -> RolloutBatch:
-    """All workers in parallel; the whole step's rollout is redone if any slice fails for good.
+    """All workers in parallel; the whole step's rollout is redone if any slice fails for good, or
+    if any sample came from another adapter than `adapter` (refused: PPO's π_old would be wrong,
+    and the learner's schedule wants the full batch).
 
-    Before a redo the current adapter is loaded again (a no-op if policy_gen still holds it):
-    a restarted policy_gen has forgotten it, and would otherwise answer 404 for the step.
+    Before a redo the current adapter is loaded again into every replica (a no-op where it is
+    held): a restarted policy_gen has forgotten it, and would otherwise answer 404 for the step.
     """
+    stale_dropped = 0
     for attempt in range(cfg.run.step_retries + 1):
         slices = split_prompts(items, len(workers))
         try:
             parts = ray.get([w.rollout.remote(s, adapter, step) for w, s in zip(workers, slices)])
         except ray.exceptions.RayError as e:  # a worker's error (RayTaskError) or a lost worker
-            if attempt == cfg.run.step_retries:
-                raise StepFailed(f"step {step}: rollout failed after {attempt + 1} attempts: {e}") from e
-            log.warning("step %d: rollout failed (%s); retrying the step", step, e)
-            # A service that restarted answers again only once its model is loaded.
-            wait_ready(service_targets(cfg), cfg.services.wait_ready_s)
-            if adapter is not None:
-                try:
-                    _sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None)
-                except Exception as sync_error:  # the redo reports the real failure if this mattered
-                    log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
+            failure = str(e)
+        else:
+            generated = [s for p in parts for s in p.samples]
+            samples, dropped = drop_stale(generated, adapter)
+            if not dropped:
+                retries: dict[str, int] = {}
+                for p in parts:
+                    for k, v in p.retries.items():  # None for a signal this run does not use
+                        retries[k] = None if v is None else (retries.get(k) or 0) + v
+                return RolloutBatch(samples, max(p.time_generate for p in parts), max(p.time_score for p in parts),
+                                    max(p.time_total for p in parts), retries, stale_dropped)
+            stale_dropped += dropped
+            got = sorted({s.adapter or "the base model" for s in generated if s.adapter != adapter})
+            failure = (f"{dropped} of {len(generated)} rollouts came from {', '.join(got)}, not "
+                       f"{adapter or 'the base model'} (refused as stale)")
+        if attempt == cfg.run.step_retries:
+            raise StepFailed(f"step {step}: rollout failed after {attempt + 1} attempts: {failure}")
+        log.warning("step %d: rollout failed (%s); retrying the step", step, failure)
+        # A service that restarted answers again only once its model is loaded; policy_gen
+        # replicas are waited for by the sync (one in rotation is enough to go on).
+        wait_ready([t for t in service_targets(cfg) if t.name != "policy_gen"], cfg.services.wait_ready_s)
+        if adapter is None:
+            wait_for_a_replica(cfg)
             continue
-        samples = [s for p in parts for s in p.samples]
-        retries: dict[str, int] = {}
-        for p in parts:
-            for k, v in p.retries.items():  # None for a signal this run does not use
-                retries[k] = None if v is None else (retries.get(k) or 0) + v
-        return RolloutBatch(samples, max(p.time_generate for p in parts), max(p.time_score for p in parts),
-                            max(p.time_total for p in parts), retries)
+        try:
+            sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None, step=step,
+                         stale_prefix=_stale_prefix(cfg))
+        except Exception as sync_error:  # noqa: BLE001 - the redo reports the real failure if this mattered
+            log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
     raise AssertionError("unreachable")
 
 
@@ -217,18 +176,19 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
     stop = stop_on_signals()  # after ray.init, which sets a SIGTERM handler that would exit unsaved
     stop.__enter__()
+    learner = None  # one handle for 1 learner actor or a group of N workers (trainer.ppo.actors.make_learner)
     try:
-        learner = make_learner(cfg)
+        learner = make_learner(cfg, name=run_tag(run_dir))
         workers = make_rollout_workers(cfg)
         ckpt = latest_checkpoint(run_dir) if resume else None
         progress = Progress()
-        _unload_stale_adapters(cfg)
+        unload_stale_adapters(cfg, _stale_prefix(cfg))
         if ckpt is not None:
-            state = ray.get(learner.load_checkpoint.remote(str(ckpt)))
+            state = learner.load_checkpoint(str(ckpt))
             progress = Progress(state["step"], state["data_position"], adapter_name(run_dir, state["step"]))
             path = run_dir / "adapters" / f"step-{progress.step:06d}"
-            ray.get(learner.save_adapter.remote(str(path)))  # rewrite: the folder may be pruned or newer
-            _sync_adapter(cfg, str(path), progress.adapter, None)
+            learner.save_adapter(str(path))  # rewrite: the folder may be pruned or newer
+            sync_adapter(cfg, str(path), progress.adapter, None, step=progress.step, stale_prefix=_stale_prefix(cfg))
             log.info("resumed from %s: step %d, data position %d", ckpt, progress.step, progress.position)
         elif resume:
             log.info("resume: no checkpoint in %s, starting fresh", run_dir)
@@ -240,7 +200,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
 
         def checkpoint() -> None:
             state = {"step": progress.step, "data_position": progress.position}
-            ray.get(learner.save_checkpoint.remote(str(checkpoint_dir(run_dir, progress.step)), state))
+            learner.save_checkpoint(str(checkpoint_dir(run_dir, progress.step)), state)
 
         pending: Pending | None = None  # a step whose update was sent to the learner
         try:
@@ -248,7 +208,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
                 k, pos = progress.step + 1, progress.position
                 items = [PromptItem(p, data.prompts[order(p)]) for p in range(pos, pos + prompts_per_step)]
                 batch = _rollout(cfg, workers, items, progress.adapter, k)
-                pending = Pending(k, learner.train_step.remote(batch.samples), batch, items)
+                pending = Pending(k, learner.train_step_async(batch.samples), batch, items)
                 _finish_step(cfg, learner, metrics, summary, pending, progress)
                 if on_step is not None:
                     on_step(summary.metrics[-1])
@@ -266,12 +226,14 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
                 checkpoint()
         summary.last_step = progress.step
         summary.final_adapter = str(run_dir / "adapters" / f"step-{progress.step:06d}") if progress.step else None
-        _release_adapter_slot(cfg)
+        release_adapter_slots(cfg, _stale_prefix(cfg))
         return summary
     finally:
         stop.__exit__(None, None, None)
         if metrics is not None:
             metrics.close()
+        if learner is not None:
+            learner.shutdown()  # a group's workers and placement group go, so a next run can place its own
         if started_ray:
             ray.shutdown()
 
@@ -286,7 +248,7 @@ class Progress:
 @dataclass
 class Pending:
     step: int
-    ref: object  # Ray ObjectRef of learner.train_step
+    ref: object  # learner.train_step_async's handle (an ObjectRef, or a group's GroupCall)
     batch: RolloutBatch
     items: list[PromptItem]
 
@@ -294,16 +256,21 @@ class Pending:
 def _finish_step(cfg, learner, metrics: MetricsLogger, summary: RunSummary, pending: Pending, progress: Progress) -> None:
     """Wait for the update, publish the adapter, log; then (and only then) advance `progress`."""
     k, batch, items = pending.step, pending.batch, pending.items
-    stats = ray.get(pending.ref)
+    stats = learner.train_step_result(pending.ref)
     t0 = time.perf_counter()
-    path = ray.get(learner.save_adapter.remote(str(cfg.run_dir / "adapters" / f"step-{k:06d}")))
-    _sync_adapter(cfg, path, adapter_name(cfg.run_dir, k), progress.adapter)
+    path = learner.save_adapter(str(cfg.run_dir / "adapters" / f"step-{k:06d}"))
+    try:  # into every policy_gen replica; one that fails is out of rotation until a later sync
+        sync = sync_adapter(cfg, path, adapter_name(cfg.run_dir, k), progress.adapter, step=k,
+                            stale_prefix=_stale_prefix(cfg))
+    except NoReplicaHoldsAdapter as e:
+        raise StepFailed(f"step {k}: {e}") from e
     t_sync = time.perf_counter() - t0
     _prune_adapters(cfg, k)
     stats.update({
         "time/generate": batch.time_generate, "time/score": batch.time_score, "time/rollout": batch.time_total,
         "time/sync": t_sync, "data/position": progress.position + len(items),
         **{f"retries/{name}": v for name, v in batch.retries.items()},
+        **sync.metrics(), "rollouts/stale_dropped": batch.stale_dropped,
     })
     s = batch.samples
     rollouts = {

@@ -8,11 +8,18 @@ critic is a single Linear on the last hidden state — the thesis's single-GPU s
 cost for a small model-quality gain; the price of sharing is that value gradients also move
 the LoRA weights, which the small `vf_coef` (0.1, TRL's default) keeps in check.
 
-Plain class: tests use it directly; `trainer.ppo.actors` wraps it in a Ray actor.
+Plain class: tests use it directly; `trainer.ppo.actors` wraps it in a Ray actor, and
+`trainer.ppo.learner_group.ShardedLearner` makes it one rank of a data-parallel group.
+
+One rule carries the update's correctness whatever the split: the PPO losses are token-level
+masked means over a minibatch, so every piece of it (a rank's rows, a micro-batch of those) is
+backpropagated with weight world · (its response tokens / the minibatch's tokens). The pieces'
+gradients then sum (and average over ranks) to exactly the gradient of the whole minibatch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,35 @@ def _opt(values: list[float | None]) -> torch.Tensor | None:
     return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
 
 
+def shard_rows(n: int, rank: int, world: int) -> slice:
+    """Contiguous near-equal row slice of rank `rank` among `world` ranks (n=5, world=2: 0:3, 3:5)."""
+    k, r = divmod(n, world)
+    start = rank * k + min(rank, r)
+    return slice(start, start + k + (1 if rank < r else 0))
+
+
+def shard_weight(rank_tokens: float, total_tokens: float, world: int) -> float:
+    """Loss scale of one piece: world · its tokens / all tokens (mean over ranks of the scaled
+    piece means = the global token mean; e.g. shards of 3 and 1 tokens: 2·3/4 and 2·1/4)."""
+    return world * rank_tokens / max(total_tokens, 1.0)
+
+
+def micro_batches(n_rows: int, padded_len: int, budget: int | None) -> list[slice]:
+    """Row slices of at most `budget` tokens (rows × padded_len) each; at least one row per slice.
+
+    n_rows=5, padded_len=10, budget=20: [0:2, 2:4, 4:5]; budget None: [0:5] (one pass).
+    """
+    rows = n_rows if budget is None else max(1, budget // max(padded_len, 1))
+    return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)] or [slice(0, 0)]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forwards (None = plain fp32): auto is bf16 on CUDA only."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 class Learner:
     def __init__(self, cfg: PPOConfig, device: str | None = None):
         from peft import LoraConfig, get_peft_model
@@ -52,6 +88,11 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path)
         base = AutoModelForCausalLM.from_pretrained(cfg.model.policy_path, dtype=torch.float32)
+        if cfg.learner.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad; the hook makes the
+            # reentrant kind work too (the frozen base's embeddings would otherwise cut the graph).
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
         lora = LoraConfig(
             r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
             target_modules=cfg.model.target_modules, task_type="CAUSAL_LM",
@@ -68,6 +109,8 @@ class Learner:
         self.crs = CombinedReward(weight=c.weight, abs_output=c.abs_output, normalise=c.normalise, clip=c.score_clip)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)  # minibatch shuffling
         self.pad_id = self.tokenizer.pad_token_id
+        self.autocast_dtype = resolve_precision(cfg.learner.precision, self.device)
+        self.rank, self.world = 0, 1  # one rank of a data-parallel group: see ShardedLearner
 
     # ------------------------------------------------------------------ forward
 
@@ -77,16 +120,26 @@ class Learner:
         # Left padding: positions must count real tokens only, or rows with short prompts
         # would see shifted rotary positions and disagree with policy_gen's logprobs.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+A)
-        out = self.model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-            output_hidden_states=with_values, logits_to_keep=A + 1, use_cache=False,
-        )
+        with self._autocast():
+            out = self.model(
+                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=with_values, logits_to_keep=A + 1, use_cache=False,
+            )
+        # Outside autocast: log-softmax, the value head and every loss run in fp32.
         logits = out.logits[:, :-1].float()  # (B, A, V): columns P-1 .. P+A-2
         values = None
         if with_values:
             hidden = out.hidden_states[-1][:, prompt_len - 1 : -1]  # (B, A, H)
             values = self.value_head(hidden.float()).squeeze(-1)  # (B, A)
         return ForwardOut(logits=logits, values=values)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _micro(self, n_rows: int, padded_len: int) -> list[slice]:
+        return micro_batches(n_rows, padded_len, self.cfg.learner.micro_batch_tokens)
 
     # ------------------------------------------------------------------ experience
 
@@ -96,22 +149,19 @@ class Learner:
         seq, attn = pb.sequences.to(self.device), pb.attention_mask.to(self.device)
         resp, mask = pb.response_ids.to(self.device), pb.response_mask.to(self.device)
         self.model.eval()
-        fwd = self.forward(seq, attn, pb.prompt_len)
-        logprobs = core.logprobs_from_logits(fwd.logits, resp)  # (B, A)
-        with self.model.disable_adapter():  # the reference policy: same weights, no LoRA
-            ref_logprobs = core.logprobs_from_logits(self.forward(seq, attn, pb.prompt_len, with_values=False).logits, resp)
+        logprobs, ref_logprobs, values = self.experience_forwards(seq, attn, resp, pb.prompt_len)  # (B, A) each
         r_pref = _opt([s.r_pref for s in samples])
         r_abs = _opt([s.r_abs for s in samples])
         crs = self.crs(r_pref, r_abs)
         scores = crs.reward.to(self.device)  # (B,)
         beta = self.kl_ctl.value
         tr = core.kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, beta)
-        adv = core.gae(tr.rewards, fwd.values, mask, self.cfg.ppo.gamma, self.cfg.ppo.lam)
+        adv = core.gae(tr.rewards, values, mask, self.cfg.ppo.gamma, self.cfg.ppo.lam)
         advantages = core.masked_whiten(adv.advantages, mask) if self.cfg.ppo.whiten_advantages else adv.advantages
         gen_lp = pb.gen_logprobs.to(self.device)
         exp = Experience(
             sequences=seq, attention_mask=attn, response_ids=resp, response_mask=mask, prompt_len=pb.prompt_len,
-            logprobs=logprobs, ref_logprobs=ref_logprobs, gen_logprobs=gen_lp, values=fwd.values, scores=scores,
+            logprobs=logprobs, ref_logprobs=ref_logprobs, gen_logprobs=gen_lp, values=values, scores=scores,
             rewards=tr.rewards, advantages=advantages, returns=adv.returns,
         )
         gap = (gen_lp - logprobs).abs() * mask  # (B, A)
@@ -129,6 +179,20 @@ class Learner:
             stats["reward/abs"] = r_abs.mean().item()
         return exp, stats
 
+    def experience_forwards(self, seq, attn, resp, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log π_θ, log π_ref, V), each (B, A), in micro-batches (rows are independent: any split
+        gives the same rows). ShardedLearner computes its rows only and all_gathers the rest."""
+        lp, ref_lp, vals = [], [], []
+        for mb in self._micro(seq.shape[0], seq.shape[1]):
+            fwd = self.forward(seq[mb], attn[mb], prompt_len)
+            lp.append(core.logprobs_from_logits(fwd.logits, resp[mb]))  # (b, A)
+            vals.append(fwd.values)
+            with self.model.disable_adapter():  # the reference policy: same weights, no LoRA
+                ref_logits = self.forward(seq[mb], attn[mb], prompt_len, with_values=False).logits
+            ref_lp.append(core.logprobs_from_logits(ref_logits, resp[mb]))
+            del fwd, ref_logits  # (b, A, V) logits are the big tensors: free them before the next micro-batch
+        return torch.cat(lp), torch.cat(ref_lp), torch.cat(vals)
+
     # ------------------------------------------------------------------ update
 
     def update(self, exp: Experience) -> dict:
@@ -138,46 +202,68 @@ class Learner:
         mini_batch_size × grad_accum samples; every minibatch's loss is divided by grad_accum
         and backpropagated, and the optimizer steps once per backward batch (so the step sees
         the mean of its minibatches' losses). grad_accum 1 is the plain one-step-per-minibatch.
+        A rank of a group takes its share of each minibatch's rows; micro-batches split it
+        further (module docstring: the token weights keep the gradient that of the minibatch).
         """
         p, o = self.cfg.ppo, self.cfg.optim
         self.model.train()
         mb_size, accum = self.cfg.mini_batch_size, p.grad_accum
-        acc: dict[str, list[float]] = {}
+        acc: dict[str, float] = {}
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
-        steps = 0
+        n_mb, steps = 0, 0
         for _ in range(p.ppo_epochs):
+            # Seeded generator: every rank of a group walks the same minibatches.
             perm = torch.randperm(exp.size, generator=self.generator).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             for i, idx in enumerate(perm.split(mb_size)):
-                fwd = self.forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_len)
-                mask = exp.response_mask[idx]
-                logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[idx])  # (b, A)
-                pg = core.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, p.clip_range)
-                vf = core.value_loss(fwd.values, exp.values[idx], exp.returns[idx], mask, p.clip_range_value)
-                entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
-                loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
-                (loss / accum).backward()
+                total = exp.response_mask[idx].sum().item()
+                rows = idx[shard_rows(len(idx), self.rank, self.world)]  # this rank's rows of the minibatch
+                for mb in self._micro(len(rows), exp.sequences.shape[1]):
+                    piece = rows[mb]
+                    mask = exp.response_mask[piece]
+                    weight = shard_weight(mask.sum().item(), total, self.world)
+                    fwd = self.forward(exp.sequences[piece], exp.attention_mask[piece], exp.prompt_len)
+                    logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[piece])  # (b, A)
+                    pg = core.policy_loss(logprobs, exp.logprobs[piece], exp.advantages[piece], mask, p.clip_range)
+                    vf = core.value_loss(fwd.values, exp.values[piece], exp.returns[piece], mask, p.clip_range_value)
+                    entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
+                    loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
+                    (loss * weight / accum).backward()
+                    for k, v in (("loss/policy", pg.loss), ("loss/value", vf.loss), ("policy/clipfrac", pg.clipfrac),
+                                 ("policy/approx_kl", pg.approx_kl), ("policy/entropy", entropy),
+                                 ("value/clipfrac", vf.clipfrac)):
+                        acc[k] = acc.get(k, 0.0) + float(v.detach()) * weight / self.world
+                    del fwd, logprobs, loss
                 if (i + 1) % accum == 0:
+                    self.average_gradients()  # before clipping: clip the global gradient
                     if o.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     steps += 1
-                for k, v in (("loss/policy", pg.loss), ("loss/value", vf.loss), ("policy/clipfrac", pg.clipfrac),
-                             ("policy/approx_kl", pg.approx_kl), ("policy/entropy", entropy), ("value/clipfrac", vf.clipfrac)):
-                    acc.setdefault(k, []).append(float(v.detach()))
-        stats = {k: sum(v) / len(v) for k, v in acc.items()}
+                n_mb += 1
+        # Token-weighted piece stats summed (over micro-batches and ranks) = each minibatch's stat.
+        stats = {k: v / n_mb for k, v in self.sum_over_ranks(acc).items()}
         stats["value/explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.response_mask).item()
         stats["ppo/optimizer_steps"] = steps
+        stats["learner/num_workers"] = self.world
         return stats
+
+    def average_gradients(self) -> None:
+        """Mean of the ranks' gradients; a single learner is its own mean (ShardedLearner overrides)."""
+
+    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return values
 
     def train_step(self, samples: list[RolloutSample]) -> dict:
         """CRS → KL-penalised rewards → GAE → PPO epochs → KL controller. Returns the step's stats."""
         t0 = time.perf_counter()
         exp, stats = self.make_experience(samples)
+        t1 = time.perf_counter()
         stats.update(self.update(exp))
         self.kl_ctl.update(stats["kl/objective"], exp.size)
-        stats["time/learn"] = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        stats.update({"time/learn": t2 - t0, "time/experience": t1 - t0, "time/update": t2 - t1})
         return stats
 
     # ------------------------------------------------------------------ persistence

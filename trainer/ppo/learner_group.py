@@ -19,53 +19,44 @@ value head, gradient accumulation would need `no_sync`, and DDP's hooks fire per
 One flat all_reduce per optimizer step is the least communication possible and reads plainly.
 FSDP (a base too big for one GPU) is not supported: see docs/scaling.md.
 
-Experience (policy/reference logprobs and values, computed without gradients) is built by
-every rank on the whole batch: GAE and advantage whitening need the whole batch, and these
-no-grad forwards are about a seventh of a step's compute (2 forwards against ppo_epochs ×
-forward+backward). Collectives run with a timeout, so a dead peer fails the step instead of
-hanging it; the driver then names the dead worker's node.
+Experience (policy/reference logprobs and values, computed without gradients) is split the
+same way: each rank runs the forwards on its rows of the batch and an all_gather hands every
+rank the whole (B, A) tensors, because GAE and advantage whitening need the whole batch (the
+gathered tensors are identical on every rank, so the ranks stay in lockstep). Collectives run
+with a timeout, so a dead peer fails the step instead of hanging it; the driver then names the
+dead worker's rank and node. The update itself (sharding, micro-batches, token weights) is
+`Learner.update`: this module adds only the collectives, the actors and the driver's handle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import ray
 import torch
 import torch.distributed as dist
 
-from trainer.ppo import core
+from trainer.ppo.actors import LearnerFailed
 from trainer.ppo.config import PPOConfig
-from trainer.ppo.experience import Experience
-from trainer.ppo.learner import Learner
+from trainer.ppo.learner import Learner, shard_rows, shard_weight  # noqa: F401 - shard_*: re-exported
 
 log = logging.getLogger("crs_rlhf.ppo.learner_group")
 
 
-class LearnerGroupError(RuntimeError):
+class LearnerGroupError(LearnerFailed):
     """A learner worker died or a collective failed; the message names the worker and its node."""
 
 
-def shard_rows(n: int, rank: int, world: int) -> slice:
-    """Contiguous near-equal row slice of rank `rank` among `world` ranks (n=5, world=2: 0:3, 3:5)."""
-    k, r = divmod(n, world)
-    start = rank * k + min(rank, r)
-    return slice(start, start + k + (1 if rank < r else 0))
-
-
-def shard_weight(rank_tokens: float, total_tokens: float, world: int) -> float:
-    """Loss scale of one rank: world · its tokens / all tokens (mean over ranks of the scaled
-    shard means = the global token mean; e.g. shards of 3 and 1 tokens: 2·3/4 and 2·1/4)."""
-    return world * rank_tokens / max(total_tokens, 1.0)
-
-
 class ShardedLearner(Learner):
-    """The plain `Learner`, one rank of a group: shards each minibatch, averages gradients.
+    """The plain `Learner` as one rank of a group: `Learner.update` shards each minibatch by
+    `self.rank`/`self.world`; this class supplies the two collectives it calls.
 
     Needs an initialised default process group (`init_group`); with world size 1 it is the
     plain learner. Tests use it directly inside Ray actors (`LearnerWorker`).
@@ -79,6 +70,23 @@ class ShardedLearner(Learner):
             for q in self.trainable:
                 dist.broadcast(q.data, src=0)
 
+    def experience_forwards(self, seq, attn, resp, prompt_len: int):
+        """This rank's rows of the no-grad forwards, then an all_gather: every rank holds the whole
+        batch's (B, A) logprobs, reference logprobs and values, as GAE and whitening need."""
+        B, A = resp.shape
+        rows = shard_rows(B, self.rank, self.world)
+        if rows.stop > rows.start:
+            mine = torch.stack(super().experience_forwards(seq[rows], attn[rows], resp[rows], prompt_len))  # (3, b, A)
+        else:  # fewer rows than ranks
+            mine = torch.zeros(3, 0, A, device=self.device)
+        size = -(-B // self.world)  # all_gather needs one shape: pad every shard to ceil(B / world) rows
+        padded = torch.zeros(3, size, A, device=self.device, dtype=mine.dtype)
+        padded[:, : mine.shape[1]] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        full = torch.cat([p[:, : len(range(B)[shard_rows(B, r, self.world)])] for r, p in enumerate(parts)], dim=1)  # (3, B, A)
+        return full[0], full[1], full[2]
+
     def average_gradients(self) -> None:
         """Mean of every rank's gradients, in place, as one flat all_reduce."""
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.trainable]
@@ -90,49 +98,11 @@ class ShardedLearner(Learner):
             q.grad = flat[offset : offset + g.numel()].view_as(q).clone()
             offset += g.numel()
 
-    def update(self, exp: Experience) -> dict:
-        """`Learner.update`'s schedule (TRL's), with each minibatch's rows split across ranks."""
-        p, o = self.cfg.ppo, self.cfg.optim
-        self.model.train()
-        mb_size, accum = self.cfg.mini_batch_size, p.grad_accum
-        acc: dict[str, float] = {}
-        n_mb, steps = 0, 0
-        for _ in range(p.ppo_epochs):
-            # The same generator state on every rank: all ranks walk the same minibatches.
-            perm = torch.randperm(exp.size, generator=self.generator).to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            for i, idx in enumerate(perm.split(mb_size)):
-                total = exp.response_mask[idx].sum().item()
-                idx = idx[shard_rows(len(idx), self.rank, self.world)]  # this rank's rows of the minibatch
-                mask = exp.response_mask[idx]
-                weight = shard_weight(mask.sum().item(), total, self.world)
-                fwd = self.forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_len)
-                logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[idx])  # (b, A)
-                pg = core.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask, p.clip_range)
-                vf = core.value_loss(fwd.values, exp.values[idx], exp.returns[idx], mask, p.clip_range_value)
-                entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
-                loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
-                (loss * weight / accum).backward()
-                if (i + 1) % accum == 0:
-                    self.average_gradients()  # before clipping: clip the global gradient
-                    if o.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.trainable, o.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    steps += 1
-                n_mb += 1
-                for k, v in (("loss/policy", pg.loss), ("loss/value", vf.loss), ("policy/clipfrac", pg.clipfrac),
-                             ("policy/approx_kl", pg.approx_kl), ("policy/entropy", entropy), ("value/clipfrac", vf.clipfrac)):
-                    acc[k] = acc.get(k, 0.0) + float(v.detach()) * weight / self.world
-        # Token-weighted shard stats summed over ranks = each minibatch's global stat.
-        keys = sorted(acc)
-        totals = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
-        stats = {k: float(v) / n_mb for k, v in zip(keys, totals)}
-        stats["value/explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.response_mask).item()
-        stats["ppo/optimizer_steps"] = steps
-        stats["learner/num_workers"] = self.world
-        return stats
+        return {k: float(v) for k, v in zip(keys, totals.tolist())}
 
 
 def init_group(rank: int, world: int, master_addr: str, master_port: int, timeout_s: float, backend: str | None = None) -> str:
@@ -166,9 +136,11 @@ class LearnerWorker:
     def master_port(self) -> int:
         return _free_port()
 
-    def setup(self, cfg: PPOConfig, master_addr: str, master_port: int, timeout_s: float) -> str:
-        backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s)
-        self.learner = ShardedLearner(cfg)
+    def setup(self, cfg: PPOConfig, master_addr: str, master_port: int, timeout_s: float, device: str | None = None) -> str:
+        # device None: this worker's GPU when Ray gave it one (NCCL), else the CPU (gloo).
+        backend = None if device is None else ("nccl" if device.startswith("cuda") else "gloo")
+        backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s, backend)
+        self.learner = ShardedLearner(cfg, device)
         return f"{backend}:{self.learner.device}"
 
     def train_step(self, samples):
@@ -198,15 +170,30 @@ class LearnerWorker:
             dist.destroy_process_group()
 
 
+@dataclass
+class GroupCall:
+    """A method running on every rank (`LearnerGroup.train_step_async`); `train_step_result` collects it."""
+
+    method: str
+    refs: list  # one ObjectRef per rank, in rank order
+    started: float  # perf_counter at submission
+
+
+_group_ids = itertools.count()
+
+
 class LearnerGroup:
-    """Driver-side handle of N `LearnerWorker`s; the same methods as the single learner actor.
+    """Driver-side handle of N `LearnerWorker`s; the same methods as the single learner's handle
+    (`trainer.ppo.actors.SingleLearner`), so the driver holds one interface for any N.
 
     Placement: one bundle per worker ({"CPU": 1, "GPU": 1} when `gpus`), PACK strategy, so the
     group fills GPU nodes before spreading (NCCL within a node is the fast path). The rendezvous
-    address is rank 0's node IP and a port rank 0 found free there.
+    address is rank 0's node IP and a port rank 0 found free there. `name` prefixes the workers'
+    Ray actor names (`{name}-{k}-rank-{r}`), so `ray list actors` shows whose workers they are.
     """
 
-    def __init__(self, cfg: PPOConfig, num_workers: int, *, gpus: bool = False, collective_timeout_s: float = 600.0):
+    def __init__(self, cfg: PPOConfig, num_workers: int, *, gpus: bool = False, collective_timeout_s: float = 600.0,
+                 name: str | None = None):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -217,30 +204,43 @@ class LearnerGroup:
         bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
         if not self.pg.wait(timeout_seconds=300):
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
             raise LearnerGroupError(f"could not place {num_workers} learner workers ({bundle} each) in 300 s: the Ray cluster "
                                     f"has {ray.cluster_resources()}; lower learner.num_workers or add nodes")
+        prefix = f"{name}-{next(_group_ids)}" if name else None
         self.workers = [
             LearnerWorker.options(
-                num_gpus=1 if gpus else 0,
+                num_gpus=1 if gpus else 0, name=f"{prefix}-rank-{r}" if prefix else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(r, num_workers)
             for r in range(num_workers)
         ]
-        self.nodes = ray.get([w.node.remote() for w in self.workers])
-        addr, port = self.nodes[0]["ip"], ray.get(self.workers[0].master_port.remote())
-        self.backends = self._all("setup", cfg, addr, port, collective_timeout_s)
+        self.nodes: list[dict] = []
+        try:
+            self.nodes = ray.get([w.node.remote() for w in self.workers])
+            addr, port = self.nodes[0]["ip"], ray.get(self.workers[0].master_port.remote())
+            self.backends = self._all("setup", cfg, addr, port, collective_timeout_s, None if gpus else "cpu")
+        except BaseException:
+            self.shutdown()
+            raise
         log.info("learner group: %d workers (%s) on %s, rendezvous %s:%d", num_workers, self.backends[0],
                  ", ".join(sorted({n["ip"] for n in self.nodes})), addr, port)
 
     def _describe(self, rank: int) -> str:
+        if rank >= len(self.nodes):  # failed before it reported its node
+            return f"learner worker rank {rank}"
         n = self.nodes[rank]
         return f"learner worker rank {rank} (node {n['ip']} / {n['host']}, pid {n['pid']})"
 
-    def _all(self, method: str, *args) -> list:
-        """Call `method` on every rank and wait; the first failure raises naming its rank and node."""
-        refs = [getattr(w, method).remote(*args) for w in self.workers]
-        rank_of = {ref: r for r, ref in enumerate(refs)}
-        pending, results = list(refs), {}
+    def _call(self, method: str, *args) -> GroupCall:
+        return GroupCall(method, [getattr(w, method).remote(*args) for w in self.workers], time.perf_counter())
+
+    def _wait(self, call: GroupCall) -> list:
+        """Every rank's result; the first failure raises naming its rank and node."""
+        rank_of = {ref: r for r, ref in enumerate(call.refs)}
+        pending, results = list(call.refs), {}
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             ref = done[0]
@@ -256,10 +256,13 @@ class LearnerGroup:
                     if r != rank and not self._alive(w):
                         rank, what = r, "died"
                         break
-                raise LearnerGroupError(f"{self._describe(rank)} {what} during {method}: {type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:300]}. Resume the run from its last checkpoint "
+                raise LearnerGroupError(f"{self._describe(rank)} {what} during {call.method}: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:300].rstrip('.')}. Resume the run from its last checkpoint "
                                         "(--resume)") from None
-        return [results[r] for r in refs]
+        return [results[r] for r in call.refs]
+
+    def _all(self, method: str, *args) -> list:
+        return self._wait(self._call(method, *args))
 
     @staticmethod
     def _alive(worker) -> bool:
@@ -269,12 +272,17 @@ class LearnerGroup:
         except Exception:  # noqa: BLE001 - dead, unreachable or hung: not alive for our purpose
             return False
 
-    def train_step(self, samples) -> dict:
-        ref = ray.put(samples)  # one copy in the object store, read by every rank
-        t0 = time.perf_counter()
-        stats = self._all("train_step", ref)[0]
-        stats["time/learn_group"] = time.perf_counter() - t0
+    def train_step_async(self, samples) -> GroupCall:
+        """Start the step on every rank and return at once (the driver finishes it on Ctrl-C too)."""
+        return self._call("train_step", ray.put(samples))  # one copy in the object store, read by every rank
+
+    def train_step_result(self, call: GroupCall) -> dict:
+        stats = self._wait(call)[0]
+        stats["time/learn_group"] = time.perf_counter() - call.started
         return stats
+
+    def train_step(self, samples) -> dict:
+        return self.train_step_result(self.train_step_async(samples))
 
     def save_adapter(self, path: str) -> str:
         return self._all("save_adapter", str(path))[0]
@@ -292,10 +300,16 @@ class LearnerGroup:
         return ",".join(self._all("device_name"))
 
     def shutdown(self) -> None:
+        """Tear the process group down, kill the workers, free the placement group (idempotent)."""
         from ray.util.placement_group import remove_placement_group
 
+        if not self.workers:
+            return
+        # A worker stuck in a collective with a dead peer would not answer: don't wait long.
+        with contextlib.suppress(Exception):
+            ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
         for w in self.workers:
             with contextlib.suppress(Exception):  # a dead worker has nothing left to tear down
-                ray.get(w.shutdown.remote(), timeout=30)
-            ray.kill(w)
+                ray.kill(w)
+        self.workers = []
         remove_placement_group(self.pg)

@@ -14,7 +14,10 @@ import math
 from pathlib import Path
 
 REQUIRED = ("step", "reward/pref", "reward/abs", "reward/crs", "kl/objective", "kl/coef",
-            "response_length/mean", "time/generate", "time/score", "time/learn", "time/sync")
+            "response_length/mean", "time/generate", "time/score", "time/learn", "time/sync",
+            # policy_gen replicas holding the step's adapter / out of rotation after its sync, and
+            # rollouts refused for a stale adapter version (trainer/ppo/policy_sync.py, experience.py)
+            "policy/replicas_in_rotation", "policy/replicas_out", "rollouts/stale_dropped")
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -68,7 +71,7 @@ class MetricsLogger:
         self.wandb_run = _start_wandb(self.run_dir, wandb_project, config, resume_step) if wandb else None
 
     @classmethod
-    def for_run(cls, cfg, resume_step: int = 0) -> "MetricsLogger":
+    def for_run(cls, cfg, resume_step: int = 0) -> MetricsLogger:
         """The logger a PPOConfig asks for (run.tensorboard / run.report_to)."""
         r = cfg.run
         return cls(cfg.run_dir, tensorboard=r.tensorboard or "tensorboard" in r.report_to, resume_step=resume_step,

@@ -6,17 +6,21 @@ come back sends them to both reward services at once (`asyncio.gather` of the tw
 requests). Scoring thus hides behind the generation of the other prompts; only the scoring
 of the last completions is on the critical path (bench/ppo_step.py measures the gain).
 A step either returns every sample with all its scores or raises: the clients retry
-transient failures, and nothing here substitutes a default reward.
+transient failures, and nothing here substitutes a default reward. With several policy_gen
+replicas (services.policy_urls) requests go through a `PolicyPool`, on the replicas that hold
+the step's adapter; each sample records the adapter version policy_gen reports for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from trainer.clients.policy import PolicyClient, Rollout, SamplingParams
+from services.common.identity import run_headers
+from trainer.clients.policy import Rollout, SamplingParams
+from trainer.clients.policy_pool import PolicyPool
 from trainer.clients.reward import RewardClient, messages_item
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import RolloutBatch, RolloutSample
@@ -43,11 +47,12 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.base_model: str | None = cfg.services.policy_model
 
-    def _reward_client(self, urls: list[str], name: str) -> RewardClient:
+    def _reward_client(self, urls: list[str], name: str, step: int, adapter: str | None) -> RewardClient:
         s = self.cfg.services
         return RewardClient(
             urls, api_key=s.api_key, timeout_s=s.timeout_s, retry_max_s=s.retry_max_s,
             retry_max_attempts=s.retry_max_attempts, unhealthy_cooldown_s=s.unhealthy_cooldown_s, name=name,
+            headers=run_headers(self.cfg.run_id, step, adapter),  # shared servers count their load by run
         )
 
     def _sampling(self, step: int, prompt_index: int) -> SamplingParams:
@@ -66,13 +71,20 @@ class RolloutWorker:
 
     async def arollout(self, prompts: Sequence[PromptItem], adapter: str | None, step: int, overlap: bool = True) -> RolloutBatch:
         s, w = self.cfg.services, self.cfg.crs.weight
-        pref = self._reward_client(s.reward_pref_urls, "reward_pref") if w > 0 else None
-        abs_ = self._reward_client(s.reward_abs_urls, "reward_abs") if w < 1 else None
-        policy = PolicyClient(s.policy_url, model=self.base_model or "", api_key=s.api_key, timeout_s=s.timeout_s)
+        pref = self._reward_client(s.reward_pref_urls, "reward_pref", step, adapter) if w > 0 else None
+        abs_ = self._reward_client(s.reward_abs_urls, "reward_abs", step, adapter) if w < 1 else None
+        policy = PolicyPool(
+            s.policy_urls, model=self.base_model or "", api_key=s.api_key, timeout_s=s.timeout_s,
+            retry_max_s=s.retry_max_s, retry_max_attempts=s.retry_max_attempts,
+            unhealthy_cooldown_s=s.unhealthy_cooldown_s, headers=run_headers(self.cfg.run_id, step, adapter),
+        )
         try:
             if self.base_model is None:
                 self.base_model = (await policy.models())[0]
             model = adapter or self.base_model
+            # Only replicas that hold this step's adapter serve it: one that missed the driver's
+            # sync (down, restarted) is back once a later sync has loaded the current adapter.
+            await policy.use_replicas_with(model)
             return await self._run(policy, pref, abs_, prompts, model, step, overlap)
         finally:
             await policy.aclose()
@@ -134,10 +146,11 @@ class RolloutWorker:
                 samples.append(RolloutSample(
                     prompt_index=p.index, prompt_ids=r.prompt_token_ids, response_ids=r.response_token_ids,
                     gen_logprobs=r.response_logprobs, response_text=r.text, finish_reason=r.finish_reason,
-                    r_pref=rp, r_abs=ra,
+                    r_pref=rp, r_abs=ra, adapter=None if r.model == self.base_model else r.model,
                 ))
         # Both keys always: an unused signal (w = 0 or 1) is None, so every metrics row has every key.
-        retries = {"reward_pref": pref.failures if pref else None, "reward_abs": abs_.failures if abs_ else None}
+        retries = {"reward_pref": pref.failures if pref else None, "reward_abs": abs_.failures if abs_ else None,
+                   "policy_gen": policy.failures}
         return RolloutBatch(
             samples=samples, time_generate=(last_gen if overlap else t_gen) - t0,
             time_score=t_end - (last_gen if overlap else t_gen), time_total=t_end - t0, retries=retries,
