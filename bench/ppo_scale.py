@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.common.process import ServiceProcess, free_port, python_module
     from trainer.local_services import QUIET_ENV
+    from trainer.ppo.actors import init_ray
+    from trainer.ppo.config import RaySection
     from trainer.tiny_models import make_tiny_models
 
     root = Path(tempfile.mkdtemp(prefix="bench-ppo-scale-"))
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             p.wait_ready()
         # One local Ray cluster for all layouts (train() leaves a cluster it did not start running).
         # Logical CPUs: 2 learner workers take one each, whatever the machine has.
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        init_ray(RaySection(num_cpus=4))
         stack.callback(ray.shutdown)
         base = {
             "model": {"policy_path": str(models["policy"])},

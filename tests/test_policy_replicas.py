@@ -1,7 +1,7 @@
 """Several policy_gen replicas for one PPO run: config, pool choice, stale filter, and end to end.
 
-The end-to-end test runs two real policy_gen processes (hf backend, tiny policy) and a real
-reward service (crs.weight 1: one reward process fewer on a small CI box); one replica is
+The end-to-end test runs two learner workers (one torch.distributed group under local Ray),
+two real policy_gen processes (hf backend, tiny policy) and a real reward service (crs.weight 1: one reward process fewer on a small CI box); one replica is
 SIGKILLed after step 1 and restarted on its port after step 2.
 """
 
@@ -148,6 +148,7 @@ def test_two_replicas_share_rollouts_and_a_lost_one_is_resynced_before_it_serves
         "services": {"policy_urls": [a, b], "reward_pref_urls": [procs["pref"].url], "timeout_s": 30,
                      "unhealthy_cooldown_s": 0.5},
         "ray": {"num_cpus": 2},
+        "learner": {"num_workers": 2},  # the whole scale-out at once: 2 learner workers x 2 replicas
         "run": {"output_dir": str(replicas["runs"] / "two"), "steps": 4, "checkpoint_every": 10,
                 "keep_adapters": None, "data_source": str(replicas["prompts"])},
     })
@@ -169,6 +170,7 @@ def test_two_replicas_share_rollouts_and_a_lost_one_is_resynced_before_it_serves
         summary = train(cfg, on_step=on_step)
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert summary.last_step == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["learner/num_workers"] == 2 for r in rows)
 
     # Step 1: the 4 prompts' requests spread over both replicas, and both hold step 1's adapter.
     assert seen[1]["a"][0] > 0 and seen[1]["b"][0] > 0 and seen[1]["a"][1] and seen[1]["b"][1]

@@ -164,4 +164,7 @@ def make_learner(cfg: PPOConfig, name: str | None = None):
 
 
 def make_rollout_workers(cfg: PPOConfig) -> list:
-    return [RolloutActor.remote(cfg, i) for i in range(cfg.ray.num_rollout_workers)]
+    """`ray.num_rollout_workers` actors, SPREAD over the cluster's nodes: each holds its own HTTP
+    connections and event loop, so spreading them spreads the client-side work (tokenizing,
+    JSON, scoring requests) instead of piling it onto the driver's node."""
+    return [RolloutActor.options(scheduling_strategy="SPREAD").remote(cfg, i) for i in range(cfg.ray.num_rollout_workers)]

@@ -164,6 +164,9 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    # The actors get this config too: pin the folder as the driver resolved it, so a worker whose
+    # cwd differs (another node) computes the same run tag, adapter names and X-CRS-Run id.
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir)})})
     data = load_prompts(cfg)
     order = PromptOrder(len(data.prompts), cfg.run.seed)
     prompts_per_step = cfg.ppo.batch_size // cfg.ppo.completions_per_prompt
