@@ -33,7 +33,7 @@ class Target:
     url: str
 
 
-async def _is_ready(client: httpx.AsyncClient, url: str) -> tuple[bool, str]:
+async def is_ready(client: httpx.AsyncClient, url: str) -> tuple[bool, str]:
     try:
         r = await client.get(url.rstrip("/") + "/ready")
         if r.status_code == 404:  # not one of ours: fall back to the OpenAI-server convention
@@ -51,7 +51,7 @@ async def await_ready(targets: list[Target], deadline_s: float, *, poll_s: float
     last_log = -log_every_s
     async with httpx.AsyncClient(timeout=min(10.0, max(poll_s, 1.0))) as client:
         while True:
-            states = await asyncio.gather(*(_is_ready(client, t.url) for t in targets))
+            states = await asyncio.gather(*(is_ready(client, t.url) for t in targets))
             waiting = [(t, why) for t, (ok, why) in zip(targets, states) if not ok]
             elapsed = time.monotonic() - t0
             if not waiting:

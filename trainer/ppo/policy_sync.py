@@ -28,7 +28,7 @@ import openai
 
 from services.common.identity import run_headers
 from trainer.clients.policy import AdapterTableFull, PolicyClient
-from trainer.clients.wait import ServicesNotReady, _is_ready
+from trainer.clients.wait import ServicesNotReady, is_ready
 from trainer.ppo.config import PPOConfig
 
 log = logging.getLogger("crs_rlhf.ppo")
@@ -72,7 +72,7 @@ def _is_request_error(e: BaseException) -> bool:
 async def _sync_one(cfg: PPOConfig, url: str, path: str, name: str, previous: str | None, stale_prefix: str | None,
                     step: int) -> _Outcome:
     async with httpx.AsyncClient(timeout=5.0) as probe:
-        ready, status = await _is_ready(probe, url)
+        ready, status = await is_ready(probe, url)
     if not ready:
         return _Outcome(url, ConnectionError(f"not ready ({status})"), f"not ready ({status})")
     try:
@@ -154,7 +154,7 @@ def wait_for_a_replica(cfg: PPOConfig, poll_s: float = 2.0) -> str:
     async def poll() -> str:
         async with httpx.AsyncClient(timeout=5.0) as probe:
             while True:
-                states = await asyncio.gather(*(_is_ready(probe, u) for u in urls))
+                states = await asyncio.gather(*(is_ready(probe, u) for u in urls))
                 if ready := [u for u, (ok, _) in zip(urls, states) if ok]:
                     return ready[0]
                 if time.monotonic() >= deadline:
