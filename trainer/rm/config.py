@@ -26,15 +26,15 @@ def check_quantization(quantization: str, lora: bool) -> None:
                          "fine-tuned fully: set model.lora: true (QLoRA) or model.quantization: none")
 
 
-class ModelSection(_Section):
-    base: str = Field(description="base model folder: the SFT model, any causal LM, or a num_labels=1 classifier")
+class LoRAModelSection(_Section):
+    """What SFT and both reward models share: LoRA on all linear layers, over a base that may be
+    frozen in k-bit weights. Subclasses add `base` and their own `lora` default."""
+
     lora: bool = Field(True, description="LoRA adapters on all linear layers (False = full fine-tuning)")
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     merge: bool = Field(True, description="write merged weights (True) or the peft adapter folder (False)")
-    max_tokens: int = Field(2048, description="truncation limit (thesis 2048)")
-    min_prompt_tokens: int = Field(256, description="the prompt keeps at least this many tokens (thesis 256)")
     quantization: Quantization = Field(
         "none", description="frozen base in 8bit / 4bit (NF4) under the LoRA adapter via bitsandbytes (CUDA only; "
         "pip install 'crs-rlhf[gpu]'); merged outputs are merged into the unquantized base")
@@ -43,6 +43,12 @@ class ModelSection(_Section):
     def _quantized_needs_lora(self):
         check_quantization(self.quantization, self.lora)
         return self
+
+
+class ModelSection(LoRAModelSection):
+    base: str = Field(description="base model folder: the SFT model, any causal LM, or a num_labels=1 classifier")
+    max_tokens: int = Field(2048, description="truncation limit (thesis 2048)")
+    min_prompt_tokens: int = Field(256, description="the prompt keeps at least this many tokens (thesis 256)")
 
 
 class DataSection(_Section):

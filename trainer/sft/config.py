@@ -4,36 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.rm.config import check_quantization
+from trainer.rm.config import LoRAModelSection
 from trainer.rm.loop import TrainSection
-from trainer.train_device import Quantization
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SFTModelSection(_Section):
+class SFTModelSection(LoRAModelSection):
     base: str = Field(description="causal LM folder (with its tokenizer)")
     lora: bool = Field(
         False, description="LoRA on all linear layers (the thesis: true, r 16 / alpha 32). Default false: the "
         "tiny random policy has nothing for a low-rank update to adapt (eval loss 6.7 -> 3.4 full vs 6.0 LoRA)",
     )
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    merge: bool = Field(True, description="write merged weights (True) or the peft adapter folder (False)")
     max_tokens: int = Field(2048, description="threads are cut at this many tokens (thesis 2048)")
-    quantization: Quantization = Field(
-        "none", description="frozen base in 8bit / 4bit (NF4) under the LoRA adapter via bitsandbytes (CUDA only; "
-        "pip install 'crs-rlhf[gpu]'); merged outputs are merged into the unquantized base")
-
-    @model_validator(mode="after")
-    def _quantized_needs_lora(self):
-        check_quantization(self.quantization, self.lora)
-        return self
 
 
 class SFTDataSection(_Section):
