@@ -135,6 +135,11 @@ class HFEngine:
         if not self.adapters:  # back to the plain model: no LoRA layers left in the forward pass
             self.model = self.peft.unload()
             self.peft = None
+        elif not isinstance(active := self.peft.active_adapter, str) or active not in self.peft.peft_config:
+            # peft moves the active adapter on only when the deleted one's layers name exactly one
+            # successor; adapters on disjoint modules (a judge's lm_head-only LoRA beside a policy
+            # LoRA) leave it naming the deleted one, and base requests (disable_adapter) then fail.
+            self.peft.set_adapter(next(iter(self.adapters)))
 
     # ------------------------------------------------------------------ generation
 
