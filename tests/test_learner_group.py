@@ -15,7 +15,7 @@ import torch
 
 from trainer.ppo.config import PPOConfig, RaySection
 from trainer.ppo.experience import RolloutSample
-from trainer.ppo.learner_group import shard_rows, shard_weight
+from trainer.train_device import shard_slice, shard_weight
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +46,9 @@ def _samples(n=8, seed=0):
 
 
 def test_shard_rows_and_weights_hand_worked():
-    assert [shard_rows(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
-    assert [shard_rows(4, r, 2) for r in range(2)] == [slice(0, 2), slice(2, 4)]
-    assert shard_rows(4, 0, 1) == slice(0, 4)
+    assert [shard_slice(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [shard_slice(4, r, 2) for r in range(2)] == [slice(0, 2), slice(2, 4)]
+    assert shard_slice(4, 0, 1) == slice(0, 4)
     # Shards holding 3 and 1 of 4 tokens: scaled means averaged over ranks give the global mean.
     x = torch.tensor([1.0, 2.0, 3.0, 10.0])
     w0, w1 = shard_weight(3, 4, 2), shard_weight(1, 4, 2)

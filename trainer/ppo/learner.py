@@ -32,6 +32,7 @@ from trainer.ppo import core
 from trainer.ppo.checkpoint import load_learner_state, save_learner_state
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import Experience, RolloutSample, pad_samples
+from trainer.train_device import shard_slice, shard_weight
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,6 @@ def make_kl_controller(cfg: PPOConfig) -> core.FixedKLController:
 
 def _opt(values: list[float | None]) -> torch.Tensor | None:
     return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
-
-
-def shard_rows(n: int, rank: int, world: int) -> slice:
-    """Contiguous near-equal row slice of rank `rank` among `world` ranks (n=5, world=2: 0:3, 3:5)."""
-    k, r = divmod(n, world)
-    start = rank * k + min(rank, r)
-    return slice(start, start + k + (1 if rank < r else 0))
-
-
-def shard_weight(rank_tokens: float, total_tokens: float, world: int) -> float:
-    """Loss scale of one piece: world · its tokens / all tokens (mean over ranks of the scaled
-    piece means = the global token mean; e.g. shards of 3 and 1 tokens: 2·3/4 and 2·1/4)."""
-    return world * rank_tokens / max(total_tokens, 1.0)
 
 
 def micro_batches(n_rows: int, padded_len: int, budget: int | None) -> list[slice]:
@@ -217,7 +205,7 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
             for i, idx in enumerate(perm.split(mb_size)):
                 total = exp.response_mask[idx].sum().item()
-                rows = idx[shard_rows(len(idx), self.rank, self.world)]  # this rank's rows of the minibatch
+                rows = idx[shard_slice(len(idx), self.rank, self.world)]  # this rank's rows of the minibatch
                 for mb in self._micro(len(rows), exp.sequences.shape[1]):
                     piece = rows[mb]
                     mask = exp.response_mask[piece]

@@ -45,7 +45,8 @@ import torch.distributed as dist
 
 from trainer.ppo.actors import LearnerFailed
 from trainer.ppo.config import PPOConfig
-from trainer.ppo.learner import Learner, shard_rows, shard_weight  # noqa: F401 - shard_*: re-exported
+from trainer.ppo.learner import Learner
+from trainer.train_device import average_gradients, broadcast_params, shard_slice
 
 log = logging.getLogger("crs_rlhf.ppo.learner_group")
 
@@ -66,15 +67,13 @@ class ShardedLearner(Learner):
         super().__init__(cfg, device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.trainable = [q for g in self.optimizer.param_groups for q in g["params"]]
-        with torch.no_grad():  # one starting point for every rank, whatever their seeds did
-            for q in self.trainable:
-                dist.broadcast(q.data, src=0)
+        broadcast_params(self.trainable)  # one starting point for every rank, whatever their seeds did
 
     def experience_forwards(self, seq, attn, resp, prompt_len: int):
         """This rank's rows of the no-grad forwards, then an all_gather: every rank holds the whole
         batch's (B, A) logprobs, reference logprobs and values, as GAE and whitening need."""
         B, A = resp.shape
-        rows = shard_rows(B, self.rank, self.world)
+        rows = shard_slice(B, self.rank, self.world)
         if rows.stop > rows.start:
             mine = torch.stack(super().experience_forwards(seq[rows], attn[rows], resp[rows], prompt_len))  # (3, b, A)
         else:  # fewer rows than ranks
@@ -84,19 +83,12 @@ class ShardedLearner(Learner):
         padded[:, : mine.shape[1]] = mine
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded)
-        full = torch.cat([p[:, : len(range(B)[shard_rows(B, r, self.world)])] for r, p in enumerate(parts)], dim=1)  # (3, B, A)
+        full = torch.cat([p[:, : len(range(B)[shard_slice(B, r, self.world)])] for r, p in enumerate(parts)], dim=1)  # (3, B, A)
         return full[0], full[1], full[2]
 
     def average_gradients(self) -> None:
-        """Mean of every rank's gradients, in place, as one flat all_reduce."""
-        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (total trainable numel,)
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for q, g in zip(self.trainable, grads):
-            q.grad = flat[offset : offset + g.numel()].view_as(q).clone()
-            offset += g.numel()
+        """Mean of every rank's gradients, in place (one flat all_reduce for a LoRA-sized set)."""
+        average_gradients(self.trainable, self.world)
 
     def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)

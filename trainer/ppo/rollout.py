@@ -47,13 +47,16 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.base_model: str | None = cfg.services.policy_model
 
-    def _reward_client(self, urls: list[str], name: str, step: int, adapter: str | None) -> RewardClient:
+    def _client_options(self, step: int, adapter: str | None) -> dict:
+        """What the reward clients and the policy pool both take from services.*: auth, timeouts,
+        health-aware retries, and the run's identity (shared servers count their load by run)."""
         s = self.cfg.services
-        return RewardClient(
-            urls, api_key=s.api_key, timeout_s=s.timeout_s, retry_max_s=s.retry_max_s,
-            retry_max_attempts=s.retry_max_attempts, unhealthy_cooldown_s=s.unhealthy_cooldown_s, name=name,
-            headers=run_headers(self.cfg.run_id, step, adapter),  # shared servers count their load by run
-        )
+        return {"api_key": s.api_key, "timeout_s": s.timeout_s, "retry_max_s": s.retry_max_s,
+                "retry_max_attempts": s.retry_max_attempts, "unhealthy_cooldown_s": s.unhealthy_cooldown_s,
+                "headers": run_headers(self.cfg.run_id, step, adapter)}
+
+    def _reward_client(self, urls: list[str], name: str, step: int, adapter: str | None) -> RewardClient:
+        return RewardClient(urls, name=name, **self._client_options(step, adapter))
 
     def _sampling(self, step: int, prompt_index: int) -> SamplingParams:
         g = self.cfg.generation
@@ -73,11 +76,7 @@ class RolloutWorker:
         s, w = self.cfg.services, self.cfg.crs.weight
         pref = self._reward_client(s.reward_pref_urls, "reward_pref", step, adapter) if w > 0 else None
         abs_ = self._reward_client(s.reward_abs_urls, "reward_abs", step, adapter) if w < 1 else None
-        policy = PolicyPool(
-            s.policy_urls, model=self.base_model or "", api_key=s.api_key, timeout_s=s.timeout_s,
-            retry_max_s=s.retry_max_s, retry_max_attempts=s.retry_max_attempts,
-            unhealthy_cooldown_s=s.unhealthy_cooldown_s, headers=run_headers(self.cfg.run_id, step, adapter),
-        )
+        policy = PolicyPool(s.policy_urls, model=self.base_model or "", **self._client_options(step, adapter))
         try:
             if self.base_model is None:
                 self.base_model = (await policy.models())[0]
