@@ -99,7 +99,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-policy-gen-"))
     model_path = args.model_path
     if model_path is None:
-        from trainer.tiny_models import make_tiny_models
+        from crs_rlhf.tiny_models import make_tiny_models
 
         model_path = str(make_tiny_models(tmp / "models", seed=0)["policy"])
     texts = prompts(args.requests)

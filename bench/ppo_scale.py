@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from services.common.process import ServiceProcess, free_port, python_module
-    from trainer.local_services import QUIET_ENV
+    from crs_rlhf.local_services import QUIET_ENV
     from trainer.ppo.actors import init_ray
     from trainer.ppo.config import RaySection
-    from trainer.tiny_models import make_tiny_models
+    from crs_rlhf.tiny_models import make_tiny_models
 
     root = Path(tempfile.mkdtemp(prefix="bench-ppo-scale-"))
     models = make_tiny_models(root / "models", seed=0)

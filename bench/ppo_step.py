@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.ppo.learner import Learner
     from trainer.ppo.policy_sync import sync_adapter
     from trainer.ppo.rollout import PromptItem, RolloutWorker
-    from trainer.tiny_models import make_tiny_models
+    from crs_rlhf.tiny_models import make_tiny_models
 
     root = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     models = make_tiny_models(root / "models", seed=0)

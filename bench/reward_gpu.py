@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.reward.engine import EngineOptions, RewardEngine, resolve_device
     from services.reward.packed_forward import PackedScorer, PackingOptions, resolve_attention
     from services.reward.packing import default_buckets
-    from trainer.tiny_models import build_tokenizer
+    from crs_rlhf.tiny_models import build_tokenizer
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

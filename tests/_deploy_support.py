@@ -261,7 +261,7 @@ def build_routes() -> dict[str, set[str]]:
 def settings_from_argv(service: str, argv: list[str], env: dict[str, str], tmp_path: Path, monkeypatch):
     """Parse a container's command with the service's own parser; /data paths map to tmp dirs."""
     from services.common.settings import parse_settings
-    from trainer.serve import SERVICES
+    from crs_rlhf.serve import SERVICES
 
     def local(arg: str) -> str:
         if arg.startswith(DATA + "/"):

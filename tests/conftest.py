@@ -16,6 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{'policy': Path, 'reward_pref': Path, 'reward_abs': Path} built by make-tiny-models."""
-    from trainer.tiny_models import make_tiny_models
+    from crs_rlhf.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)

@@ -40,7 +40,7 @@ def _walk(m):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     out = tmp_path_factory.mktemp("report")
     assert main(["data-report", "--data", "fixture", "--out", str(out)]) == 0
@@ -87,7 +87,7 @@ def test_report_files_and_printed_table(report, capsys):
 
 
 def test_correlation_by_hand_and_clear_errors(tmp_path, capsys):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     m = correlation_matrix({"a": [0.0, 0.5, 1.0], "b": [1.0, 0.5, 0.0], "c": [0.2, 0.2, 0.2]})
     assert m[0][0] == pytest.approx(1.0) and m[0][1] == pytest.approx(-1.0)

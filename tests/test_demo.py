@@ -15,7 +15,7 @@ import pytest
 def test_demo_runs_the_whole_pipeline_and_cleans_up(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "--steps", "3"],
+        [sys.executable, "-m", "crs_rlhf.cli", "demo", "--out", str(out), "--steps", "3"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

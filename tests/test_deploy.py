@@ -34,7 +34,7 @@ from tests._deploy_support import (
     trainer_config,
     user_env,
 )
-from trainer.serve import SERVICES
+from crs_rlhf.serve import SERVICES
 
 GPU = ("docker-compose.yml",)
 CPU = ("docker-compose.yml", "docker-compose.cpu.yml")
@@ -66,7 +66,7 @@ def test_compose_gpu_reservations_and_cpu_override():
         assert "deploy" not in cpu[name], f"{name}: the CPU override must drop the GPU reservation"
     # The CPU run builds tiny models once, and everything that reads them waits for it.
     assert cpu["tiny-models"]["command"][:2] == ["make-tiny-models", "/data/models"]
-    from trainer.cli import COMMANDS
+    from crs_rlhf.cli import COMMANDS
 
     assert cpu["tiny-models"]["command"][0] in COMMANDS
     for name in ("reward-pref", "reward-abs", "policy-gen", "policy-gen-1", "ray-head"):
@@ -332,7 +332,7 @@ class Block:
             raise ImportError(f"{{name}} is not in the policy-gen image")
 sys.meta_path.insert(0, Block())
 import services.policy_gen.__main__, services.policy_gen.app, services.policy_gen.proxy, services.policy_gen.vllm_launcher
-from trainer.cli import main
+from crs_rlhf.cli import main
 sys.exit(main(["serve", "policy-gen", "--help"]))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)

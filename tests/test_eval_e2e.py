@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from services.common.process import ServiceProcess, free_port, python_module
-from trainer.eval import cli
+from evaluation import cli
 
 pytestmark = pytest.mark.slow
-FIX = Path(__file__).resolve().parents[1] / "trainer" / "eval" / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "evaluation" / "fixtures"
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -42,7 +42,7 @@ def make_adapter(policy: Path, out: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def services(tiny_models, tmp_path_factory):
-    from trainer.eval.tiny_judge import make_tiny_judge_adapter
+    from crs_rlhf.tiny_judge import make_tiny_judge_adapter
 
     root = tmp_path_factory.mktemp("eval-adapters")
     trained = make_adapter(tiny_models["policy"], root / "trained", seed=1)
@@ -115,7 +115,7 @@ def test_generate_writes_alpaca_eval_outputs(generated):
 def test_judge_interrupted_resumes_without_repeating_a_call(services, generated, capsys):
     pg, d = services["policy_gen"], generated
     total = 16  # 8 prompts x both orders
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "eval", *judge_argv(d, pg, "judge", "--both-orders",
+    proc = subprocess.Popen([sys.executable, "-m", "crs_rlhf.cli", "eval", *judge_argv(d, pg, "judge", "--both-orders",
                              "--concurrency", "1")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = d / "judgments.jsonl"
     deadline = time.monotonic() + 300
@@ -249,8 +249,8 @@ def test_run_config_drives_every_step(services, tmp_path, capsys):
 
 
 def test_demo_heldout_eval_ppo_vs_sft(services, tmp_path):
-    from trainer.eval.demo_eval import heldout_eval
-    from trainer.eval.prompts import load_source
+    from crs_rlhf.demo_eval import heldout_eval
+    from evaluation.prompts import load_source
 
     run_dir = services["root"] / "demo-run"  # what PPO leaves: RUN/adapters/step-*
     shutil.copytree(services["trained"], run_dir / "adapters" / "step-000002")

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from trainer.eval.demo_eval import verdict_line
-from trainer.eval.judge import build_tasks, logprob_verdict, pairs_for, read_judgments, text_verdict
-from trainer.eval.rm_score import agreement_rows, length_rows
-from trainer.eval.winrates import rm_win_rate_rows, win_rate_rows
+from crs_rlhf.demo_eval import verdict_line
+from evaluation.judge import build_tasks, logprob_verdict, pairs_for, read_judgments, text_verdict
+from evaluation.rm_score import agreement_rows, length_rows
+from evaluation.winrates import rm_win_rate_rows, win_rate_rows
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -124,7 +124,7 @@ def test_shipped_eval_configs_validate(name):
     from pathlib import Path
 
     from trainer.config_io import load_config
-    from trainer.eval.config import EvalConfig
+    from evaluation.config import EvalConfig
 
     cfg = load_config(EvalConfig, Path(__file__).resolve().parents[1] / "configs" / "eval" / name)
     assert cfg.generate is not None and len(cfg.generate.policies) >= 2 and cfg.judge is not None

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.eval import cli
-from trainer.eval.io import EvalInputError
-from trainer.eval.prompts import (
+from evaluation import cli
+from evaluation.io import EvalInputError
+from evaluation.prompts import (
     Prompt,
     detect_format,
     load_prompt_file,
@@ -18,7 +18,7 @@ from trainer.eval.prompts import (
     sample_splits,
 )
 
-FIX = Path(__file__).resolve().parents[1] / "trainer" / "eval" / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "evaluation" / "fixtures"
 
 
 @pytest.mark.parametrize("name, fmt, n", [

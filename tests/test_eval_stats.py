@@ -1,4 +1,4 @@
-"""The evaluation statistics against values worked out by hand (see trainer/eval/stats.py)."""
+"""The evaluation statistics against values worked out by hand (see evaluation/stats.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.eval import stats
+from evaluation import stats
 
 
 def test_standard_error_and_ci_by_hand():

@@ -41,7 +41,7 @@ def test_tokenizer_chat_template_agrees_with_formatter(tiny_models):
 def test_tiny_models_are_deterministic_and_shaped_for_vllm(tmp_path, tiny_models):
     from transformers import AutoConfig
 
-    from trainer.tiny_models import make_tiny_models
+    from crs_rlhf.tiny_models import make_tiny_models
 
     again = make_tiny_models(tmp_path / "again", seed=0)
     for name in ("policy", "reward_pref", "reward_abs"):
@@ -67,7 +67,7 @@ def test_score_request_contract_rejects_bad_items():
 
 
 def test_cli_lists_commands(capsys):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainer.data import fixture_path, load_oasst
 from trainer.data.rl import THESIS_HELD_OUT, RLPromptOptions, build_rl_prompt_split
-from trainer.eval.prompts import load_oasst_eval
+from evaluation.prompts import load_oasst_eval
 
 
 def _key(messages):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from services.common.process import ServiceProcess, free_port, python_module
-from trainer.eval.human.tasks import prompt_sequence, response_order
+from evaluation.human.tasks import prompt_sequence, response_order
 
 MODELS = ["abs", "crs", "pref"]
 KEY = "s3cret-key"
@@ -44,7 +44,7 @@ def eval_dir(tmp_path) -> Path:
 
 def server(eval_dir: Path, port: int, api_key: str | None = KEY) -> ServiceProcess:
     argv = python_module(
-        "trainer.eval.human.annotate",
+        "evaluation.human.annotate",
         "--dir",
         str(eval_dir),
         "--models",
@@ -130,7 +130,7 @@ def test_bad_settings_and_a_second_server_exit_with_a_message(eval_dir):
     import subprocess
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        argv = python_module("trainer.eval.human.annotate", "--dir", str(eval_dir), *args)
+        argv = python_module("evaluation.human.annotate", "--dir", str(eval_dir), *args)
         return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
     bad = run("--models", "abs,nope")

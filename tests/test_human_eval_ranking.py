@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.eval.human.ranking import (
+from evaluation.human.ranking import (
     RankingError,
     aggregate,
     borda_points,

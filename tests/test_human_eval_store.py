@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from trainer.eval.human import annotate, rank
-from trainer.eval.human.store import AnnotationRow, AnnotationStore, import_argilla, read_csv, read_jsonl, write_csv
-from trainer.eval.human.tasks import load_prompts, prompt_sequence, response_order
+from evaluation.human import annotate, rank
+from evaluation.human.store import AnnotationRow, AnnotationStore, import_argilla, read_csv, read_jsonl, write_csv
+from evaluation.human.tasks import load_prompts, prompt_sequence, response_order
 
 
 def write_outputs(d, models, ids, prompts_split=None):

@@ -236,7 +236,7 @@ def test_engine_packing_on_refuses_an_unsupported_model_and_off_keeps_it_padded(
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
     from services.reward.engine import EngineOptions, PackingUnavailable, RewardEngine
-    from trainer.tiny_models import build_tokenizer
+    from crs_rlhf.tiny_models import build_tokenizer
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
@@ -257,7 +257,7 @@ def test_cuda_auto_falls_back_to_padded_for_an_unsupported_model(tmp_path, caplo
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
     from services.reward.engine import EngineOptions, RewardEngine
-    from trainer.tiny_models import build_tokenizer
+    from crs_rlhf.tiny_models import build_tokenizer
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)

@@ -148,7 +148,7 @@ def test_unloading_the_active_adapter_keeps_the_base_servable_with_disjoint_targ
     so every base-model request after it was a 500 (KeyError in peft's disable_adapter)."""
     from services.policy_gen.hf_engine import HFEngine, SeqSpec
     from tests.test_eval_e2e import make_adapter
-    from trainer.eval.tiny_judge import make_tiny_judge_adapter
+    from crs_rlhf.tiny_judge import make_tiny_judge_adapter
 
     engine = HFEngine(_settings(tiny_models))
     prompt = engine.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]

@@ -76,7 +76,7 @@ def test_learner_failures_have_their_own_exit_code():
 
 
 def test_plot_cli_on_a_missing_run(tmp_path, capsys):
-    from trainer.plot import main
+    from crs_rlhf.plot import main
 
     assert main([str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().out

@@ -163,7 +163,7 @@ def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 
 def test_ppo_learns_to_chase_the_reward(stack):
-    from trainer.plot import plot_run
+    from crs_rlhf.plot import plot_run
     from trainer.ppo.driver import train
     from trainer.ppo.metrics import REQUIRED
 

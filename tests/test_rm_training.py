@@ -140,7 +140,7 @@ def test_augment_paraphrases_with_in_process_generator(tiny_models):
 
 
 def test_cli_and_clear_errors(tiny_models, tmp_path, capsys, caplog):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     cfg = tmp_path / "rm.yaml"
     cfg.write_text(f"model:\n  base: {tiny_models['policy']}\n  max_tokens: 256\n  min_prompt_tokens: 64\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config_io import ConfigError
-from trainer.sweep import final_means, main, parse_grid, run_label, run_name
+from crs_rlhf.sweep import final_means, main, parse_grid, run_label, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_tiny_sweep_two_weights_three_steps_on_shared_services(tiny_models, tmp_
 
 def test_eval_hook_hands_the_final_adapters_to_eval_run(tmp_path):
     from trainer.ppo.config import PPOConfig
-    from trainer.sweep import Run, eval_overrides
+    from crs_rlhf.sweep import Run, eval_overrides
 
     runs = []
     for name, steps in (("weight-0", 3), ("weight-1", 0)):
@@ -104,7 +104,7 @@ def test_eval_hook_hands_the_final_adapters_to_eval_run(tmp_path):
     assert "rm_score.abs_url=http://a" in sets and not any(s.startswith("rm_score.pref_url") for s in sets)
     # The overrides are valid for the evaluation's own config model.
     from trainer.config_io import load_config
-    from trainer.eval.config import EvalConfig
+    from evaluation.config import EvalConfig
 
     cfg = load_config(EvalConfig, eval_yaml, sets)
     assert cfg.generate.policies == policies and cfg.rm_score.abs_url == "http://a"

@@ -79,7 +79,7 @@ def test_held_out_trees_never_give_a_training_prompt(raw):
 
 def test_held_out_prompts_are_the_evaluation_prompts(raw):
     # `crs-rlhf eval`'s oasst source and the RL split name the same trees: PPO never trains on them.
-    from trainer.eval.prompts import load_oasst_eval
+    from evaluation.prompts import load_oasst_eval
 
     split = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=THESIS_HELD_OUT, langs=None))
     eval_prompts = load_oasst_eval("fixture", "oasst")

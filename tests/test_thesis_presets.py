@@ -62,7 +62,7 @@ def test_rm_presets_are_table_5(kind, path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,path", RM_PRESETS, ids=[p.stem for _, p in RM_PRESETS])
 def test_rm_preset_runs_on_tiny_models(kind, path, tiny_models, tmp_path):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     base = str(tiny_models["policy"])
     size = [f"model.base={base}", "model.max_tokens=256", "model.min_prompt_tokens=64", "data.path=null",
@@ -86,7 +86,7 @@ def test_rm_preset_runs_on_tiny_models(kind, path, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_sft_preset_runs_on_tiny_models(tiny_models, tmp_path):
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi!"}] * 4))

@@ -1,7 +1,7 @@
 """SFT / reward-model training beyond one device: torchrun data parallelism on CPU (gloo),
 precision, gradient checkpointing, and the k-bit settings' validation and errors.
 
-The end-to-end checks launch `torchrun --nproc-per-node 2 -m trainer.cli ...` exactly as a
+The end-to-end checks launch `torchrun --nproc-per-node 2 -m crs_rlhf.cli ...` exactly as a
 user would and compare the written weights with a one-process run of the same global batch.
 """
 
@@ -72,7 +72,7 @@ def test_kbit_base_errors_say_what_to_do():
 def test_kbit_run_on_cpu_is_a_clean_cli_error(tiny_models, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU error")
-    from trainer.cli import main
+    from crs_rlhf.cli import main
 
     rc = main(["train-rm", "preference", "--config", "configs/tiny/rm_preference.yaml", "--output-dir", str(tmp_path),
                "--set", f"model.base={tiny_models['policy']}", "--set", "model.quantization=4bit"])
@@ -168,7 +168,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_models):
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli", *args]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "crs_rlhf.cli", *args]
     proc = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

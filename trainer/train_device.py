@@ -11,7 +11,7 @@
 - **Gradient checkpointing** (`train.gradient_checkpointing`): recompute activations in backward,
   non-reentrant (works with a frozen embedding under LoRA).
 - **Data parallelism**: under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment)
-  the process group is joined here: NCCL on CUDA, gloo on CPU. `trainer.rm.loop.train_loop`
+  the process group is joined here: NCCL on CUDA, gloo on CPU. `trainer.train_loop.train_loop`
   shards every micro-batch by rank and averages gradients with `average_gradients`.
 """
 

@@ -4,7 +4,7 @@
 yet filtered) because "incomplete trees" changes which tree states pass. The held-out trees
 are `held_out_tree_ids`: the eval side of the seeded split by tree of the ready_for_export
 trees of EVERY language, the very split `crs-rlhf eval`'s ``oasst`` source draws its prompts
-from (trainer/eval/prompts.py: fraction 0.1, seed 0). It is computed before the RL options
+from (evaluation/prompts.py: fraction 0.1, seed 0). It is computed before the RL options
 apply, so languages, incomplete trees or a fraction never move a tree across it, and eval
 prompts can never have been seen during PPO. The fraction is taken from the training prompts
 after the split, so 10 % and 37.5 % runs share one held-out set.

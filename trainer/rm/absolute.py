@@ -19,7 +19,7 @@ from trainer.data.labels import SIX_LABELS
 from trainer.rm.augment import augment_rows
 from trainer.rm.common import load_split, require, setup_model, write_outputs
 from trainer.rm.config import AbsoluteRMConfig
-from trainer.rm.loop import cpu_threads, seed_everything, train_loop
+from trainer.train_loop import cpu_threads, seed_everything, train_loop
 from trainer.rm.losses import absolute_loss, prediction
 from trainer.rm.modeling import encode_reply, pad_rows, reward_scores, save_model
 from trainer.rm.report import range_metrics, write_histogram, write_table

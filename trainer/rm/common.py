@@ -9,7 +9,7 @@ from pathlib import Path
 from trainer.config_io import dump_config
 from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
 from trainer.rm.config import DataSection, ModelSection
-from trainer.rm.loop import TrainSection
+from trainer.train_loop import TrainSection
 from trainer.rm.modeling import load_reward_model, load_tokenizer
 from trainer.train_device import SINGLE, DistInfo, resolve_device
 

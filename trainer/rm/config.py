@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.rm.augment import AugmentSection
-from trainer.rm.loop import TrainSection
+from trainer.train_loop import TrainSection
 from trainer.train_device import Quantization
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.rm.config import LoRAModelSection
-from trainer.rm.loop import TrainSection
+from trainer.train_loop import TrainSection
 
 
 class _Section(BaseModel):

@@ -5,7 +5,7 @@
     3. start reward_pref, reward_abs and policy_gen as real processes on free loopback ports
     4. PPO with the Combined Reward Signal under a local Ray cluster
     5. held-out evaluation: PPO policy vs SFT on eval-tree prompts, judged by both reward
-       models (win rate ± SE) and, with --judge-url, by an LLM judge (trainer/eval/demo_eval.py)
+       models (win rate ± SE) and, with --judge-url, by an LLM judge (crs_rlhf/demo_eval.py)
     6. metrics.jsonl, TensorBoard, PNG plots and a summary table in the run folder
 
 Every child process is stopped on the way out: normal end, error or Ctrl-C (the PPO driver
@@ -93,7 +93,7 @@ def train_models(models: dict[str, Path], out: Path, seed: int) -> dict[str, Pat
 def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir: Path, backend: str,
                    need_pref: bool, need_abs: bool) -> dict[str, str]:
     """Start the services concurrently (model loading overlaps), then wait for each /ready."""
-    from trainer.local_services import start_local_services
+    from crs_rlhf.local_services import start_local_services
 
     return start_local_services(stack, models, run_dir, backend, need_pref, need_abs, logs=run_dir / "logs")
 
@@ -134,7 +134,7 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def run_demo(args: DemoArgs) -> int:
-    from trainer.tiny_models import make_tiny_models
+    from crs_rlhf.tiny_models import make_tiny_models
 
     n = 6
     out = args.out
@@ -170,12 +170,12 @@ def run_demo(args: DemoArgs) -> int:
         held_out = None
         if not summary.interrupted:
             _stage(5, n, "held-out evaluation: PPO policy vs SFT on eval-tree prompts")
-            from trainer.eval.demo_eval import heldout_eval
+            from crs_rlhf.demo_eval import heldout_eval
 
             held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=args.judge_url, judge_model=args.judge_model)
 
     _stage(6, n, "plots and summary")
-    from trainer.plot import plot_run
+    from crs_rlhf.plot import plot_run
 
     pngs = plot_run(run_dir)
     print(summary_table(summary.metrics))

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.eval.human.ranking import HumanEvalResult, aggregate
-from trainer.eval.human.store import read_rows
+from evaluation.human.ranking import HumanEvalResult, aggregate
+from evaluation.human.store import read_rows
 
 PROG = "crs-rlhf eval rank"
 

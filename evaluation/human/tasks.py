@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.eval.io import iter_jsonl
+from evaluation.io import iter_jsonl
 
 
 @dataclass(frozen=True)

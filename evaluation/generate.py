@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.eval.io import EvalInputError, read_json, write_json, write_jsonl
-from trainer.eval.prompts import Prompt, instruction_text
+from evaluation.io import EvalInputError, read_json, write_json, write_jsonl
+from evaluation.prompts import Prompt, instruction_text
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,13 @@ def heldout_eval(urls: dict[str, str], run_dir: Path, out_dir: Path, *, judge_ur
     """Run the whole chain on the running services; None when PPO saved no adapter."""
     import httpx
 
-    from trainer.eval.generate import PolicySpec, Sampling, load_outputs, run_generate
-    from trainer.eval.io import EvalInputError, read_csv
-    from trainer.eval.judge import JudgeSettings, JudgeUnavailable, run_judge
-    from trainer.eval.prompts import load_source
-    from trainer.eval.report import make_report
-    from trainer.eval.rm_score import score_outputs, write_rm_tables
-    from trainer.eval.winrates import win_rate_rows, write_win_rates
+    from evaluation.generate import PolicySpec, Sampling, load_outputs, run_generate
+    from evaluation.io import EvalInputError, read_csv
+    from evaluation.judge import JudgeSettings, JudgeUnavailable, run_judge
+    from evaluation.prompts import load_source
+    from evaluation.report import make_report
+    from evaluation.rm_score import score_outputs, write_rm_tables
+    from evaluation.winrates import win_rate_rows, write_win_rates
 
     adapter = _last_adapter(run_dir)
     if adapter is None:

@@ -11,15 +11,15 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("trainer.demo", "the main job: tiny models, SFT + reward models, reward/policy services, PPO"),
-    "make-tiny-models": ("trainer.tiny_models", "write tiny local models (policy, reward_pref, reward_abs)"),
-    "serve": ("trainer.serve", "run a service: reward-pref | reward-abs | reward-shared | policy-gen"),
+    "demo": ("crs_rlhf.demo", "the main job: tiny models, SFT + reward models, reward/policy services, PPO"),
+    "make-tiny-models": ("crs_rlhf.tiny_models", "write tiny local models (policy, reward_pref, reward_abs)"),
+    "serve": ("crs_rlhf.serve", "run a service: reward-pref | reward-abs | reward-shared | policy-gen"),
     "train-sft": ("trainer.sft.cli", "supervised fine-tuning on OASST threads"),
     "train-rm": ("trainer.rm.cli", "train a reward model: preference | absolute"),
     "train": ("trainer.ppo.cli", "PPO with the Combined Reward Signal (Ray)"),
-    "plot": ("trainer.plot", "draw a PPO run's figures as PNG"),
-    "sweep": ("trainer.sweep", "a grid of PPO runs (e.g. CRS weights) sharing one set of services"),
-    "eval": ("trainer.eval.cli", "evaluation: prompts, generate, judge, rm-score, rm-bench, report, annotate, rank"),
+    "plot": ("crs_rlhf.plot", "draw a PPO run's figures as PNG"),
+    "sweep": ("crs_rlhf.sweep", "a grid of PPO runs (e.g. CRS weights) sharing one set of services"),
+    "eval": ("evaluation.cli", "evaluation: prompts, generate, judge, rm-score, rm-bench, report, annotate, rank"),
     "data-report": ("trainer.data.report", "counts and label figures of an Open Assistant export"),
 }
 

@@ -130,7 +130,7 @@ def _launch(run: Run, ray_address: str | None) -> None:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": ray_address})})
     path = run.dir / "sweep-run.yaml"
     dump_config(cfg, path)
-    argv = [sys.executable, "-m", "trainer.cli", "train", "--config", str(path)]
+    argv = [sys.executable, "-m", "crs_rlhf.cli", "train", "--config", str(path)]
     if latest_checkpoint(run.dir) is not None:
         argv.append("--resume")
     # Same process group as the sweep: a terminal's Ctrl-C reaches every trainer, and each
@@ -265,7 +265,7 @@ def eval_overrides(eval_config: str, runs: list[Run], out: Path, urls: dict[str,
 
 def run_eval(eval_config: str, runs: list[Run], out: Path, urls: dict[str, str]) -> int:
     """Evaluate the final adapters against each other with `crs-rlhf eval run --config`."""
-    argv = [sys.executable, "-m", "trainer.cli", "eval", "run", "--config", eval_config]
+    argv = [sys.executable, "-m", "crs_rlhf.cli", "eval", "run", "--config", eval_config]
     for s in eval_overrides(eval_config, runs, out, urls):
         argv += ["--set", s]
     print("eval: " + " ".join(argv[3:]), flush=True)
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give at least one --grid, e.g. --grid crs.weight=0,0.25,0.625,1")
         if args.start_services and not args.models:
             raise ConfigError("--start-services needs --models DIR (policy/, reward_pref/, reward_abs/)")
-        if args.eval_config and importlib.util.find_spec("trainer.eval.cli") is None:
-            raise ConfigError("--eval needs the evaluation commands (trainer/eval/cli.py, `crs-rlhf eval run`), "
+        if args.eval_config and importlib.util.find_spec("evaluation.cli") is None:
+            raise ConfigError("--eval needs the evaluation commands (evaluation/cli.py, `crs-rlhf eval run`), "
                               "which this install does not have; run the sweep without --eval")
         grid = parse_grid(args.grid)
         parallel = args.parallel or len(grid)
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         urls: dict[str, str] = {}
         if todo or (args.eval_config and models is not None):
             if models is not None:
-                from trainer.local_services import start_local_services
+                from crs_rlhf.local_services import start_local_services
 
                 need_pref = any(r.cfg.crs.weight > 0 for r in runs)
                 need_abs = any(r.cfg.crs.weight < 1 for r in runs)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.eval.io import EvalInputError
+from evaluation.io import EvalInputError
 
 TEMPLATE_VERSION = "crs-pairwise-v1"
 SYSTEM = ("You are a careful, impartial evaluator of AI assistants. You compare two responses to the "

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from services.common.settings import settings_or_exit
-from trainer.eval.human.ranking import RankingError, validate_ranking
-from trainer.eval.human.settings import AnnotateSettings
-from trainer.eval.human.store import AnnotationRow, AnnotationStore, import_argilla, read_csv, read_jsonl, write_csv
+from evaluation.human.ranking import RankingError, validate_ranking
+from evaluation.human.settings import AnnotateSettings
+from evaluation.human.store import AnnotationRow, AnnotationStore, import_argilla, read_csv, read_jsonl, write_csv
 
 PROG = "crs-rlhf eval annotate"
 
@@ -47,9 +47,9 @@ def _one_server_per_folder(directory: Path):
 def serve(argv: list[str]) -> int:
     import uvicorn
 
-    from trainer.eval.human.app import build_app
-    from trainer.eval.human.engine import AnnotationEngine
-    from trainer.eval.human.tasks import load_prompts
+    from evaluation.human.app import build_app
+    from evaluation.human.engine import AnnotationEngine
+    from evaluation.human.tasks import load_prompts
 
     s = settings_or_exit(AnnotateSettings, argv, prog=PROG)
     try:

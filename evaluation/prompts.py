@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.eval.io import EvalInputError, iter_jsonl, read_json
+from evaluation.io import EvalInputError, iter_jsonl, read_json
 
 OASST_EVAL_FRACTION = 0.1  # the SFT config's default: the smallest held-out share of any trainer
 OASST_SPLIT_SEED = 0

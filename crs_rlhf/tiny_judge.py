@@ -19,7 +19,7 @@ def make_tiny_judge_adapter(policy: str | Path, out: str | Path, seed: int = 0, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.eval.judge import judge_messages
+    from evaluation.judge import judge_messages
 
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(policy)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainer.eval.human.ranking import latest_rows
+from evaluation.human.ranking import latest_rows
 
 log = logging.getLogger(__name__)
 

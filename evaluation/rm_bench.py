@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from trainer.eval.io import EvalInputError, iter_jsonl, read_json, write_json
+from evaluation.io import EvalInputError, iter_jsonl, read_json, write_json
 
 
 def load_pairs(path: str | Path) -> list[dict]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from services.common.http import APIError
-from trainer.eval.human.protocol import ItemResponse, SessionResponse, ShownResponse, SubmitRequest, SubmitResponse
-from trainer.eval.human.ranking import RankingError, validate_ranking
-from trainer.eval.human.store import AnnotationRow, AnnotationStore
-from trainer.eval.human.tasks import Prompt, prompt_sequence, response_order
+from evaluation.human.protocol import ItemResponse, SessionResponse, ShownResponse, SubmitRequest, SubmitResponse
+from evaluation.human.ranking import RankingError, validate_ranking
+from evaluation.human.store import AnnotationRow, AnnotationStore
+from evaluation.human.tasks import Prompt, prompt_sequence, response_order
 
 MAX_NAME = 100
 

@@ -19,9 +19,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainer.eval import stats
-from trainer.eval.io import EvalInputError, iter_jsonl, write_csv, write_jsonl
-from trainer.eval.winrates import per_prompt, rm_win_rate_rows, write_win_rates
+from evaluation import stats
+from evaluation.io import EvalInputError, iter_jsonl, write_csv, write_jsonl
+from evaluation.winrates import per_prompt, rm_win_rate_rows, write_win_rates
 
 
 def prompt_messages(run_dir: Path) -> dict[str, list[dict]]:

@@ -19,12 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.eval.io import EvalInputError, write_jsonl
+from evaluation.io import EvalInputError, write_jsonl
 
 
 def _prompts(sources: list[tuple[str, str]], formats: dict[str, str], per_source: int | None,
              splits: list[tuple[str, int]], seed: int, out: Path) -> list:
-    from trainer.eval.prompts import load_source, sample_splits
+    from evaluation.prompts import load_source, sample_splits
 
     if not sources:
         raise EvalInputError("give at least one --source NAME=PATH")
@@ -50,8 +50,8 @@ def _prompts(sources: list[tuple[str, str]], formats: dict[str, str], per_source
 
 def _generate(prompts_path: Path, policies: list[str], url: str, out: Path, sampling, concurrency: int,
               api_key_env: str, overwrite: bool = False, split: str | None = None) -> None:
-    from trainer.eval.generate import parse_policy, run_generate
-    from trainer.eval.prompts import load_prompt_file
+    from evaluation.generate import parse_policy, run_generate
+    from evaluation.prompts import load_prompt_file
 
     prompts = load_prompt_file(prompts_path)
     if split is not None:
@@ -65,9 +65,9 @@ def _generate(prompts_path: Path, policies: list[str], url: str, out: Path, samp
 
 
 def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: bool = False) -> list[dict]:
-    from trainer.eval.generate import load_outputs
-    from trainer.eval.judge import run_judge
-    from trainer.eval.winrates import format_table, win_rate_rows, write_win_rates
+    from evaluation.generate import load_outputs
+    from evaluation.judge import run_judge
+    from evaluation.winrates import format_table, win_rate_rows, write_win_rates
 
     outputs = load_outputs(run_dir)
     records, judge = run_judge(outputs, settings, run_dir, baseline=baseline, both_orders=both_orders,
@@ -88,9 +88,9 @@ def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: 
 
 def _rm_score(run_dir: Path, urls: dict[str, str], batch_size: int, tokenizer: str | None, api_key_env: str,
               baseline: str | None = None, judge_model: str | None = None) -> None:
-    from trainer.eval.generate import load_outputs
-    from trainer.eval.judge import current_judgments, pairs_for
-    from trainer.eval.rm_score import score_outputs, write_rm_tables
+    from evaluation.generate import load_outputs
+    from evaluation.judge import current_judgments, pairs_for
+    from evaluation.rm_score import score_outputs, write_rm_tables
 
     if not urls:
         raise EvalInputError("give --pref-url and/or --abs-url")
@@ -105,7 +105,7 @@ def _rm_score(run_dir: Path, urls: dict[str, str], batch_size: int, tokenizer: s
 
 
 def _rm_bench(pairs: str, url: str, protocol: str, out: str | None, model: str | None = None) -> dict:
-    from trainer.eval.rm_bench import run_rm_bench
+    from evaluation.rm_bench import run_rm_bench
 
     result = run_rm_bench(pairs, url, protocol, out, model=model)
     print(json.dumps(result, indent=2))
@@ -113,7 +113,7 @@ def _rm_bench(pairs: str, url: str, protocol: str, out: str | None, model: str |
 
 
 def _report(run_dir: Path) -> None:
-    from trainer.eval.report import make_report
+    from evaluation.report import make_report
 
     path = make_report(run_dir)
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
@@ -121,21 +121,21 @@ def _report(run_dir: Path) -> None:
 
 
 def _judge_settings(url, model, api_key_env, **kw):
-    from trainer.eval.judge import JudgeSettings
+    from evaluation.judge import JudgeSettings
 
     return JudgeSettings(url=url, model=model, api_key=os.environ.get(api_key_env) or None, **kw)
 
 
 def _sampling(a):
-    from trainer.eval.generate import Sampling
+    from evaluation.generate import Sampling
 
     return Sampling(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, chat=a.chat)
 
 
 def run_config(path: str, overrides: list[str]) -> None:
     from trainer.config_io import load_config
-    from trainer.eval.config import EvalConfig
-    from trainer.eval.generate import Sampling
+    from evaluation.config import EvalConfig
+    from evaluation.generate import Sampling
 
     cfg = load_config(EvalConfig, path, overrides)
     out = Path(cfg.out_dir)
@@ -248,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("annotate", "rank"):  # the human-evaluation tools keep their own flags
-        return int(importlib.import_module(f"trainer.eval.human.{argv[0]}").main(argv[1:]) or 0)
+        return int(importlib.import_module(f"evaluation.human.{argv[0]}").main(argv[1:]) or 0)
     a = build_parser().parse_args(argv)
     from trainer.config_io import ConfigError
-    from trainer.eval.judge import JudgeUnavailable
-    from trainer.eval.prompts import parse_assignments
+    from evaluation.judge import JudgeUnavailable
+    from evaluation.prompts import parse_assignments
 
     try:
         if a.command == "prompts":

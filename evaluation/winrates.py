@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer.eval import stats
-from trainer.eval.io import write_csv
+from evaluation import stats
+from evaluation.io import write_csv
 
 COLUMNS = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "n_wins",
            "n_wins_base", "n_draws", "n_total", "n_invalid", "discrete_win_rate", "avg_length", "position_bias",

@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from trainer.eval.io import EvalInputError, read_csv
+from evaluation.io import EvalInputError, read_csv
 
 
 def _f(x: str) -> float:

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
 
 from services.common.http import ApiKeyMiddleware, BodySizeLimitMiddleware, install_error_handlers
-from trainer.eval.human.engine import AnnotationEngine
-from trainer.eval.human.protocol import ConfigResponse, ItemResponse, SessionResponse, SubmitRequest, SubmitResponse
+from evaluation.human.engine import AnnotationEngine
+from evaluation.human.protocol import ConfigResponse, ItemResponse, SessionResponse, SubmitRequest, SubmitResponse
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/app.js", "/app.css", "/health", "/ready", "/api/config")
@@ -35,7 +35,7 @@ def build_app(
     if missing:  # a wheel built without the package data; fail at start, not on the first page view
         raise RuntimeError(
             f"the annotation page's files are missing from {STATIC} ({', '.join(missing)}); "
-            "reinstall crs-rlhf from a source tree (pip install -e .) or add trainer/eval/human/static to package data"
+            "reinstall crs-rlhf from a source tree (pip install -e .) or add evaluation/human/static to package data"
         )
     app = FastAPI(title="crs-rlhf annotation", docs_url=None, redoc_url=None)
     install_error_handlers(app)
