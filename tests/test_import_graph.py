@@ -176,7 +176,6 @@ def test_no_upward_imports():
     assert upward_imports(build_graph()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.ppo.actors <-> learner_group: removed with the one learner handle")
 def test_no_import_cycles():
     assert cycles(build_graph()) == []
 

@@ -134,12 +134,12 @@ def test_rank0_writes_every_rank_restores(tiny_models, tmp_path, ray_cluster):
 def test_dead_worker_fails_the_step_naming_its_node(tiny_models, tmp_path, ray_cluster):
     import ray
 
-    from trainer.ppo.learner_group import LearnerGroup, LearnerGroupError
+    from trainer.ppo.learner_group import LearnerGroup, LearnerFailed
 
     group = LearnerGroup(_cfg(tiny_models, tmp_path), num_workers=2, collective_timeout_s=30)
     try:
         ray.kill(group.workers[1])
-        with pytest.raises(LearnerGroupError, match=r"rank 1 \(node [0-9.]+ .*died during train_step.*--resume"):
+        with pytest.raises(LearnerFailed, match=r"rank 1 \(node [0-9.]+ .*died during train_step.*--resume"):
             group.train_step(_samples())
     finally:
         group.shutdown()

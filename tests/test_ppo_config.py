@@ -64,14 +64,12 @@ def test_train_cli_rejects_bad_input(capsys):
 
 
 def test_learner_failures_have_their_own_exit_code():
-    from trainer.ppo.actors import LearnerFailed
     from trainer.ppo.cli import EXIT_LEARNER, EXIT_SERVICE, classify_failure
     from trainer.ppo.driver import StepFailed
-    from trainer.ppo.learner_group import LearnerGroupError
+    from trainer.ppo.learner_group import LearnerFailed
 
     msg = "learner worker rank 1 (node 10.0.0.2 / gpu-2, pid 7) died during train_step: ActorDiedError: x. Resume ..."
-    for exc in (LearnerGroupError(msg), LearnerFailed(msg)):
-        assert classify_failure(exc) == (EXIT_LEARNER, f"the learner failed: {msg}")
+    assert classify_failure(LearnerFailed(msg)) == (EXIT_LEARNER, f"the learner failed: {msg}")
     assert EXIT_LEARNER == 4 and classify_failure(StepFailed("step 3: rollout failed"))[0] == EXIT_SERVICE
 
 

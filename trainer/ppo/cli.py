@@ -29,7 +29,7 @@ def classify_failure(exc: BaseException) -> tuple[int, str]:
     import openai
 
     from trainer.clients.wait import ServicesNotReady
-    from trainer.ppo.actors import LearnerFailed
+    from trainer.ppo.learner_group import LearnerFailed
     from trainer.ppo.driver import StepFailed
 
     if isinstance(exc, ServicesNotReady):

@@ -26,10 +26,11 @@ import ray
 
 from trainer.clients.wait import Target, wait_ready
 from trainer.config_io import dump_config
-from trainer.ppo.actors import init_ray, make_learner, make_rollout_workers
+from trainer.ppo.actors import init_ray, make_rollout_workers
 from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
 from trainer.ppo.config import PPOConfig, run_tag  # run_tag: re-exported here too
 from trainer.ppo.experience import RolloutBatch, drop_stale
+from trainer.ppo.learner_group import start_learner
 from trainer.ppo.metrics import MetricsLogger
 from trainer.ppo.policy_sync import (
     NoReplicaHoldsAdapter,
@@ -179,9 +180,9 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
     stop = stop_on_signals()  # after ray.init, which sets a SIGTERM handler that would exit unsaved
     stop.__enter__()
-    learner = None  # one handle for 1 learner actor or a group of N workers (trainer.ppo.actors.make_learner)
+    learner = None  # a LearnerGroup: one handle for any learner.num_workers
     try:
-        learner = make_learner(cfg, name=run_tag(run_dir))
+        learner = start_learner(cfg, name=run_tag(run_dir))
         workers = make_rollout_workers(cfg)
         ckpt = latest_checkpoint(run_dir) if resume else None
         progress = Progress()
@@ -251,7 +252,7 @@ class Progress:
 @dataclass
 class Pending:
     step: int
-    ref: object  # learner.train_step_async's handle (an ObjectRef, or a group's GroupCall)
+    ref: object  # learner.train_step_async's handle (a GroupCall)
     batch: RolloutBatch
     items: list[PromptItem]
 

@@ -1,4 +1,7 @@
-"""A data-parallel learner group: N Ray actors in one torch.distributed process group.
+"""The learner handle: `LearnerGroup`, N Ray actors (`LearnerWorker`), for every N.
+
+N = 1 is the plain `Learner` in one actor, with no process group. N > 1 is data parallel, the
+N actors in one torch.distributed process group.
 
 Two rules carry correctness (N workers give the weights one worker gives, within fp32 noise):
 
@@ -43,16 +46,38 @@ import ray
 import torch
 import torch.distributed as dist
 
-from trainer.ppo.actors import LearnerFailed
-from trainer.ppo.config import PPOConfig
+from trainer.ppo.config import PPOConfig, RaySection
 from trainer.ppo.learner import Learner
 from trainer.train_device import average_gradients, broadcast_params, shard_slice
 
 log = logging.getLogger("crs_rlhf.ppo.learner_group")
 
 
-class LearnerGroupError(LearnerFailed):
-    """A learner worker died or a collective failed; the message names the worker and its node."""
+class LearnerFailed(RuntimeError):
+    """A learner worker died, raised, or a collective failed; the message names the worker's rank and node."""
+
+
+def learner_gpus(rc: RaySection, num_workers: int = 1) -> int:
+    """GPUs per learner worker (0 or 1): `ray.learner_gpu` is the one switch for any number of workers."""
+    if rc.learner_gpu == "never":
+        return 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if rc.learner_gpu == "always" and gpus < 1:
+        raise RuntimeError("ray.learner_gpu is 'always' but the Ray cluster has no GPU")
+    if gpus < 1:
+        return 0
+    if gpus < num_workers:  # auto/always with too few: half the workers on CPU would pace the whole group
+        raise RuntimeError(f"learner.num_workers {num_workers} needs {num_workers} GPUs (one each) but the Ray cluster has "
+                           f"{gpus:g}: lower learner.num_workers, add GPU nodes, or set ray.learner_gpu never (CPU workers)")
+    return 1
+
+
+def start_learner(cfg: PPOConfig, name: str | None = None) -> LearnerGroup:
+    """The run's learner: `learner.num_workers` workers (1 = the plain learner), a GPU each when
+    `ray.learner_gpu` gives one; `name` prefixes the workers' Ray actor names."""
+    n = cfg.learner.num_workers
+    return LearnerGroup(cfg, n, gpus=learner_gpus(cfg.ray, n) > 0, collective_timeout_s=cfg.learner.collective_timeout_s,
+                        name=name)
 
 
 class ShardedLearner(Learner):
@@ -115,11 +140,12 @@ def _free_port() -> int:
 
 @ray.remote(num_cpus=1)
 class LearnerWorker:
-    """One rank: a thin Ray actor around `ShardedLearner` (rank 0 alone writes files)."""
+    """One rank: a thin Ray actor around the learner (rank 0 alone writes files). A group of one
+    is the plain `Learner`; a rank of a larger group is a `ShardedLearner` in the process group."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
-        self.learner: ShardedLearner | None = None
+        self.learner: Learner | None = None
 
     def node(self) -> dict:
         return {"rank": self.rank, "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -130,6 +156,9 @@ class LearnerWorker:
 
     def setup(self, cfg: PPOConfig, master_addr: str, master_port: int, timeout_s: float, device: str | None = None) -> str:
         # device None: this worker's GPU when Ray gave it one (NCCL), else the CPU (gloo).
+        if self.world == 1:  # nothing to talk to: no process group
+            self.learner = Learner(cfg, device)
+            return f"single:{self.learner.device}"
         backend = None if device is None else ("nccl" if device.startswith("cuda") else "gloo")
         backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s, backend)
         self.learner = ShardedLearner(cfg, device)
@@ -150,7 +179,8 @@ class LearnerWorker:
     def trainable_state(self) -> dict:
         """Trainable tensors by name, on CPU (tests compare ranks with each other and with N = 1)."""
         names = {id(q): n for n, q in self.learner.model.named_parameters()}
-        out = {names[id(q)]: q.detach().cpu().clone() for q in self.learner.trainable if id(q) in names}
+        trainable = [q for g in self.learner.optimizer.param_groups for q in g["params"]]
+        out = {names[id(q)]: q.detach().cpu().clone() for q in trainable if id(q) in names}
         out.update({f"value_head.{k}": v.detach().cpu().clone() for k, v in self.learner.value_head.state_dict().items()})
         return out
 
@@ -175,8 +205,10 @@ _group_ids = itertools.count()
 
 
 class LearnerGroup:
-    """Driver-side handle of N `LearnerWorker`s; the same methods as the single learner's handle
-    (`trainer.ppo.actors.SingleLearner`), so the driver holds one interface for any N.
+    """Driver-side handle of N `LearnerWorker`s, the driver's one learner handle for any N
+    (train_step_async / train_step_result, save_adapter, save_checkpoint, load_checkpoint,
+    device_name, shutdown). Blocking, except `train_step_async`, which returns at once so that
+    Ctrl-C can still finish an update in flight.
 
     Placement: one bundle per worker ({"CPU": 1, "GPU": 1} when `gpus`), PACK strategy, so the
     group fills GPU nodes before spreading (NCCL within a node is the fast path). The rendezvous
@@ -199,7 +231,7 @@ class LearnerGroup:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.pg)
-            raise LearnerGroupError(f"could not place {num_workers} learner workers ({bundle} each) in 300 s: the Ray cluster "
+            raise LearnerFailed(f"could not place {num_workers} learner workers ({bundle} each) in 300 s: the Ray cluster "
                                     f"has {ray.cluster_resources()}; lower learner.num_workers or add nodes")
         prefix = f"{name}-{next(_group_ids)}" if name else None
         self.workers = [
@@ -248,7 +280,7 @@ class LearnerGroup:
                     if r != rank and not self._alive(w):
                         rank, what = r, "died"
                         break
-                raise LearnerGroupError(f"{self._describe(rank)} {what} during {call.method}: {type(e).__name__}: "
+                raise LearnerFailed(f"{self._describe(rank)} {what} during {call.method}: {type(e).__name__}: "
                                         f"{str(e).splitlines()[0][:300].rstrip('.')}. Resume the run from its last checkpoint "
                                         "(--resume)") from None
         return [results[r] for r in call.refs]
