@@ -270,8 +270,10 @@ def settings_from_argv(service: str, argv: list[str], env: dict[str, str], tmp_p
             return str(p)
         return arg
 
-    assert argv and argv[0] in SERVICES, f"{service}: command must start with a `crs-rlhf serve` service, got {argv[:1]}"
-    assert argv[0] == service, f"{service} runs {argv[0]}"
+    # Images run `python -m <module>`: the command starts with the service's module.
+    modules = {m.removesuffix(".__main__"): name for name, m in SERVICES.items()}
+    assert argv and argv[0] in modules, f"{service}: command must start with a service module, got {argv[:1]}"
+    assert modules[argv[0]] == service, f"{service} runs {argv[0]}"
     for k in list(os.environ):
         if k.startswith("CRS_"):
             monkeypatch.delenv(k)

@@ -163,16 +163,28 @@ def test_env_example_names_are_real_settings():
     assert ".env" in (REPO / ".dockerignore").read_text().split()
 
 
-def test_docker_cli_compose_config_when_available():
-    """`docker compose config` resolves files without an engine; the plugin is absent on CI machines."""
+def test_docker_cli_compose_config_when_available(tmp_path):
+    """`docker compose config` resolves the files without an engine (plugin absent: skipped). With
+    .env.example as shipped it refuses (empty CRS_API_KEY); with a key set it renders, the key
+    substituted into every service that needs it."""
     docker = shutil.which("docker")
     if not docker or subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode != 0:
         pytest.skip("docker compose plugin not installed: the pure-Python merge above stands in for it")
+    env = tmp_path / ".env"
+    env.write_text((REPO / ".env.example").read_text().replace("CRS_API_KEY=\n", "CRS_API_KEY=test-key-123\n"))
     for files in (GPU, CPU):
         args = [a for f in files for a in ("-f", f)]
-        out = subprocess.run([docker, "compose", *args, "--env-file", ".env.example", "config", "--format", "json"],
-                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        def render(env_file: Path, args: list[str] = args) -> subprocess.CompletedProcess:
+            return subprocess.run([docker, "compose", *args, "--env-file", str(env_file), "config", "--format", "json"],
+                                  cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+
+        refused = render(REPO / ".env.example")
+        assert refused.returncode != 0 and "CRS_API_KEY" in refused.stderr, refused.stderr
+        out = render(env)
         assert out.returncode == 0, out.stderr
+        services = json.loads(out.stdout)["services"]
+        for name in MODEL_SERVICES:
+            assert services[name]["environment"]["CRS_API_KEY"] == "test-key-123", name
 
 
 # ---------------------------------------------------------------- images
@@ -214,8 +226,10 @@ def test_dockerfiles_are_hardened(name):
                 assert src.split("/")[0] not in ignored, f"{name}: {src} is excluded by .dockerignore"
     entry = json.loads(next(line for line in final if line.startswith("ENTRYPOINT ")).split(" ", 1)[1])
     cmd = json.loads(next(line for line in final if line.startswith("CMD ")).split(" ", 1)[1])
-    if entry == ["crs-rlhf", "serve"]:
-        assert cmd[0] in SERVICES
+    if name != "Dockerfile.trainer":
+        # Service images run the service module itself (`python -m services.X`), not the CLI.
+        assert entry in (["python", "-m"], ["python3", "-m"]), entry
+        assert cmd[0] in {m.removesuffix(".__main__") for m in SERVICES.values()}, cmd
 
 
 def test_constraints_pin_every_dependency_within_pyproject():
@@ -223,7 +237,11 @@ def test_constraints_pin_every_dependency_within_pyproject():
 
     from packaging.requirements import Requirement
 
-    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    # What the images install: the base dependencies and the train/eval extras (trainer image).
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    deps = [Requirement(d) for d in [*project["dependencies"], *extras["train"], *extras["eval"]]]
+    deps = [r for r in deps if r.name != "crs-rlhf"]
     pins = {}
     for line in (REPO / "docker/constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -301,8 +319,8 @@ def test_dockerfiles_install_dependencies_before_copying_sources(name):
 
 def test_policy_gen_image_serves_without_the_trainer_dependencies():
     """The policy-gen image has vLLM's packages + docker/requirements-policy-gen.txt only: with
-    every other dependency of pyproject made unimportable, `crs-rlhf serve policy-gen` still
-    parses its settings and the vLLM-mode modules import."""
+    every other dependency of pyproject (and trainer/, evaluation/, crs_rlhf/) made unimportable,
+    `python -m services.policy_gen` (the image's command) still parses its settings and the vLLM-mode modules import."""
     import importlib.metadata as md
     import tomllib
 
@@ -318,11 +336,14 @@ def test_policy_gen_image_serves_without_the_trainer_dependencies():
     have = {norm(Requirement(r).name) for r in vllm_reqs if "extra ==" not in r}
     ours = {norm(line.strip()) for line in (REPO / "docker/requirements-policy-gen.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")}
-    deps = [norm(Requirement(d).name) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
-    missing = [d for d in deps if d not in have | ours]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    deps = [norm(Requirement(d).name) for d in [*project["dependencies"], *extras["train"], *extras["eval"]]]
+    missing = [d for d in deps if d not in have | ours | {"crs-rlhf"}]
     assert {"ray", "datasets", "tensorboard"} <= set(missing), "the trainer's stack stays out of the image"
     dists = md.packages_distributions()
-    blocked = sorted({mod for mod, names in dists.items() if any(norm(n) in missing for n in names)} - {"services", "trainer"})
+    blocked = sorted({mod for mod, names in dists.items() if any(norm(n) in missing for n in names)} - {"services"})
+    blocked += ["trainer", "evaluation", "crs_rlhf"]  # the image copies services/ only
     probe = f"""
 import sys
 BLOCKED = set({blocked!r})
@@ -332,8 +353,7 @@ class Block:
             raise ImportError(f"{{name}} is not in the policy-gen image")
 sys.meta_path.insert(0, Block())
 import services.policy_gen.__main__, services.policy_gen.app, services.policy_gen.proxy, services.policy_gen.vllm_launcher
-from crs_rlhf.cli import main
-sys.exit(main(["serve", "policy-gen", "--help"]))
+sys.exit(services.policy_gen.__main__.main(["--help"]))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
