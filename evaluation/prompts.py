@@ -8,8 +8,9 @@ user's turn. Formats (detected from the file's content):
     alpaca     AlpacaEval's eval set: a JSON list of {instruction, dataset}
     hh         Anthropic HH-RLHF: chosen/rejected "\\n\\nHuman: … \\n\\nAssistant: …" dialogues;
                the prompt is the dialogue up to the last Human turn
-    oasst      an Open Assistant export; only the EVAL trees of the same seeded split-by-tree
-               the trainers use (fraction and seed as in the SFT config), so never trained on
+    oasst      an Open Assistant export; only its HELD-OUT trees (the data's split file, the trees
+               SFT, both reward models and PPO leave out), ready for export, in the thesis's
+               languages (en, es, fr, de), one single-turn prompt per tree (the root message)
     plain      JSONL with `prompt` (Koala's test set has this shape) or `messages`
 
 Sampling (`sample_splits`) shuffles each source with one seed and deals prompts round-robin
@@ -26,8 +27,7 @@ from pathlib import Path
 
 from evaluation.io import EvalInputError, iter_jsonl, read_json
 
-OASST_EVAL_FRACTION = 0.1  # the SFT config's default: the smallest held-out share of any trainer
-OASST_SPLIT_SEED = 0
+OASST_EVAL_LANGS = ("en", "es", "fr", "de")  # the reward models' (and the thesis's) languages
 
 
 @dataclass(frozen=True)
@@ -135,21 +135,23 @@ def load_plain(path: Path, source: str) -> list[Prompt]:
     return out
 
 
-def load_oasst_eval(path: str | Path, source: str, eval_fraction: float = OASST_EVAL_FRACTION,
-                    split_seed: int = OASST_SPLIT_SEED) -> list[Prompt]:
-    """Prompts (histories ending in a prompter turn) from the held-out eval trees only."""
-    from trainer.data import build_rl_prompts, filter_trees, fixture_path, load_oasst, split_by_tree
+def load_oasst_eval(path: str | Path, source: str, split_file: str | None = None) -> list[Prompt]:
+    """One single-turn prompt (the root message) per held-out tree that is ready for export and
+    in OASST_EVAL_LANGS. The held-out trees come from the export's split file (written on first
+    use with the default fraction 0.1 and seed 0, the trainers' defaults); a file that belongs
+    to other data is an error (trainer.data.splits)."""
+    from trainer.data import filter_trees, fixture_path, load_oasst
+    from trainer.data.splits import HeldOutOptions, SplitMismatchError, held_out_split
 
-    trees = filter_trees(load_oasst(fixture_path() if str(path) == "fixture" else path)).trees
-    held_out = split_by_tree(trees, eval_fraction, split_seed).eval
-    out, seen = [], set()
-    for tree in held_out:
-        for i, messages in enumerate(build_rl_prompts([tree])):
-            key = tuple((m["role"], m["content"]) for m in messages)
-            if key not in seen:  # one tree's siblings share prefixes
-                seen.add(key)
-                out.append(Prompt(f"{source}/{tree.tree_id}/{i}", source, messages, tree.lang))
-    return out
+    data = fixture_path() if str(path) == "fixture" else path
+    trees = load_oasst(data)
+    try:
+        held = held_out_split(data, trees, HeldOutOptions(split_file=split_file))
+    except SplitMismatchError as e:
+        raise EvalInputError(str(e)) from None
+    kept = filter_trees(held.held_out(trees), langs=list(OASST_EVAL_LANGS)).trees
+    return [Prompt(f"{source}/{t.tree_id}", source, [_user(t.root.text)], t.lang) for t in kept
+            if t.root.role == "prompter" and t.root.text.strip()]
 
 
 LOADERS = {"fastchat": load_fastchat, "alpaca": load_alpaca, "hh": load_hh, "plain": load_plain,

@@ -49,10 +49,13 @@ def report(tmp_path_factory):
 
 def test_counts_match_a_hand_walk_of_the_file(report):
     _, c = report
-    kept = _kept_trees()
+    # Every stage's counts leave out the held-out evaluation trees of the shipped split file.
+    split = json.loads(fixture_path("trees").with_name("oasst_trees.jsonl.gz.splits.json").read_text())
+    held = set(split["held_out_tree_ids"])
+    kept = [t for t in _kept_trees() if t["message_tree_id"] not in held]
     rm = [t for t in kept if t["prompt"]["lang"] in ("en", "es", "fr", "de")]
-    assert (c["trees_read"], c["trees_kept"]) == (43, len(kept)) == (43, 39)
-    assert c["messages_kept"] == sum(1 for t in kept for _ in _walk(t["prompt"])) == 252
+    assert (c["trees_read"], c["held_out_trees"], c["trees_kept"]) == (43, len(held), len(kept)) == (43, 5, 34)
+    assert c["messages_kept"] == sum(1 for t in kept for _ in _walk(t["prompt"])) == 221
     sets = rows = 0
     quality = []
     for t in rm:
@@ -63,18 +66,17 @@ def test_counts_match_a_hand_walk_of_the_file(report):
                 full = [r for r in ranked if all(r["labels"].get(k, {}).get("count", 0) > 0 for k in SIX)]
                 rows += len(full)
                 quality += [r["labels"]["quality"]["value"] for r in full]
-    assert sum(c["ranked_sets"]) == sets == 50
-    assert sum(c["absolute_rows"]) == rows == 104
+    assert sum(c["ranked_sets"]) == sets == 43
+    assert sum(c["absolute_rows"]) == rows == 89
     train_eval = Counter(c["absolute_ranges_train"]) + Counter(c["absolute_eval_ranges"])
     assert dict(train_eval) == dict(Counter("low" if q <= 0.4 else "high" if q >= 0.9 else "mid" for q in quality))
     assert sum(c["under_s_bins_train"].values()) == c["absolute_ranges_train"]["mid"]
-    assert sum(c["sft_threads"]) == 41  # 39 trees, the unranked and the branching tree give two each
-    held = held_out_tree_ids(load_oasst(fixture_path()), 0.1)
-    assert len(held) == round(0.1 * 39)
+    assert sum(c["sft_threads"]) == 36  # 34 trees, the unranked and the branching tree give two each
+    assert held_out_tree_ids(load_oasst(fixture_path()), 0.1) == held
     prompts = Counter(t["prompt"]["lang"] for t in rm if t["message_tree_id"] not in held
                       for m in _walk(t["prompt"]) if m["role"] == "prompter")
     assert c["rl_prompts_per_language"] == dict(sorted(prompts.items()))
-    assert c["rl_prompts_train"] + c["rl_prompts_held_out"] == 67
+    assert c["rl_prompts_train"] + c["rl_prompts_held_out"] == 67  # every en/es/fr/de prompt, one side or other
 
 
 def test_report_files_and_printed_table(report, capsys):

@@ -61,16 +61,18 @@ def test_plain_messages_and_system_turns():
 
 
 def test_oasst_prompts_come_from_eval_trees_only():
-    from trainer.data import build_rl_prompts, filter_trees, fixture_path, load_oasst, split_by_tree
+    from trainer.data import fixture_path, load_oasst
+    from trainer.data.splits import held_out_split
 
-    trees = filter_trees(load_oasst(fixture_path())).trees
-    split = split_by_tree(trees, 0.1, 0)  # what the SFT trainer holds out by default
-    train_texts = {json.dumps(m) for m in build_rl_prompts(split.train)}
-    eval_tree_ids = {t.tree_id for t in split.eval}
+    trees = load_oasst(fixture_path())
+    held = held_out_split(fixture_path(), trees)  # the shipped split file: what every trainer leaves out
     prompts = load_source("oasst", "fixture")
-    assert prompts and all(p.id.split("/")[1] in eval_tree_ids for p in prompts)
-    assert not any(json.dumps(p.messages) in train_texts for p in prompts)
-    assert len({json.dumps(p.messages) for p in prompts}) == len(prompts)  # shared prefixes deduplicated
+    assert prompts and all(p.id.split("/")[1] in held.tree_ids for p in prompts)
+    roots = {t.tree_id: t for t in held.held_out(trees)}
+    for p in prompts:  # single-turn: the held-out tree's root message, in the thesis's languages
+        tree = roots[p.id.split("/")[1]]
+        assert p.messages == [{"role": "user", "content": tree.root.text}] and tree.lang in ("en", "es", "fr", "de")
+    assert len({json.dumps(p.messages) for p in prompts}) == len(prompts)
 
 
 def _fake(source, n):

@@ -28,6 +28,7 @@ from trainer.data import (
 )
 from trainer.data.filters import INCOMPLETE
 from trainer.data.rl import THESIS_HELD_OUT, held_out_tree_ids, sample_fraction
+from trainer.data.splits import is_held_out
 from trainer.rm.config import AbsoluteRMConfig
 
 
@@ -50,12 +51,12 @@ def _key(prompt) -> str:
 
 def test_rl_prompts_default_to_the_reward_models_languages(raw, trees):
     every = build_rl_prompts(trees)  # 77 over all seven languages
-    split = build_rl_prompt_split(raw)
+    split = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.0))
     assert len(every) == 77 and len(split.train) == 77 - 10  # pt 2 trees x 2 + ru 2 x 2 + it 1 x 2
     assert set(split.per_language) == {"en", "es", "fr", "de"}
     assert sum(split.per_language.values()) == len(split.train) and split.held_out == []
-    assert len(build_rl_prompt_split(raw, RLPromptOptions(langs=None)).train) == 77
-    assert build_rl_prompt_split(raw, RLPromptOptions(langs=["pt"])).per_language == {"pt": 4}
+    assert len(build_rl_prompt_split(raw, RLPromptOptions(langs=None, held_out_fraction=0.0)).train) == 77
+    assert build_rl_prompt_split(raw, RLPromptOptions(langs=["pt"], held_out_fraction=0.0)).per_language == {"pt": 4}
 
 
 def test_held_out_trees_never_give_a_training_prompt(raw):
@@ -74,7 +75,8 @@ def test_held_out_trees_never_give_a_training_prompt(raw):
         assert set(split.held_out_tree_ids) <= set(other.held_out_tree_ids)
         assert not {_key(p) for p in other.train} & held
     assert held_out_tree_ids(raw, 0.0) == set()
-    assert len(held_out_tree_ids(raw, 0.3, 1)) == round(0.3 * 39)  # of the 39 ready trees, all languages
+    # The rule on the tree id alone (trainer.data.splits), whatever the tree's state or language.
+    assert held_out_tree_ids(raw, 0.3, 1) == {t.tree_id for t in raw if is_held_out(t.tree_id, 0.3, 1)}
 
 
 def test_held_out_prompts_are_the_evaluation_prompts(raw):
@@ -83,14 +85,15 @@ def test_held_out_prompts_are_the_evaluation_prompts(raw):
 
     split = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=THESIS_HELD_OUT, langs=None))
     eval_prompts = load_oasst_eval("fixture", "oasst")
-    assert eval_prompts and {_key(p.messages) for p in eval_prompts} == {_key(p) for p in split.held_out}
+    # Eval takes one single-turn prompt (the root) per held-out tree; RL holds out every prefix.
+    assert eval_prompts and {_key(p.messages) for p in eval_prompts} <= {_key(p) for p in split.held_out}
     assert not {_key(p.messages) for p in eval_prompts} & {_key(p) for p in split.train}
 
 
 def test_fraction_of_the_training_prompts(raw):
-    full = build_rl_prompt_split(raw)
+    full = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.0))
     for fraction, n in ((0.1, 7), (0.375, 25)):  # round(0.1 * 67), round(0.375 * 67)
-        part = build_rl_prompt_split(raw, RLPromptOptions(fraction=fraction))
+        part = build_rl_prompt_split(raw, RLPromptOptions(fraction=fraction, held_out_fraction=0.0))
         assert len(part.train) == n and part.train_before_fraction == 67
         assert {_key(p) for p in part.train} <= {_key(p) for p in full.train}
     a = build_rl_prompt_split(raw, RLPromptOptions(fraction=0.375, fraction_seed=3)).train
@@ -115,7 +118,7 @@ def test_over_long_prompts_are_counted(raw, tiny_models):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
-    split = build_rl_prompt_split(raw, tokenizer=tok, max_prompt_tokens=40)
+    split = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.0), tokenizer=tok, max_prompt_tokens=40)
     assert 0 < split.dropped_long < 67 and len(split.train) + split.dropped_long == 67
 
 
@@ -171,12 +174,17 @@ def test_ppo_config_selects_the_prompts(tiny_models):
     from trainer.ppo.driver import load_prompts
 
     base = {"model": {"policy_path": str(tiny_models["policy"])}}
-    assert len(load_prompts(PPOConfig.model_validate(base)).prompts) == 67  # en/es/fr/de by default
-    thesis = {**base, "run": {"prompts": {"held_out_fraction": 0.05, "fraction": 0.375, "incomplete_trees": True}}}
+    # en/es/fr/de, the held-out evaluation trees (5 trees, 10 prompts) apart, by default
+    assert len(load_prompts(PPOConfig.model_validate(base)).prompts) == 67 - 10
+    thesis = {**base, "run": {"prompts": {"held_out_fraction": 0.1, "fraction": 0.375, "incomplete_trees": True}}}
     got = load_prompts(PPOConfig.model_validate(thesis)).prompts
     raw = load_oasst(fixture_path())
-    want = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.05, fraction=0.375, incomplete_trees=True))
+    want = build_rl_prompt_split(raw, RLPromptOptions(held_out_fraction=0.1, fraction=0.375, incomplete_trees=True))
     assert got == want.train and len(got) == round(0.375 * want.train_before_fraction)
+    # Another held-out share than the data's split file holds is refused, not silently re-split.
+    other = {**base, "run": {"prompts": {"held_out_fraction": 0.05}}}
+    with pytest.raises(ValueError, match="held_out_fraction 0.05"):
+        load_prompts(PPOConfig.model_validate(other))
 
 
 def test_near_duplicate_skip_of_the_thesis_code():

@@ -26,7 +26,7 @@ from trainer.data.builders import (
 from trainer.data.filters import filter_trees, split_by_tree, top_languages
 from trainer.data.labels import SIX_LABELS, label_range, mid_bin
 from trainer.data.oasst import OasstFormatError, load_oasst
-from trainer.data.rl import RM_LANGS, THESIS_HELD_OUT, RLPromptOptions, build_rl_prompt_split
+from trainer.data.rl import RM_LANGS, THESIS_HELD_OUT, RLPromptOptions, build_rl_prompt_split, held_out_tree_ids
 
 # Thesis numbers on the real export, for the side-by-side column (docs/method.md).
 THESIS = {"ranked_sets": (14080, 1488), "absolute_rows": (38852, 2041), "low": 4104, "mid": 26961, "high": 7787,
@@ -41,14 +41,19 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-eval-fraction", type=float, default=0.05)
     p.add_argument("--pref-eval-fraction", type=float, default=0.1, help="thesis: 1,488 of 15,568 sets")
     p.add_argument("--abs-eval-fraction", type=float, default=0.05, help="thesis: 2,041 of 40,893 rows")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--held-out-fraction", type=float, default=THESIS_HELD_OUT, help="RL: share of trees held out")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of each stage's validation split")
+    p.add_argument("--held-out-fraction", type=float, default=THESIS_HELD_OUT, help="share of trees every stage holds out for evaluation (seed 0)")
     p.add_argument("--incomplete-trees", action="store_true", help="RL: also prefixes of unfinished trees")
     return p.parse_args(argv)
 
 
 def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
     """(counts, figure data) for loaded trees; pure apart from the builders it calls."""
+    held = held_out_tree_ids(trees, a.held_out_fraction)  # every stage leaves these trees out
+    rl = build_rl_prompt_split(trees, RLPromptOptions(held_out_fraction=a.held_out_fraction,
+                                                      incomplete_trees=a.incomplete_trees))
+    n_read = len(trees)
+    trees = [t for t in trees if t.tree_id not in held]
     kept = filter_trees(trees)
     langs20 = top_languages(kept.trees, 20)
     sft = split_by_tree(filter_trees(trees, langs=langs20).trees, a.sft_eval_fraction, a.split_seed)
@@ -62,11 +67,9 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
     for r in abs_train:
         if label_range(r.target) == "mid":
             bins[mid_bin(r.target)] += 1
-    rl = build_rl_prompt_split(trees, RLPromptOptions(held_out_fraction=a.held_out_fraction, split_seed=a.split_seed,
-                                                      incomplete_trees=a.incomplete_trees))
     labelled = build_absolute_rows(rm_trees)  # every split: the label figures describe the data
     counts = {
-        "trees_read": len(trees), "trees_kept": len(kept.trees), "filters": kept.report.describe(),
+        "trees_read": n_read, "held_out_trees": len(held), "trees_kept": len(kept.trees), "filters": kept.report.describe(),
         "messages_kept": sum(t.size() for t in kept.trees),
         "sft_languages": langs20,
         "sft_threads": [len(build_sft_threads(sft.train)), len(build_sft_threads(sft.eval))],
@@ -86,7 +89,8 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
 def counts_table(c: dict) -> str:
     t = THESIS
     rows = [
-        ("trees kept (ready_for_export, filters)", f"{c['trees_kept']} of {c['trees_read']}", ""),
+        ("trees held out for evaluation (every stage)", f"{c['held_out_trees']} of {c['trees_read']}", ""),
+        ("training trees kept (ready_for_export, filters)", c["trees_kept"], ""),
         ("messages kept", c["messages_kept"], ""),
         ("SFT threads train / eval (top-20 languages)", "{} / {}".format(*c["sft_threads"]), ""),
         ("ranked sets train / eval (en, es, fr, de)", "{} / {}".format(*c["ranked_sets"]), "{:,} / {:,}".format(*t["ranked_sets"])),

@@ -1,13 +1,13 @@
-"""RL prompts as the thesis drew them: languages, a held-out split by tree, a fraction, incomplete trees.
+"""RL prompts as the thesis drew them: languages, the held-out trees apart, a fraction, incomplete trees.
 
-`build_rl_prompt_split(trees, RLPromptOptions(...), tokenizer)` takes the trees as loaded (not
-yet filtered) because "incomplete trees" changes which tree states pass. The held-out trees
-are `held_out_tree_ids`: the eval side of the seeded split by tree of the ready_for_export
-trees of EVERY language, the very split `crs-rlhf eval`'s ``oasst`` source draws its prompts
-from (evaluation/prompts.py: fraction 0.1, seed 0). It is computed before the RL options
-apply, so languages, incomplete trees or a fraction never move a tree across it, and eval
-prompts can never have been seen during PPO. The fraction is taken from the training prompts
-after the split, so 10 % and 37.5 % runs share one held-out set.
+`build_rl_prompt_split(trees, RLPromptOptions(...), tokenizer, data=path)` takes the trees as
+loaded (not yet filtered) because "incomplete trees" changes which tree states pass. The
+held-out trees are those of the data's split file (trainer.data.splits): the trees SFT and
+both reward models leave out too, and the only ones `crs-rlhf eval`'s ``oasst`` source draws
+prompts from. Membership depends on the tree id alone, so languages, incomplete trees or a
+fraction never move a tree across it, and eval prompts can never have been seen during PPO.
+The fraction is taken from the training prompts after the split, so 10 % and 37.5 % runs
+share one held-out set.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.data.builders import Conversation, build_rl_prompts
-from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees, split_by_tree
+from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees
 from trainer.data.oasst import MessageTree
+from trainer.data.splits import HELD_OUT_FRACTION, HeldOutOptions, held_out_split, is_held_out
 
 RM_LANGS = ["en", "es", "fr", "de"]
-# The share of trees the thesis presets and `crs-rlhf data-report` hold out: the evaluation
-# prompts' split (`crs-rlhf eval`'s oasst source). The option's own default is 0: a PPO config
-# that names a small prompt file of its own (a smoke test's) trains on all of it.
-THESIS_HELD_OUT = 0.1
+THESIS_HELD_OUT = HELD_OUT_FRACTION  # the share of trees every stage holds out for evaluation
 
 
 class RLPromptOptions(BaseModel):
@@ -38,9 +36,10 @@ class RLPromptOptions(BaseModel):
         default_factory=lambda: list(RM_LANGS),
         description="root languages kept: the reward models' languages (thesis en, es, fr, de); null = all")
     held_out_fraction: float = Field(
-        0.0, ge=0, lt=1, description="share of TREES kept out of PPO for evaluation, the split `crs-rlhf eval` "
-        "draws OASST prompts from (thesis presets 0.1 = eval's default; 0 = none)")
-    split_seed: int = Field(0, description="seed of the held-out split (use the same one for eval prompts)")
+        HELD_OUT_FRACTION, ge=0, lt=1, description="share of TREES kept out of PPO for evaluation: the data's "
+        "split file's (every stage's; 0 = none, PPO then trains on the evaluation prompts)")
+    split_seed: int = Field(0, description="seed of the held-out split (the split file's)")
+    split_file: str | None = Field(None, description="the split file (default '<data>.splits.json' beside it)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the training prompts used (thesis: 0.1, 0.375)")
     fraction_seed: int = 0
     incomplete_trees: bool = Field(
@@ -61,10 +60,8 @@ class RLPromptSplit:
 
 
 def held_out_tree_ids(trees: Sequence[MessageTree], fraction: float, seed: int = 0) -> set[str]:
-    """Tree ids of the evaluation side of split_by_tree(filter_trees(trees), fraction, seed)."""
-    if fraction <= 0:
-        return set()
-    return {t.tree_id for t in split_by_tree(filter_trees(trees).trees, fraction, seed).eval}
+    """Ids of the held-out trees among `trees` (the split rule, no file)."""
+    return {t.tree_id for t in trees if is_held_out(t.tree_id, fraction, seed)}
 
 
 def sample_fraction(items: Sequence, fraction: float, seed: int = 0) -> list:
@@ -77,13 +74,21 @@ def sample_fraction(items: Sequence, fraction: float, seed: int = 0) -> list:
 
 
 def build_rl_prompt_split(
-    trees: Sequence[MessageTree], opts: RLPromptOptions | None = None, tokenizer=None, max_prompt_tokens: int = 1024
+    trees: Sequence[MessageTree], opts: RLPromptOptions | None = None, tokenizer=None, max_prompt_tokens: int = 1024,
+    data: str | None = None,
 ) -> RLPromptSplit:
-    """Filter, split by tree, build prompts (over-long ones dropped with a tokenizer), take the fraction."""
+    """Filter, hold out the evaluation trees, build prompts (over-long ones dropped with a
+    tokenizer), take the fraction. `data`: the export the trees came from, whose split file is
+    read (or written); None: the split rule alone."""
     opts = opts or RLPromptOptions()
     states = (READY, *INCOMPLETE) if opts.incomplete_trees else (READY,)
     filtered = filter_trees(trees, tree_states=states, langs=opts.langs, drop_rejected=opts.drop_rejected)
-    held_ids = held_out_tree_ids(trees, opts.held_out_fraction, opts.split_seed)
+    if data is not None:
+        held_ids = held_out_split(data, trees, HeldOutOptions(held_out_fraction=opts.held_out_fraction,
+                                                              held_out_seed=opts.split_seed,
+                                                              split_file=opts.split_file)).tree_ids
+    else:
+        held_ids = held_out_tree_ids(trees, opts.held_out_fraction, opts.split_seed)
     held = [t.tree_id in held_ids for t in filtered.trees]
     train_trees = [t for t, h in zip(filtered.trees, held) if not h]
     eval_trees = [t for t, h in zip(filtered.trees, held) if h]

@@ -93,7 +93,8 @@ def load_prompts(cfg: PPOConfig) -> PromptSet:
 
     source = fixture_path() if cfg.run.data_source == "fixture" else cfg.run.data_source
     tok = AutoTokenizer.from_pretrained(cfg.model.policy_path)
-    split = build_rl_prompt_split(load_oasst(source), cfg.run.prompts, tok, cfg.generation.max_prompt_tokens)
+    split = build_rl_prompt_split(load_oasst(source), cfg.run.prompts, tok, cfg.generation.max_prompt_tokens,
+                                  data=str(source))
     return PromptSet(prompts=split.train, dropped=split.dropped_long)
 
 

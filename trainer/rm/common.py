@@ -8,10 +8,11 @@ from pathlib import Path
 
 from trainer.config_io import dump_config
 from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
+from trainer.data.splits import held_out_split
 from trainer.rm.config import DataSection, ModelSection
-from trainer.train_loop import TrainSection
 from trainer.rm.modeling import load_reward_model, load_tokenizer
 from trainer.train_device import SINGLE, DistInfo, resolve_device
+from trainer.train_loop import TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,16 @@ class EmptyDataError(ValueError):
 
 
 def load_split(data: DataSection) -> tuple[TreeSplit, str]:
-    """Filtered trees split by tree; also a sentence saying what each filter removed."""
-    trees = load_oasst(data.path or fixture_path("trees"))
+    """Filtered training trees (the held-out evaluation trees removed) split by tree into train and
+    validation; also a sentence saying what each filter removed."""
+    source = data.path or fixture_path("trees")
+    trees = load_oasst(source)
+    held = held_out_split(source, trees, data)
+    trees = held.train(trees)
     filtered = filter_trees(trees, tree_states=data.tree_states, drop_deleted=data.drop_deleted,
                             drop_synthetic=data.drop_synthetic, drop_rejected=data.drop_rejected, langs=data.langs)
-    story = f"{data.path or 'fixture'}: {filtered.report.describe()}"
+    story = (f"{data.path or 'fixture'}: {len(held.tree_ids)} held-out evaluation trees removed"
+             f"{f' ({held.path.name})' if held.path else ''}; {filtered.report.describe()}")
     if not filtered.trees:
         raise EmptyDataError(f"no trees left after filtering ({story}); check data.langs / data.tree_states")
     return split_by_tree(filtered.trees, data.eval_fraction, data.split_seed), story

@@ -10,9 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.data.splits import HeldOutOptions
 from trainer.rm.augment import AugmentSection
-from trainer.train_loop import TrainSection
 from trainer.train_device import Quantization
+from trainer.train_loop import TrainSection
 
 
 class _Section(BaseModel):
@@ -51,15 +52,18 @@ class ModelSection(LoRAModelSection):
     min_prompt_tokens: int = Field(256, description="the prompt keeps at least this many tokens (thesis 256)")
 
 
-class DataSection(_Section):
+class DataSection(HeldOutOptions):
+    """Rows of the trees left after the held-out evaluation trees (the data's split file) are
+    removed; `eval_fraction` of those trees is this stage's own validation set."""
+
     path: str | None = Field(None, description="OASST trees/messages file or datasets name (default: shipped fixture)")
     langs: list[str] | None = Field(["en", "es", "fr", "de"], description="root languages kept (None = all)")
-    tree_states: list[str] | None = ["ready_for_export"]
+    tree_states: list[str] | None = Field(default_factory=lambda: ["ready_for_export"])
     drop_deleted: bool = True
     drop_synthetic: bool = True
     drop_rejected: bool = Field(True, description="drop messages whose review_result is false (with their replies)")
-    eval_fraction: float = Field(0.15, ge=0, lt=1, description="share of TREES held out for eval")
-    split_seed: int = 0
+    eval_fraction: float = Field(0.15, ge=0, lt=1, description="validation share of the training TREES")
+    split_seed: int = Field(0, description="seed of the validation split")
 
 
 class PreferenceLossSection(_Section):

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.data.splits import HeldOutOptions
 from trainer.rm.config import LoRAModelSection
 from trainer.train_loop import TrainSection
 
@@ -23,17 +24,20 @@ class SFTModelSection(LoRAModelSection):
     max_tokens: int = Field(2048, description="threads are cut at this many tokens (thesis 2048)")
 
 
-class SFTDataSection(_Section):
+class SFTDataSection(HeldOutOptions):
+    """Threads of the trees left after the held-out evaluation trees (the data's split file) are
+    removed; `eval_fraction` of those trees is this stage's own validation set."""
+
     path: str | None = Field(None, description="OASST file or datasets name (default: shipped fixture)")
     top_languages: int | None = Field(20, description="keep the N most frequent languages (thesis: top 20)")
     langs: list[str] | None = Field(None, description="explicit language list (overrides top_languages)")
-    tree_states: list[str] | None = ["ready_for_export"]
+    tree_states: list[str] | None = Field(default_factory=lambda: ["ready_for_export"])
     threads: Literal["best_ranked", "greedy"] = Field(
         "best_ranked", description="'best_ranked' (Open Assistant, thesis): every thread along best-ranked or "
         "unranked replies; 'greedy': one thread per tree")
     drop_rejected: bool = Field(True, description="drop messages whose review_result is false (with their replies)")
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
-    split_seed: int = 0
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="validation share of the training trees (thesis: 0.05)")
+    split_seed: int = Field(0, description="seed of the validation split")
 
 
 class PreSFTSection(_Section):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from services.common.chat import format_conversation, format_prompt, format_response
 from services.common.truncation import special_affixes
 from trainer.data import build_sft_threads, filter_trees, fixture_path, load_oasst, split_by_tree, top_languages
+from trainer.data.splits import held_out_split
 from trainer.rm.common import EmptyDataError, write_outputs
-from trainer.train_loop import cpu_threads, seed_everything, train_loop
 from trainer.rm.modeling import load_tokenizer, pad_rows, save_model, wrap_lora
 from trainer.sft.config import SFTConfig
 from trainer.sft.instructions import load_instructions
@@ -34,6 +34,7 @@ from trainer.train_device import (
     resolve_device,
     upcast_trainable,
 )
+from trainer.train_loop import cpu_threads, seed_everything, train_loop
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label id that cross-entropy skips
@@ -113,14 +114,24 @@ def eval_loss(model, examples: list[SFTExample], pad_id: int, device, batch_size
     return total / max(tokens, 1)
 
 
-def load_threads(cfg: SFTConfig) -> tuple[list, list, str]:
+def sft_split(cfg: SFTConfig):
+    """(TreeSplit train/validation of the trees left after the held-out evaluation trees, story)."""
     d = cfg.data
-    trees = load_oasst(d.path or fixture_path("trees"))
+    source = d.path or fixture_path("trees")
+    trees = load_oasst(source)
+    held = held_out_split(source, trees, d)
+    trees = held.train(trees)
     kept = filter_trees(trees, tree_states=d.tree_states, drop_rejected=d.drop_rejected).trees
     langs = d.langs or (top_languages(kept, d.top_languages) if d.top_languages else None)
     filtered = filter_trees(trees, tree_states=d.tree_states, langs=langs, drop_rejected=d.drop_rejected)
-    story = f"{d.path or 'fixture'}: {filtered.report.describe()} (languages {langs}; {d.threads} threads)"
-    split = split_by_tree(filtered.trees, d.eval_fraction, d.split_seed)
+    story = (f"{d.path or 'fixture'}: {len(held.tree_ids)} held-out evaluation trees removed; "
+             f"{filtered.report.describe()} (languages {langs}; {d.threads} threads)")
+    return split_by_tree(filtered.trees, d.eval_fraction, d.split_seed), story
+
+
+def load_threads(cfg: SFTConfig) -> tuple[list, list, str]:
+    d = cfg.data
+    split, story = sft_split(cfg)
     train = build_sft_threads(split.train, d.threads)
     if not train:
         raise EmptyDataError(f"no SFT threads after filtering ({story})")
