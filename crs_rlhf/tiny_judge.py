@@ -1,4 +1,5 @@
-"""A tiny judge for offline runs: a LoRA on the tiny policy's lm_head that answers "A" or "B".
+"""A tiny judge for offline runs: a LoRA on the tiny policy's lm_head that answers "A" or "B"
+(the ``crs`` judge template: a single-letter answer; judge it with ``--template crs``).
 
 An untrained tiny policy never puts the label tokens among its top logprobs, so its verdicts
 are all invalid (the tests use exactly that to check invalid bookkeeping). This rank-2
@@ -29,7 +30,7 @@ def make_tiny_judge_adapter(policy: str | Path, out: str | Path, seed: int = 0, 
     with torch.no_grad():
         for _ in range(6):
             msgs = judge_messages(" ".join(rng.choices(words, k=6)), " ".join(rng.choices(words, k=rng.randint(1, 30))),
-                                  " ".join(rng.choices(words, k=rng.randint(1, 30))))
+                                  " ".join(rng.choices(words, k=rng.randint(1, 30))), template="crs")
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])  # (1, T)
             states.append(model(ids, output_hidden_states=True).hidden_states[-1][0, -1])  # (d,) normed, last pos

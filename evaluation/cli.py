@@ -67,13 +67,14 @@ def _generate(prompts_path: Path, policies: list[str], url: str, out: Path, samp
 def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: bool = False) -> list[dict]:
     from evaluation.generate import load_outputs
     from evaluation.judge import run_judge
-    from evaluation.winrates import format_table, win_rate_rows, write_win_rates
+    from evaluation.winrates import format_table, win_rate_rows, write_alpaca_annotations, write_win_rates
 
     outputs = load_outputs(run_dir)
     records, judge = run_judge(outputs, settings, run_dir, baseline=baseline, both_orders=both_orders,
                                retry_invalid=retry_invalid)
     rows = win_rate_rows(records, outputs, judge=settings.model)
     path = write_win_rates(run_dir / "win_rates.csv", rows)
+    write_alpaca_annotations(run_dir, records, outputs)  # alpaca_eval can recompute the board from these
     n_invalid = sum(not r["valid"] for r in records)
     by = {}
     for r in records:
@@ -133,9 +134,9 @@ def _sampling(a):
 
 
 def run_config(path: str, overrides: list[str]) -> None:
-    from trainer.config_io import load_config
     from evaluation.config import EvalConfig
     from evaluation.generate import Sampling
+    from trainer.config_io import load_config
 
     cfg = load_config(EvalConfig, path, overrides)
     out = Path(cfg.out_dir)
@@ -158,7 +159,7 @@ def run_config(path: str, overrides: list[str]) -> None:
         j = cfg.judge
         print("[eval] judge")
         _judge(out, _judge_settings(j.judge_url, j.judge_model, j.api_key_env, concurrency=j.concurrency,
-                                    max_tokens=j.max_tokens, top_logprobs=j.top_logprobs,
+                                    template=j.template, max_tokens=j.max_tokens, top_logprobs=j.top_logprobs,
                                     invalid_retries=j.invalid_retries, seed=j.seed), j.baseline, j.both_orders)
     if cfg.rm_score:
         r = cfg.rm_score
@@ -212,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", help="judge every policy against this one (default: all pairs)")
     s.add_argument("--both-orders", action="store_true", help="judge each pair in both orders (position bias)")
     s.add_argument("--concurrency", type=int, default=8)
-    s.add_argument("--max-tokens", type=int, default=4)
-    s.add_argument("--top-logprobs", type=int, default=20, help="0: text verdicts only")
+    s.add_argument("--template", default="alpaca_eval", choices=["alpaca_eval", "crs"],
+                   help="judge prompt: alpaca_eval (the thesis's: AlpacaEval's leaderboard prompt, hard verdicts) or "
+                        "crs (one letter, logprob verdicts, 'judge the content, not the length')")
+    s.add_argument("--max-tokens", type=int, default=None, help="default: the template's (alpaca_eval 100, crs 4)")
+    s.add_argument("--top-logprobs", type=int, default=20, help="0: text verdicts only (crs template)")
     s.add_argument("--invalid-retries", type=int, default=2)
     s.add_argument("--retry-invalid", action="store_true", help="ask again for verdicts saved as invalid")
     s.add_argument("--seed", type=int, default=0)
@@ -250,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("annotate", "rank"):  # the human-evaluation tools keep their own flags
         return int(importlib.import_module(f"evaluation.human.{argv[0]}").main(argv[1:]) or 0)
     a = build_parser().parse_args(argv)
-    from trainer.config_io import ConfigError
     from evaluation.judge import JudgeUnavailable
     from evaluation.prompts import parse_assignments
+    from trainer.config_io import ConfigError
 
     try:
         if a.command == "prompts":
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                       a.api_key_env, a.overwrite, a.split)
         elif a.command == "judge":
             settings = _judge_settings(a.judge_url, a.judge_model, a.api_key_env, concurrency=a.concurrency,
-                                       max_tokens=a.max_tokens, top_logprobs=a.top_logprobs,
+                                       template=a.template, max_tokens=a.max_tokens, top_logprobs=a.top_logprobs,
                                        invalid_retries=a.invalid_retries, seed=a.seed)
             _judge(Path(a.dir), settings, a.baseline, a.both_orders, a.retry_invalid)
         elif a.command == "rm-score":

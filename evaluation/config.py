@@ -41,7 +41,10 @@ class JudgeSection(_Section):
     baseline: str | None = None
     both_orders: bool = False
     concurrency: int = Field(8, ge=1)
-    max_tokens: int = Field(4, ge=1)
+    template: str = Field("alpaca_eval", description="judge prompt: 'alpaca_eval' (the thesis's, Fig. 31: "
+                          "AlpacaEval's leaderboard prompt, hard verdicts) or 'crs' (single letter, logprob verdicts, "
+                          "'judge the content, not the length')")
+    max_tokens: int | None = Field(None, ge=1, description="default: the template's (alpaca_eval 100, crs 4)")
     top_logprobs: int = Field(20, ge=0, le=20)
     invalid_retries: int = Field(2, ge=0)
     seed: int = 0

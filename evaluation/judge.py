@@ -43,18 +43,87 @@ Judge the content, not the length; the order of the responses says nothing about
 
 Answer with a single letter, A or B, and nothing else."""
 
+# The thesis's judge prompt, as its Fig. 31 prints it: AlpacaEval's leaderboard prompt (Li et al.
+# 2023). The judge ranks model_1 (slot A) and model_2 (slot B): a hard verdict. AlpacaEval hands
+# 'make_leaderboard' to the judge as a function; here the ranking is read from the reply's text
+# (`ranking_verdict`), which works with any OpenAI-compatible judge.
+ALPACA_SYSTEM = "You are a helpful assistant, that makes a leaderboard of models based on the quality of their answers."
+ALPACA_USER = """I want you to create a leaderboard of different large-language models. To do so, I will give you \
+the instructions (prompts) given to the models, and the responses of two models. To make a leaderboard, first make \
+a list ranking the models based on which responses would be preferred by humans, then give the resulting list of \
+JSON to 'make_leaderboard'.
+
+Here is the prompt:
+{{
+    "instruction": \"\"\"{instruction}\"\"\",
+}}
+
+Here are the outputs of the models:
+[
+    {{
+        "model": "model_1",
+        "answer": \"\"\"{output_a}\"\"\"
+    }},
+    {{
+        "model": "model_2",
+        "answer": \"\"\"{output_b}\"\"\"
+    }}
+]
+
+Now make the leaderboard by ranking the models by the quality of their answers, so that the model with rank 1 \
+has the best output."""
+
 LABELS = ("A", "B")
 _TEXT_VERDICT = re.compile(r"^\W*(?:(?:response|output|answer)[\s:]*)?\(?\s*([AB])\b", re.IGNORECASE)
 _TIE = re.compile(r"^\W*(tie|draw|equal|both)\b", re.IGNORECASE)
+_RANK_MODEL = re.compile(r"""['"]model['"]\s*:\s*['"]model_([12])['"]\s*,\s*['"]rank['"]\s*:\s*([12])""")
+_MODEL_RANK = re.compile(r"""['"]rank['"]\s*:\s*([12])\s*,\s*['"]model['"]\s*:\s*['"]model_([12])['"]""")
+
+
+def ranking_verdict(text: str | None) -> float | None:
+    """P(slot A better) from an AlpacaEval leaderboard reply: model_1 ranked 1 -> 1.0, model_2
+    ranked 1 -> 0.0; anything else (no ranking, both or neither first) -> None."""
+    if not text:
+        return None
+    ranks = {m: int(r) for m, r in _RANK_MODEL.findall(text)}
+    ranks.update({m: int(r) for r, m in _MODEL_RANK.findall(text)})
+    firsts = [m for m, r in ranks.items() if r == 1]
+    return (1.0 if firsts[0] == "1" else 0.0) if len(firsts) == 1 else None
+
+
+@dataclass(frozen=True)
+class Template:
+    """A judge prompt: its messages, how its reply becomes P(A better), what it needs asked."""
+
+    version: str  # part of every cache key
+    system: str
+    user: str
+    parse: object  # text -> P(A) or None
+    max_tokens: int
+    logprobs: bool  # first-token logprobs carry the verdict (single-letter answers only)
+
+
+TEMPLATES = {
+    "alpaca_eval": Template("alpaca_eval_gpt4-v1", ALPACA_SYSTEM, ALPACA_USER, ranking_verdict, 100, False),
+    "crs": Template(TEMPLATE_VERSION, SYSTEM, USER, None, 4, True),
+}
+DEFAULT_TEMPLATE = "alpaca_eval"  # the thesis's; "crs" adds "judge the content, not the length"
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise EvalInputError(f"unknown judge template {name!r}; use one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 class JudgeUnavailable(RuntimeError):
     """The judge failed for good (down, or refusing the requests); judgments so far are saved."""
 
 
-def judge_messages(instruction: str, output_a: str, output_b: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": USER.format(instruction=instruction, output_a=output_a, output_b=output_b)}]
+def judge_messages(instruction: str, output_a: str, output_b: str, template: str = DEFAULT_TEMPLATE) -> list[dict[str, str]]:
+    t = get_template(template)
+    return [{"role": "system", "content": t.system},
+            {"role": "user", "content": t.user.format(instruction=instruction, output_a=output_a, output_b=output_b)}]
 
 
 def text_verdict(text: str | None) -> float | None:
@@ -102,21 +171,23 @@ class JudgeTask:
     instruction: str
     output_model: str
     output_base: str
+    template: str = DEFAULT_TEMPLATE
 
     def messages(self) -> list[dict[str, str]]:
         a, b = ((self.output_model, self.output_base) if self.model_slot == "A"
                 else (self.output_base, self.output_model))
-        return judge_messages(self.instruction, a, b)
+        return judge_messages(self.instruction, a, b, self.template)
 
 
-def task_key(judge_model: str, pid: str, model: str, baseline: str, slot: str, out_m: str, out_b: str) -> str:
+def task_key(judge_model: str, pid: str, model: str, baseline: str, slot: str, out_m: str, out_b: str,
+             template: str = DEFAULT_TEMPLATE) -> str:
     """Changes when anything the verdict depends on changes (outputs, order, judge, template)."""
-    raw = json.dumps([TEMPLATE_VERSION, judge_model, pid, model, baseline, slot, out_m, out_b])
+    raw = json.dumps([get_template(template).version, judge_model, pid, model, baseline, slot, out_m, out_b])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
 def build_tasks(outputs: dict[str, list[dict]], pairs: Sequence[tuple[str, str]], judge_model: str, *,
-                seed: int = 0, both_orders: bool = False) -> list[JudgeTask]:
+                seed: int = 0, both_orders: bool = False, template: str = DEFAULT_TEMPLATE) -> list[JudgeTask]:
     """Tasks for each (model, baseline) pair over the prompts both answered; the slot of the
     model's output is a seeded coin per (prompt, pair), or both slots with `both_orders`."""
     tasks = []
@@ -129,9 +200,9 @@ def build_tasks(outputs: dict[str, list[dict]], pairs: Sequence[tuple[str, str]]
             slots = ["A", "B"] if both_orders else \
                 ["A" if random.Random(f"{seed}:{r['id']}:{model}:{base}").random() < 0.5 else "B"]
             for slot in slots:
-                key = task_key(judge_model, r["id"], model, base, slot, r["output"], b["output"])
+                key = task_key(judge_model, r["id"], model, base, slot, r["output"], b["output"], template)
                 tasks.append(JudgeTask(key, r["id"], r.get("dataset") or "default", model, base, slot,
-                                       r["instruction"], r["output"], b["output"]))
+                                       r["instruction"], r["output"], b["output"], template))
     return tasks
 
 
@@ -166,7 +237,8 @@ class JudgeSettings:
     model: str
     api_key: str | None = None
     concurrency: int = 8
-    max_tokens: int = 4  # a label needs one token; a few more let the text parse see "Response A"
+    template: str = DEFAULT_TEMPLATE  # "alpaca_eval" (the thesis's) or "crs"
+    max_tokens: int | None = None  # None: the template's (crs 4, a label and a little; alpaca_eval 100)
     temperature: float = 0.0
     top_logprobs: int = 20  # OpenAI's maximum
     invalid_retries: int = 2
@@ -191,6 +263,7 @@ class Judge:
         import openai
 
         self.s = s
+        self.t = get_template(s.template)
         self.calls = 0
         self._api = openai.AsyncOpenAI(base_url=s.url.rstrip("/") + "/v1", api_key=s.api_key or "EMPTY",
                                        timeout=s.timeout_s, max_retries=0)
@@ -206,10 +279,11 @@ class Judge:
                                            stop=stop_after_attempt(self.s.max_attempts)):
             with attempt:
                 self.calls += 1
+                logprobs = self.t.logprobs and self.s.top_logprobs > 0
                 return await self._api.chat.completions.create(
-                    model=self.s.model, messages=messages, max_tokens=self.s.max_tokens,
-                    temperature=self.s.temperature, seed=seed, logprobs=self.s.top_logprobs > 0,
-                    top_logprobs=self.s.top_logprobs or None)
+                    model=self.s.model, messages=messages, max_tokens=self.s.max_tokens or self.t.max_tokens,
+                    temperature=self.s.temperature, seed=seed, logprobs=logprobs,
+                    top_logprobs=self.s.top_logprobs if logprobs else None)
 
     async def judge(self, task: JudgeTask) -> dict:
         """One judgment record (valid or not); raises JudgeUnavailable when the judge fails for good."""
@@ -228,12 +302,12 @@ class Judge:
             raws.append(text)
             p_first, method = None, None
             content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
-            if content:
+            if content and self.t.logprobs:
                 p_first = logprob_verdict([(t.token, t.logprob) for t in content[0].top_logprobs]
                                           or [(content[0].token, content[0].logprob)])
                 method = "logprobs" if p_first is not None else None
             if p_first is None:
-                p_first, method = text_verdict(text), "text"
+                p_first, method = (self.t.parse or text_verdict)(text), "text"
             if p_first is not None:
                 return self._record(task, p_first, method, text, attempt + 1)
         return self._record(task, None, None, raws[-1], len(raws), raws)
@@ -241,7 +315,7 @@ class Judge:
     def _record(self, t: JudgeTask, p_first, method, raw, attempts, raws=None) -> dict:
         pref = None if p_first is None else (p_first if t.model_slot == "A" else 1.0 - p_first)
         rec = {"key": t.key, "id": t.id, "source": t.source, "model": t.model, "baseline": t.baseline,
-               "model_slot": t.model_slot, "judge_model": self.s.model, "template": TEMPLATE_VERSION,
+               "model_slot": t.model_slot, "judge_model": self.s.model, "template": self.t.version,
                "valid": p_first is not None, "method": method, "p_first": p_first, "preference": pref,
                "raw": raw, "attempts": attempts}
         if raws is not None:
@@ -285,7 +359,7 @@ def run_judge(outputs: dict[str, list[dict]], s: JudgeSettings, run_dir: Path, *
     pairs = pairs_for(list(outputs), baseline)
     if not pairs:
         raise EvalInputError("need outputs of at least two policies to judge")
-    tasks = build_tasks(outputs, pairs, s.model, seed=s.seed, both_orders=both_orders)
+    tasks = build_tasks(outputs, pairs, s.model, seed=s.seed, both_orders=both_orders, template=s.template)
     path = run_dir / "judgments.jsonl"
     done = read_judgments(path)
     todo = [t for t in tasks if t.key not in done or (retry_invalid and not done[t.key]["valid"])]
@@ -316,5 +390,6 @@ def current_judgments(run_dir: Path, outputs: dict[str, list[dict]], judge_model
                                  "pick one with --judge-model")
         judge_model = judges[0]
     pairs = sorted({(r["model"], r["baseline"]) for r in saved if r["model"] in outputs and r["baseline"] in outputs})
-    keys = {t.key for t in build_tasks(outputs, pairs, judge_model, both_orders=True)}
+    keys = {t.key for name in TEMPLATES for t in build_tasks(outputs, pairs, judge_model, both_orders=True,
+                                                              template=name)}
     return [r for r in saved if r["key"] in keys]

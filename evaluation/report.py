@@ -1,7 +1,7 @@
 """`crs-rlhf eval report DIR`: report.md and the figures people look at instead of the CSVs.
 
     winrate_matrix.png      row beats column: win rate and n per cell (judge; RMs if no judge)
-    win_rates_ci.png        each pair's win rate with its 95 % CI, 0.5 marked
+    win_rates_ci.png        each pair's win rate with its Wilson 95 % interval, 50 % marked
     agreement.png           RM–judge agreement per source
     score_distribution.png  score per policy, one panel per RM
     score_vs_length.png     score vs response tokens, Pearson/Spearman in the title
@@ -44,7 +44,7 @@ def plot_matrix(rows: list[dict], path: Path, title: str) -> Path:
     m = np.full((len(names), len(names)), np.nan)
     n = np.zeros_like(m)
     for r in rows:
-        i, j, p = idx[r["model"]], idx[r["baseline"]], _f(r["win_rate"])
+        i, j, p = idx[r["model"]], idx[r["baseline"]], _f(r["win_rate"]) / 100  # the CSV is in percent
         m[i, j], m[j, i] = p, 1 - p
         n[i, j] = n[j, i] = int(r["n_total"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 1.2 + 1.0 * len(names)))
@@ -68,15 +68,16 @@ def plot_matrix(rows: list[dict], path: Path, title: str) -> Path:
 def plot_ci(rows: list[dict], path: Path, title: str) -> Path:
     plt = _plt()
     labels = [f"{r['model']} vs {r['baseline']}" + (f" [{r['judge']}]" if r.get("judge") else "") for r in rows]
+    # Wilson, not p ± 1.96·SE: the latter has zero width at 8 wins of 8 (docs/evaluation.md)
     p = [_f(r["win_rate"]) for r in rows]
-    lo = [max(0.0, x - _f(r["ci95_low"])) for x, r in zip(p, rows)]
-    hi = [max(0.0, _f(r["ci95_high"]) - x) for x, r in zip(p, rows)]
+    lo = [max(0.0, x - _f(r["wilson_low"])) for x, r in zip(p, rows)]
+    hi = [max(0.0, _f(r["wilson_high"]) - x) for x, r in zip(p, rows)]
     fig, ax = plt.subplots(figsize=(7, 1.0 + 0.45 * len(rows)))
     ax.errorbar(p, range(len(rows)), xerr=[lo, hi], fmt="o", capsize=4)
-    ax.axvline(0.5, color="grey", ls="--", lw=1)
+    ax.axvline(50, color="grey", ls="--", lw=1)
     ax.set_yticks(range(len(rows)), labels)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate (95 % CI)")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("win rate % (Wilson 95 % interval)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,8 +162,9 @@ def make_report(run_dir: Path) -> Path:
                                               "rm_scores.jsonl") if (run_dir / name).is_file()}
     if not have:
         raise EvalInputError(f"{run_dir}: no results yet; run `crs-rlhf eval judge` and/or `eval rm-score` first")
-    cols = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "n_wins",
-            "n_wins_base", "n_draws", "n_total", "n_invalid", "discrete_win_rate", "avg_length", "position_bias"]
+    cols = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
+            "wilson_high", "se_binomial", "sign_test_p", "soft_win_rate", "n_wins", "n_wins_base", "n_draws", "n_total",
+            "n_invalid", "avg_length", "position_bias"]
     for key, title in (("win_rates.csv", "Win rates (LLM judge)"), ("rm_win_rates.csv", "Win rates (reward models as judges)")):
         if key not in have:
             md += [f"## {title}", "", f"_not computed: run `crs-rlhf eval {'judge' if key == 'win_rates.csv' else 'rm-score'}`_", ""]
@@ -177,7 +179,7 @@ def make_report(run_dir: Path) -> Path:
                 mx = plot_matrix(sub, run_dir / f"{stem}_{tag}_matrix.png" if key != "win_rates.csv"
                                  else run_dir / "winrate_matrix.png", f"win rate, {judge or 'judge'}")
                 ci = plot_ci(sub, run_dir / (f"{stem}_{tag}_ci.png" if key != "win_rates.csv" else "win_rates_ci.png"),
-                             f"win rate with 95 % CI, {judge or 'judge'}")
+                             f"win rate with Wilson 95 % interval, {judge or 'judge'}")
                 md += [f"![{mx.stem}]({mx.name})", f"![{ci.stem}]({ci.name})", ""]
     if "agreement.csv" in have:
         rows = read_csv(have["agreement.csv"])
@@ -191,8 +193,10 @@ def make_report(run_dir: Path) -> Path:
         for p in plot_scores(scores, lrows, run_dir / "score_distribution.png", run_dir / "score_vs_length.png"):
             md += [f"![{p.stem}]({p.name})"]
         md.append("")
-    md += ["Win rates are fractions in [0, 1]; SE = sqrt(p(1-p)/n); CI = p ± 1.96·SE. Invalid judge verdicts",
-           "are counted in n_invalid and left out of n_total.", ""]
+    md += ["Win rates in percent from hard verdicts (draws ½); soft_win_rate = mean P(model better).",
+           "standard_error = AlpacaEval's sample SE (n − 1); se_binomial = sqrt(p(1−p)/n) (the thesis's Eq. 7.1);",
+           "ci95 = win_rate ± 1.96·standard_error; wilson = Wilson score interval; sign_test_p = exact two-sided",
+           "sign test of wins vs losses. Invalid judge verdicts are counted in n_invalid and left out of n_total.", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(md), encoding="utf-8")
     return out

@@ -1,5 +1,11 @@
 """Judgments -> win_rates.csv: one row per (model, baseline) pair and source, plus an `all` row.
 
+The CSV is in AlpacaEval's units and names: rates and their errors in PERCENT (`win_rate`
+66.0, `standard_error` 4.76), `n_wins`, `n_wins_base`, `n_draws`, `n_total`, `avg_length`;
+`sign_test_p` and `position_bias` stay in [0, 1]. `alpaca_annotations` writes the verdicts
+as AlpacaEval annotations (`preference` in [1, 2]) so `alpaca_eval`'s own metric code
+recomputes the same board.
+
 Per prompt, the valid judgments of a pair (one, or two with --both-orders) become one
 preference P(model better) (`stats.combine_orders`); a prompt with no valid judgment is
 counted in n_invalid and left out of n_total. The same summary serves reward models as
@@ -17,9 +23,11 @@ from pathlib import Path
 from evaluation import stats
 from evaluation.io import write_csv
 
-COLUMNS = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "n_wins",
-           "n_wins_base", "n_draws", "n_total", "n_invalid", "discrete_win_rate", "avg_length", "position_bias",
-           "judge"]
+COLUMNS = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
+           "wilson_high", "se_binomial", "sign_test_p", "soft_win_rate", "soft_standard_error", "n_wins",
+           "n_wins_base", "n_draws", "n_total", "n_invalid", "avg_length", "position_bias", "judge"]
+PERCENT = ("win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low", "wilson_high", "se_binomial",
+           "soft_win_rate", "soft_standard_error")  # fractions in evaluation.stats, percent in the CSV
 
 
 def per_prompt(records: Iterable[dict]) -> dict[tuple[str, str], dict[str, dict]]:
@@ -51,7 +59,8 @@ def _row(model: str, base: str, source: str, prompts: Sequence[dict], lengths: d
                         discrete=[p["discrete"] for p in valid])
     both = [w for p in prompts if p["n_orders"] > 1 for w in p["first_wins"]]
     lens = [lengths[p["id"]] for p in prompts if p["id"] in lengths]
-    return {"model": model, "baseline": base, "source": source, **asdict(wr),
+    summary = {k: (100.0 * v if k in PERCENT else v) for k, v in asdict(wr).items()}
+    return {"model": model, "baseline": base, "source": source, **summary,
             "avg_length": sum(lens) / len(lens) if lens else math.nan,
             "position_bias": stats.position_bias(both) if both else None, "judge": judge}
 
@@ -87,12 +96,52 @@ def write_win_rates(path: Path, rows: Sequence[dict]) -> Path:
 
 
 def format_table(rows: Sequence[dict], source: str = "all") -> str:
-    """The `all` rows as a console table: model vs baseline, win rate ± SE, CI, n."""
-    lines = [f"{'model':>16s} {'baseline':>16s} {'win_rate':>9s} {'± SE':>7s}  {'95% CI':>15s} {'n':>4s} {'invalid':>7s}"]
+    """The `all` rows as a console table: model vs baseline, win rate % ± SE, Wilson CI, n, sign test."""
+    lines = [(f"{'model':>16s} {'baseline':>16s} {'win %':>7s} {'± SE':>6s}  {'Wilson 95% CI':>15s} {'n':>4s} "
+              f"{'invalid':>7s} {'sign p':>7s}")]
     for r in rows:
         if r["source"] != source:
             continue
-        ci = f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
-        lines.append(f"{r['model']:>16s} {r['baseline']:>16s} {r['win_rate']:9.3f} {r['standard_error']:7.3f}  "
-                     f"{ci:>15s} {r['n_total']:4d} {r['n_invalid']:7d}")
+        ci = f"[{r['wilson_low']:.1f}, {r['wilson_high']:.1f}]"
+        lines.append(f"{r['model']:>16s} {r['baseline']:>16s} {r['win_rate']:7.1f} {r['standard_error']:6.2f}  "
+                     f"{ci:>15s} {r['n_total']:4d} {r['n_invalid']:7d} {r['sign_test_p']:7.3g}")
     return "\n".join(lines)
+
+
+def alpaca_annotations(records: Iterable[dict], outputs: dict[str, list[dict]]) -> dict[tuple[str, str], list[dict]]:
+    """{(model, baseline): AlpacaEval annotation rows}, one per prompt with a valid verdict.
+
+    AlpacaEval's convention: `output_1`/`generator_1` is the baseline, `output_2` the model, and
+    `preference` = 1 + P(output_2 better) in [1, 2] (1.5 a draw). `preference` carries the
+    per-prompt HARD verdict (1, 1.5, 2), so alpaca_eval's `get_winrate` gives our `win_rate`
+    and `standard_error`; `preference_soft` = 1 + the soft preference (our `soft_win_rate`).
+    Our own judgments store P(model better) in [0, 1]: read as-is by alpaca_eval they would be
+    wrong (0.602 means a 60.2 % win rate, AlpacaEval would see preference 0.602, no preference)."""
+    by_id = {name: {r["id"]: r for r in rows} for name, rows in outputs.items()}
+    out = {}
+    for (model, base), prompts in sorted(per_prompt(records).items()):
+        rows = []
+        for pid, p in prompts.items():
+            if p["preference"] is None or pid not in by_id.get(model, {}) or pid not in by_id.get(base, {}):
+                continue
+            m, b = by_id[model][pid], by_id[base][pid]
+            hard = (stats.hard_verdict(p["discrete"]) + 1) / 2
+            rows.append({"instruction": m["instruction"], "output_1": b["output"], "generator_1": base,
+                         "output_2": m["output"], "generator_2": model, "dataset": m.get("dataset") or p["source"],
+                         "id": pid, "preference": 1.0 + hard, "preference_soft": 1.0 + p["preference"]})
+        out[(model, base)] = rows
+    return out
+
+
+def write_alpaca_annotations(run_dir: Path, records: Iterable[dict], outputs: dict[str, list[dict]]) -> list[Path]:
+    """run_dir/alpaca_eval/<model>_vs_<baseline>/annotations.json for each judged pair."""
+    import json
+
+    written = []
+    for (model, base), rows in alpaca_annotations(records, outputs).items():
+        folder = Path(run_dir) / "alpaca_eval" / f"{model}_vs_{base}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "annotations.json"
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        written.append(path)
+    return written

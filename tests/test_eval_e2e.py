@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from services.common.process import ServiceProcess, free_port, python_module
 from evaluation import cli
+from services.common.process import ServiceProcess, free_port, python_module
 
 pytestmark = pytest.mark.slow
 FIX = Path(__file__).resolve().parents[1] / "evaluation" / "fixtures"
@@ -96,7 +96,9 @@ def rows(path: Path) -> list[dict]:
 
 
 def judge_argv(d: Path, url: str, model: str = "judge", *extra: str) -> list[str]:
-    return ["judge", "--dir", str(d), "--judge-url", url, "--judge-model", model, "--baseline", "policy", *extra]
+    # The tiny judge answers one letter: the crs template (the default, the thesis's, wants a ranking).
+    return ["judge", "--dir", str(d), "--judge-url", url, "--judge-model", model, "--baseline", "policy",
+            "--template", "crs", *extra]
 
 
 def test_generate_writes_alpaca_eval_outputs(generated):
@@ -231,7 +233,7 @@ def test_run_config_drives_every_step(services, tmp_path, capsys):
                     "splits": {"final": 4, "tuning": 2}, "use_split": "final", "seed": 1},
         "generate": {"policy_url": services["policy_gen"], "policies": ["policy", f"trained={services['trained']}"],
                      "max_tokens": 8},
-        "judge": {"judge_url": services["policy_gen"], "judge_model": "judge", "baseline": "policy"},
+        "judge": {"judge_url": services["policy_gen"], "judge_model": "judge", "baseline": "policy", "template": "crs"},
         "rm_score": {"pref_url": services["pref"], "abs_url": services["abs"]},
         "rm_bench": {"pairs": str(FIX / "rewardbench_pairs.jsonl"), "urls": {"abs": services["abs"]}},
     }
@@ -255,7 +257,7 @@ def test_demo_heldout_eval_ppo_vs_sft(services, tmp_path):
     run_dir = services["root"] / "demo-run"  # what PPO leaves: RUN/adapters/step-*
     shutil.copytree(services["trained"], run_dir / "adapters" / "step-000002")
     urls = {"policy_gen": services["policy_gen"], "reward_pref": services["pref"], "reward_abs": services["abs"]}
-    res = heldout_eval(urls, run_dir, tmp_path / "eval", judge_url=services["policy_gen"], judge_model="judge",
+    res = heldout_eval(urls, run_dir, tmp_path / "eval", judge_url=services["policy_gen"], judge_model="judge", judge_template="crs",
                        progress=False)
     n = len(load_source("oasst", "fixture"))
     assert [r["judge"] for r in res.rows] == ["rm:abs", "rm:pref", "judge"]

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from crs_rlhf.demo_eval import verdict_line
+from evaluation import stats
 from evaluation.judge import build_tasks, logprob_verdict, pairs_for, read_judgments, text_verdict
 from evaluation.rm_score import agreement_rows, length_rows
 from evaluation.winrates import rm_win_rate_rows, win_rate_rows
@@ -47,7 +48,11 @@ def test_tasks_orders_are_seeded_and_keys_track_the_outputs():
     both = build_tasks(out, [("ppo", "base")], "j", both_orders=True)
     assert [t.model_slot for t in both] == ["A", "B"] * 4 and len({t.key for t in both}) == 8
     t = both[1]  # model shown second
-    assert "## Response A\nc" not in t.messages()[1]["content"] and t.messages()[1]["content"].find("## Response A\na\n") > 0
+    text = t.messages()[1]["content"]  # the default (thesis's) template: model_1 is slot A
+    assert text.index('"answer": """a"""') < text.index('"answer": """aa"""')  # base "a" first, model "aa" second
+    crs = build_tasks(out, [("ppo", "base")], "j", both_orders=True, template="crs")
+    assert "## Response A\nc" not in crs[1].messages()[1]["content"] and "## Response A\na\n" in crs[1].messages()[1]["content"]
+    assert crs[1].key != t.key  # the template is part of the cache key
     out["ppo"][0]["output"] = "changed"
     assert build_tasks(out, [("ppo", "base")], "j", both_orders=True)[0].key != both[0].key
     assert pairs_for(["c", "a", "b"], None) == [("a", "b"), ("a", "c"), ("b", "c")]
@@ -71,9 +76,11 @@ def test_win_rate_rows_by_hand():
     assert set(rows) == {"s1", "s2", "all"}
     a = rows["all"]
     assert (a["n_wins"], a["n_wins_base"], a["n_draws"], a["n_total"], a["n_invalid"]) == (1, 1, 1, 3, 1)
-    assert a["win_rate"] == pytest.approx((0.9 + 0.2 + 0.5) / 3)  # p2: (0.7 + 0.3) / 2
-    assert a["discrete_win_rate"] == pytest.approx(0.5)
-    assert a["standard_error"] == pytest.approx(math.sqrt(a["win_rate"] * (1 - a["win_rate"]) / 3))
+    # percent, AlpacaEval's units; soft p2: (0.7 + 0.3) / 2; hard: win, loss, draw
+    assert a["soft_win_rate"] == pytest.approx(100 * (0.9 + 0.2 + 0.5) / 3)
+    assert a["win_rate"] == pytest.approx(50.0)
+    assert a["standard_error"] == pytest.approx(100 * math.sqrt(0.5 / 2 / 3))  # sample sd of (1, 0, ½) = ½
+    assert a["se_binomial"] == pytest.approx(100 * math.sqrt(0.25 / 3))
     assert a["position_bias"] == 1.0  # p2, the only prompt judged both ways: slot A won both times
     assert rows["s1"]["position_bias"] is None
     assert a["avg_length"] == pytest.approx((2 + 1 + 6 + 2) / 4)  # characters of the model's outputs
@@ -85,7 +92,7 @@ def test_rm_win_rates_and_agreement_by_hand():
     score = {("ppo", "p0"): 2.0, ("base", "p0"): 1.0, ("ppo", "p1"): 0.0, ("base", "p1"): 1.0,
              ("ppo", "p2"): 1.0, ("base", "p2"): 1.0, ("ppo", "p3"): 3.0, ("base", "p3"): 0.0}
     a = {r["source"]: r for r in rm_win_rate_rows(score, out, [("ppo", "base")], "pref")}["all"]
-    assert (a["n_wins"], a["n_wins_base"], a["n_draws"], a["win_rate"], a["judge"]) == (2, 1, 1, 0.625, "rm:pref")
+    assert (a["n_wins"], a["n_wins_base"], a["n_draws"], a["win_rate"], a["judge"]) == (2, 1, 1, 62.5, "rm:pref")
     rows = [{"rm": "pref", "model": m, "id": p, "score": s} for (m, p), s in score.items()]
     judged = [_rec("p0", "s1", "A", 0.9), _rec("p1", "s1", "A", 0.9), _rec("p2", "s2", "A", 0.4),
               _rec("p3", "s2", "A", 0.5)]  # p3: a judge draw, left out
@@ -111,20 +118,29 @@ def test_truncated_judgment_line_is_skipped(tmp_path, capsys):
 
 
 def test_demo_verdict_line():
-    row = lambda judge, p, low, n=8: {"judge": judge, "win_rate": p, "ci95_low": low, "n_total": n}
-    assert verdict_line([row("rm:pref", 0.7, 0.4), row("rm:abs", 0.6, 0.3)]).startswith(
-        "PPO beat SFT by rm:pref and rm:abs (not significant")
-    assert verdict_line([row("rm:pref", 0.9, 0.2), row("gpt", 0.3, 0.1)]) == "PPO did NOT beat SFT by gpt (SFT won)"
-    assert verdict_line([row("gpt", 0.8, 0.6)]) == "PPO beat SFT by gpt (significant)"
-    assert "undecided" in verdict_line([row("gpt", math.nan, math.nan, 0)])
+    def row(judge, wins, losses, draws=0):
+        n = wins + losses + draws
+        r = stats.win_rate([1.0] * wins + [0.0] * losses + [0.5] * draws)
+        return {"judge": judge, "win_rate": 100 * r.win_rate, "n_wins": wins, "n_wins_base": losses, "n_draws": draws,
+                "n_total": n, "sign_test_p": r.sign_test_p}
+
+    # 6 of 8: a win, but the exact sign test gives p = 0.289
+    line = verdict_line([row("rm:pref", 6, 2), row("rm:abs", 5, 3)])
+    assert line.startswith("PPO beat SFT by rm:pref and rm:abs (not significant at 5 %")
+    assert "rm:pref: 6 wins, 2 losses, 0 draws of n = 8, sign test p = 0.289" in line
+    assert verdict_line([row("rm:pref", 8, 0), row("gpt", 2, 6)]) == "PPO did NOT beat SFT by gpt (SFT won)"
+    # 8 of 8: p ± 1.96·SE would be [1, 1]; the sign test gives p = 2 / 2^8 = 0.0078
+    assert verdict_line([row("gpt", 8, 0)]).startswith("PPO beat SFT by gpt (significant at 5 %; exact sign test, "
+                                                       "gpt: 8 wins, 0 losses, 0 draws of n = 8, sign test p = 0.00781")
+    assert "undecided" in verdict_line([{"judge": "gpt", "win_rate": math.nan, "n_total": 0}])
 
 
 @pytest.mark.parametrize("name", ["thesis.yaml", "tiny.yaml"])
 def test_shipped_eval_configs_validate(name):
     from pathlib import Path
 
-    from trainer.config_io import load_config
     from evaluation.config import EvalConfig
+    from trainer.config_io import load_config
 
     cfg = load_config(EvalConfig, Path(__file__).resolve().parents[1] / "configs" / "eval" / name)
     assert cfg.generate is not None and len(cfg.generate.policies) >= 2 and cfg.judge is not None

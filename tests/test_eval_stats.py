@@ -27,17 +27,17 @@ def test_standard_error_and_ci_by_hand():
 def test_hard_verdicts_with_draws():
     r = stats.win_rate([1, 1, 0, 0.5])
     assert (r.n_wins, r.n_wins_base, r.n_draws, r.n_total) == (2, 1, 1, 4)
-    assert r.win_rate == pytest.approx(0.625)
-    assert r.discrete_win_rate == pytest.approx(0.625)
-    assert r.standard_error == pytest.approx(math.sqrt(0.625 * 0.375 / 4))  # 0.242061
-    assert r.standard_error == pytest.approx(0.242061, abs=1e-6)
+    assert r.win_rate == pytest.approx(0.625) and r.soft_win_rate == pytest.approx(0.625)
+    # sample SE: deviations 3/8, 3/8, -5/8, -1/8 -> sqrt(0.6875 / 3 / 4) = 0.239357
+    assert r.standard_error == pytest.approx(0.239357, abs=1e-6)
+    assert r.se_binomial == pytest.approx(math.sqrt(0.625 * 0.375 / 4))  # Eq. 7.1: 0.242061
 
 
 def test_soft_preferences_differ_from_discrete():
     r = stats.win_rate([0.9, 0.2, 0.6, 0.5])
     # soft: (0.9 + 0.2 + 0.6 + 0.5) / 4 = 0.55; hard: win, loss, win, draw -> (2 + 0.5) / 4 = 0.625
-    assert r.win_rate == pytest.approx(0.55)
-    assert r.discrete_win_rate == pytest.approx(0.625)
+    assert r.soft_win_rate == pytest.approx(0.55)
+    assert r.win_rate == pytest.approx(0.625)
     assert (r.n_wins, r.n_wins_base, r.n_draws) == (2, 1, 1)
 
 
@@ -89,6 +89,6 @@ def test_discrete_verdicts_given_separately():
     # both orders: a prompt whose orders disagree is a draw even if its soft mean is 0.49
     r = stats.win_rate([0.49, 0.9], discrete=[0.5, 1.0])
     assert (r.n_wins, r.n_wins_base, r.n_draws) == (1, 0, 1)
-    assert r.win_rate == pytest.approx(0.695) and r.discrete_win_rate == pytest.approx(0.75)
+    assert r.soft_win_rate == pytest.approx(0.695) and r.win_rate == pytest.approx(0.75)
     with pytest.raises(ValueError, match="one verdict per preference"):
         stats.win_rate([0.5], discrete=[])

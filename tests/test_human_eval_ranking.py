@@ -66,28 +66,28 @@ def test_pairwise_counts_ties_count_for_neither():
 
 # ---------------------------------------------------------------- ranked pairs
 def test_one_voter_gives_back_their_ranking():
-    r = ranked_pairs([{"A": 1, "B": 3, "C": 2}], ABC)
+    r = ranked_pairs([{"A": 1, "B": 3, "C": 2}], ABC, rule="tied")
     assert r.order == ["A", "C", "B"] and r.tiers == [["A"], ["C"], ["B"]]
     assert r.skipped == []
 
 
 def test_one_voter_with_a_tie_keeps_the_tie():
-    r = ranked_pairs([{"A": 2, "B": 1, "C": 1}], ABC)
+    r = ranked_pairs([{"A": 2, "B": 1, "C": 1}], ABC, rule="tied")
     assert r.tiers == [["B", "C"], ["A"]]
     assert r.order == ["B", "C", "A"]  # inside a tier: tie-break order (names sorted)
 
 
 def test_two_candidates_majority_and_exact_tie():
-    assert ranked_pairs([order("B", "A"), order("B", "A"), order("A", "B")], ["A", "B"]).tiers == [["B"], ["A"]]
-    tied = ranked_pairs([order("B", "A"), order("A", "B")], ["A", "B"])
+    assert ranked_pairs([order("B", "A"), order("B", "A"), order("A", "B")], ["A", "B"], rule="tied").tiers == [["B"], ["A"]]
+    tied = ranked_pairs([order("B", "A"), order("A", "B")], ["A", "B"], rule="tied")
     assert tied.tiers == [["A", "B"]] and tied.locked == []
-    assert ranked_pairs([order("B", "A"), order("A", "B")], ["A", "B"], tie_break=["B", "A"]).order == ["B", "A"]
+    assert ranked_pairs([order("B", "A"), order("A", "B")], ["A", "B"], tie_break=["B", "A"], rule="tied").order == ["B", "A"]
 
 
 def test_condorcet_cycle_drops_the_weakest_majority():
     # 4 x A>B>C, 3 x B>C>A, 2 x C>A>B: A>B 6:3 (margin 3), B>C 7:2 (5), C>A 5:4 (1) - a cycle.
     ballots = [order("A", "B", "C")] * 4 + [order("B", "C", "A")] * 3 + [order("C", "A", "B")] * 2
-    r = ranked_pairs(ballots, ABC)
+    r = ranked_pairs(ballots, ABC, rule="tied")
     assert r.locked == [("B", "C"), ("A", "B")]
     assert r.skipped == [("C", "A")]
     assert r.order == ["A", "B", "C"]
@@ -96,10 +96,10 @@ def test_condorcet_cycle_drops_the_weakest_majority():
 def test_symmetric_cycle_is_decided_by_the_documented_tie_break():
     # Every majority is 2:1, so margins and winning votes tie; the tie-break order decides.
     ballots = [order("A", "B", "C"), order("B", "C", "A"), order("C", "A", "B")]
-    default = ranked_pairs(ballots, ABC)  # pairs by winner's place in A, B, C: A>B, B>C, then C>A closes the cycle
+    default = ranked_pairs(ballots, ABC, rule="tied")  # pairs by winner's place in A, B, C: A>B, B>C, then C>A closes the cycle
     assert default.locked == [("A", "B"), ("B", "C")] and default.skipped == [("C", "A")]
     assert default.order == ["A", "B", "C"]
-    flipped = ranked_pairs(ballots, ABC, tie_break=["C", "B", "A"])  # C>A, B>C locked; A>B closes the cycle
+    flipped = ranked_pairs(ballots, ABC, tie_break=["C", "B", "A"], rule="tied")  # C>A, B>C locked; A>B closes the cycle
     assert flipped.locked == [("C", "A"), ("B", "C")] and flipped.order == ["B", "C", "A"]
 
 
@@ -112,7 +112,7 @@ def test_four_candidates_tennessee():
         + [order("C", "K", "N", "M")] * 15
         + [order("K", "C", "N", "M")] * 17
     )
-    r = ranked_pairs(ballots, ["M", "N", "C", "K"])
+    r = ranked_pairs(ballots, ["M", "N", "C", "K"], rule="tied")
     assert r.order == ["N", "C", "K", "M"]
     assert r.locked[0] == ("C", "K")  # largest margin, 83:17
     assert r.skipped == []
@@ -121,12 +121,12 @@ def test_four_candidates_tennessee():
 def test_four_candidates_with_ties_and_an_undecided_pair():
     # A beats everyone; B and C are tied in both ballots; D is last in both.
     ballots = [{"A": 1, "B": 2, "C": 2, "D": 4}, {"A": 1, "B": 2, "C": 2, "D": 4}]
-    r = ranked_pairs(ballots, ["A", "B", "C", "D"])
+    r = ranked_pairs(ballots, ["A", "B", "C", "D"], rule="tied")
     assert r.tiers == [["A"], ["B", "C"], ["D"]]
 
 
 def test_no_ballots_ties_everyone():
-    assert ranked_pairs([], ABC).tiers == [["A", "B", "C"]]
+    assert ranked_pairs([], ABC, rule="tied").tiers == [["A", "B", "C"]]
 
 
 def test_tie_break_must_list_the_candidates():
@@ -173,7 +173,7 @@ def test_aggregate_hand_worked():
         row("p1", "2", "z", order("A", "B", "C")),
         row("p1", "2", "z", order("C", "A", "B")),
     ]
-    res = aggregate(rows)
+    res = aggregate(rows, rule="tied")
     assert res.tideman == {"1/p1": ["A", "B", "C"], "1/p2": ["B", "C", "A"], "2/p1": ["C", "A", "B"]}
     assert res.tiers["1/p1"] == [["A"], ["B", "C"]]
     assert res.annotators == {"1/p1": 2, "1/p2": 1, "2/p1": 1}
@@ -183,19 +183,20 @@ def test_aggregate_hand_worked():
     assert b["C"]["per_group"] == pytest.approx({"1": 7 / 12, "2": 1.0})
     assert b["A"]["mean"] == pytest.approx(2 / 3) and b["A"]["sd"] == pytest.approx(0.0)
     assert b["B"]["mean"] == pytest.approx(13 / 24)
-    assert b["B"]["sd"] == pytest.approx((0.75 - 1 / 3) / 2**0.5)  # sample sd of two values = |a - b| / sqrt 2
-    assert b["C"]["mean"] == pytest.approx(19 / 24) and b["C"]["sd"] == pytest.approx((1 - 7 / 12) / 2**0.5)
+    assert b["B"]["sd_sample"] == pytest.approx((0.75 - 1 / 3) / 2**0.5)  # sample sd of two values = |a - b| / sqrt 2
+    assert b["B"]["sd"] == pytest.approx((0.75 - 1 / 3) / 2)  # population sd of two values = |a - b| / 2
+    assert b["C"]["mean"] == pytest.approx(19 / 24) and b["C"]["sd_sample"] == pytest.approx((1 - 7 / 12) / 2**0.5)
     assert b["A"]["prompts"] == 3
 
 
 def test_aggregate_single_group_has_no_sd_and_rejects_mixed_model_sets():
-    assert aggregate([row("p", "g", "x", order("A", "B"))]).borda["A"]["sd"] is None
+    assert aggregate([row("p", "g", "x", order("A", "B"))], rule="tied").borda["A"]["sd"] is None
     with pytest.raises(ValueError, match="different responses"):
-        aggregate([row("p", "g", "x", order("A", "B")), row("p", "g", "y", order("A", "C"))])
+        aggregate([row("p", "g", "x", order("A", "B")), row("p", "g", "y", order("A", "C"))], rule="tied")
     with pytest.raises(ValueError, match="annotator 'x'"):
-        aggregate([row("p", "g", "x", {"A": 2, "B": 2})])
+        aggregate([row("p", "g", "x", {"A": 2, "B": 2})], rule="tied")
     with pytest.raises(ValueError, match="no rows"):
-        aggregate([])
+        aggregate([], rule="tied")
 
 
 def test_simulated_annotators_recover_the_true_order():
@@ -211,9 +212,9 @@ def test_simulated_annotators_recover_the_true_order():
             for p in range(15):
                 q = {m: round((u + rng.gauss(0, 0.35)) / 0.3) for m, u in util.items()}
                 rows.append(row(str(p), g, f"a{a}", {m: 1 + sum(v > q[m] for v in q.values()) for m in q}))
-    res = aggregate(rows)
+    res = aggregate(rows, rule="tied")
     means = {m: b["mean"] for m, b in res.borda.items()}
     assert sorted(means, key=means.get, reverse=True) == ["abs", "crs", "pref"]
     assert all(sum(p.values()) == pytest.approx(2.0) for p in res.points.values())
-    undecided = aggregate([row("p", "1", w, {"abs": 1, "crs": 1, "pref": 1}) for w in "xyz"])
+    undecided = aggregate([row("p", "1", w, {"abs": 1, "crs": 1, "pref": 1}) for w in "xyz"], rule="tied")
     assert {m: b["mean"] for m, b in undecided.borda.items()} == pytest.approx(dict.fromkeys(util, 2 / 3))

@@ -199,7 +199,8 @@ def test_rank_command_writes_rankings_report_and_chart(tmp_path, capsys):
     assert got["borda"]["pref"]["mean"] == pytest.approx(1 / 3) and got["borda"]["pref"]["sd"] == pytest.approx(0.0)
     report = (out / "report.md").read_text()
     assert "| model | Borda mean | sd over groups | group 1 | group 2 | prompts |" in report
-    assert "| abs | 0.833 | 0.236 | 1.000 | 0.667 | 2 |" in report
+    assert "| abs | 0.833 | 0.167 | 1.000 | 0.667 | 2 |" in report  # population sd over groups (the thesis's)
+    assert got["borda"]["abs"]["sd_sample"] == pytest.approx(0.2357, abs=1e-4)
     assert (out / "human_borda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "abs" in capsys.readouterr().out
 
@@ -212,8 +213,9 @@ def test_rank_reads_an_exported_csv_the_same_way(tmp_path):
         AnnotationRow(prompt_id="q", group="1", annotator="x", ranking={"a": 1, "b": 1}),
     )
     write_csv(store.rows, tmp_path / "a.csv")
-    assert rank.main(["--annotations", str(tmp_path / "annotations.jsonl"), "--out", str(tmp_path / "j")]) == 0
-    assert rank.main(["--annotations", str(tmp_path / "a.csv"), "--out", str(tmp_path / "c")]) == 0
+    tied = ["--tie-rule", "tied"]  # q's tie stays a tie; the thesis's rule would order it a, b
+    assert rank.main(["--annotations", str(tmp_path / "annotations.jsonl"), "--out", str(tmp_path / "j"), *tied]) == 0
+    assert rank.main(["--annotations", str(tmp_path / "a.csv"), "--out", str(tmp_path / "c"), *tied]) == 0
     from_jsonl = json.loads((tmp_path / "j" / "rankings.json").read_text())
     assert from_jsonl == json.loads((tmp_path / "c" / "rankings.json").read_text())
     assert from_jsonl["tiers"] == {"1/p": [["b"], ["a"]], "1/q": [["a", "b"]]}

@@ -34,7 +34,8 @@ def report_markdown(result: HumanEvalResult, source: str) -> str:
             f"{n_rankings} rankings of {n_items} prompt×group items from `{source}` (the latest answer per prompt, "
             f"group and annotator), merged per item with Tideman's ranked pairs and scored with normalised "
             f"Borda points (rank r of K → (K − r + 1)/K; tied places share the average). Mean over prompts per "
-            f"group, then mean ± sd over {len(result.groups)} group(s)."
+            f"group, then mean ± sd over {len(result.groups)} group(s) (population sd, divisor n, as the thesis; "
+            f"the sample sd (n − 1) is `sd_sample` in rankings.json)."
         ),
         "",
         "| model | Borda mean | sd over groups | " + " | ".join(f"group {g}" for g in result.groups) + " | prompts |",
@@ -82,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--annotations", required=True, help="annotations.jsonl (or a CSV from 'eval annotate export')")
     ap.add_argument("--out", help="output folder (default: the annotations file's folder)")
     ap.add_argument("--tie-break", help="model order that breaks equal Tideman margins (default: names sorted)")
+    ap.add_argument("--tie-rule", choices=["thesis", "tied"], default="thesis",
+                    help="zero-margin pairs: 'thesis' (Open Assistant's code: decided by the tie-break order, "
+                         "always a strict order) or 'tied' (left tied, points shared)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     src = Path(args.annotations)
     out = Path(args.out) if args.out else src.parent
     tie_break = [m.strip() for m in args.tie_break.split(",")] if args.tie_break else None
     try:
-        result = aggregate([r.model_dump() for r in read_rows(src)], tie_break=tie_break)
+        result = aggregate([r.model_dump() for r in read_rows(src)], tie_break=tie_break, rule=args.tie_rule)
     except (OSError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

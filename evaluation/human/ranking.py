@@ -10,14 +10,19 @@ ranking expresses is used downstream, so the two spellings of the same order are
 Ranked pairs (Tideman 1987), per prompt over the annotators' rankings:
   1. n[x][y] = number of rankings that put x strictly before y (a tie is no preference).
   2. A majority is an ordered pair with n[x][y] > n[y][x]; its margin is n[x][y] - n[y][x].
-     Pairs with n[x][y] == n[y][x] have no majority and are never locked.
-  3. Majorities are sorted by margin (largest first); equal margins by the winner's votes
-     n[x][y] (largest first); still equal, by the tie-break order — the position of the
-     winner, then of the loser, in `tie_break` (default: candidate names sorted).
+  3. Zero-margin pairs (n[x][y] == n[y][x], e.g. a 2-2 split of 4 annotators) depend on `rule`:
+     - ``thesis`` (default): the rule of Open Assistant's ranking code, which the thesis used:
+       such a pair is a candidate for locking too, in the direction the tie-break order puts
+       first; majorities are sorted by margin alone (largest first), equal margins in
+       tie-break order (winner, then loser). Every pair ends up decided: the merged order is
+       always strict.
+     - ``tied``: such a pair is never locked, so the two may stay tied; equal margins are
+       sorted by the winner's votes n[x][y] (largest first), then in tie-break order.
+     The tie-break order is `tie_break` (default: candidate names sorted).
   4. Each pair is locked in unless it would close a cycle with the pairs already locked.
   5. The locked graph is acyclic; its *tiers* are peeled off source by source: tier 1 is
      every candidate no locked pair beats, tier 2 the sources of what is left, and so on.
-     Candidates in one tier are tied in the merged order.
+     Candidates in one tier are tied in the merged order (only possible with ``tied``).
 
 Normalised Borda: rank r of K gets (K - r + 1) / K, so 1, 0.67, 0.33 for K = 3. Candidates
 tied in one tier share the positions the tier covers and each gets the average of their
@@ -103,10 +108,16 @@ class TidemanResult:
     skipped: list[tuple[str, str]]
 
 
+RULES = ("thesis", "tied")
+
+
 def ranked_pairs(
-    rankings: Sequence[Ranking], candidates: Sequence[str], tie_break: Sequence[str] | None = None
+    rankings: Sequence[Ranking], candidates: Sequence[str], tie_break: Sequence[str] | None = None,
+    rule: str = "thesis",
 ) -> TidemanResult:
     """Tideman's ranked pairs over `rankings` (each {candidate: rank}); see the module docstring."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not candidates:
         raise ValueError("ranked_pairs needs at least one candidate")
     tb = list(tie_break) if tie_break is not None else sorted(candidates)
@@ -115,8 +126,12 @@ def ranked_pairs(
     pos = {c: i for i, c in enumerate(tb)}
     n = pairwise_counts(rankings, candidates)
 
-    majorities = [(x, y) for x in candidates for y in candidates if x != y and n[x][y] > n[y][x]]
-    majorities.sort(key=lambda p: (-(n[p[0]][p[1]] - n[p[1]][p[0]]), -n[p[0]][p[1]], pos[p[0]], pos[p[1]]))
+    if rule == "thesis":  # zero margins too, the tie-break order's direction first; margin alone sorts
+        majorities = [(x, y) for x in candidates for y in candidates if x != y and n[x][y] >= n[y][x]]
+        majorities.sort(key=lambda p: (-(n[p[0]][p[1]] - n[p[1]][p[0]]), pos[p[0]], pos[p[1]]))
+    else:
+        majorities = [(x, y) for x in candidates for y in candidates if x != y and n[x][y] > n[y][x]]
+        majorities.sort(key=lambda p: (-(n[p[0]][p[1]] - n[p[1]][p[0]]), -n[p[0]][p[1]], pos[p[0]], pos[p[1]]))
 
     beats: dict[str, set[str]] = {c: set() for c in candidates}  # locked edges winner -> losers
     locked, skipped = [], []
@@ -183,8 +198,9 @@ class HumanEvalResult:
 
     tideman: {"<group>/<prompt_id>": merged order}; tiers: the same with ties as nested lists.
     points:  {"<group>/<prompt_id>": {model: Borda points}}.
-    borda:   {model: {"mean", "sd", "per_group": {group: mean over its prompts}, "prompts"}};
-             "sd" is the sample sd (n - 1) over groups, None with a single group.
+    borda:   {model: {"mean", "sd", "sd_sample", "per_group": {group: mean over its prompts}, "prompts"}};
+             "sd" is the population sd (divisor n) over groups, as the thesis's 0.06 / 0.058 /
+             0.029 over its three groups; "sd_sample" the sample sd (n - 1), None with one group.
     """
 
     tideman: dict[str, list[str]]
@@ -205,7 +221,15 @@ class HumanEvalResult:
         }
 
 
-def aggregate(rows: Sequence[Mapping], tie_break: Sequence[str] | None = None) -> HumanEvalResult:
+def group_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """(population sd, sample sd or None for one value) of the per-group means.
+    Example (Table 17, abs_rlhf): 0.73, 0.87, 0.78 -> (0.0579, 0.0709)."""
+    mean = sum(values) / len(values)
+    ss = sum((v - mean) ** 2 for v in values)
+    return (ss / len(values)) ** 0.5, (ss / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+
+
+def aggregate(rows: Sequence[Mapping], tie_break: Sequence[str] | None = None, rule: str = "thesis") -> HumanEvalResult:
     """Latest row per annotator -> Tideman per (group, prompt) -> Borda -> mean over prompts per
     group -> mean +- sd over groups. Rows are {"prompt_id", "group", "annotator", "ranking"}."""
     by_item: dict[tuple[str, str], list[Mapping]] = {}
@@ -231,7 +255,7 @@ def aggregate(rows: Sequence[Mapping], tie_break: Sequence[str] | None = None) -
             except RankingError as e:
                 raise ValueError(f"{key}, annotator {row['annotator']!r}: {e}") from None
         tb = [c for c in tie_break if c in candidates] if tie_break else None
-        result = ranked_pairs(rankings, candidates, tb if tb and len(tb) == len(candidates) else None)
+        result = ranked_pairs(rankings, candidates, tb if tb and len(tb) == len(candidates) else None, rule)
         tideman[key], tiers[key], counts[key] = result.order, result.tiers, len(rankings)
         points[key] = borda_points(result.tiers)
         for model, p in points[key].items():
@@ -244,7 +268,8 @@ def aggregate(rows: Sequence[Mapping], tie_break: Sequence[str] | None = None) -
         means = {g: sum(v) / len(v) for g in groups if (v := per_group[g].get(model))}
         vals = list(means.values())
         mean = sum(vals) / len(vals)
-        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+        sd, sd_sample = group_sd(vals)
         prompts = sum(len(per_group[g].get(model, [])) for g in groups)
-        borda[model] = {"mean": mean, "sd": sd, "per_group": means, "prompts": prompts}
+        borda[model] = {"mean": mean, "sd": sd if len(vals) > 1 else None, "sd_sample": sd_sample,
+                        "per_group": means, "prompts": prompts}
     return HumanEvalResult(tideman, tiers, points, borda, groups, counts)
