@@ -119,7 +119,9 @@ def test_thesis_ppo_presets_load_and_follow_table_8(w):
     assert (p.batch_size, p.mini_batch_size, p.grad_accum, p.ppo_epochs) == (16, 2, 8, 4)
     assert cfg.optimizer_steps_per_batch == 4  # one per epoch
     assert (p.clip_range, p.clip_range_value, p.gamma, p.lam) == (0.4, 0.4, 1.0, 0.95)
-    assert (cfg.kl.init_coef, cfg.kl.adaptive) == (0.02, True)
+    # §5.4: 0.002 "for all the subsequent experiments"; Table 8 and Fig. 23's caption agree (0.02 is Fig. 20's run)
+    assert (cfg.kl.init_coef, cfg.kl.adaptive) == (0.002, True)
+    assert cfg.model.policy_path == "/data/runs/thesis/sft_full"  # the final runs' fully fine-tuned SFT
     assert (cfg.generation.max_prompt_tokens, cfg.generation.max_new_tokens, cfg.generation.top_k, cfg.generation.top_p) == (1024, 512, 0, 1.0)
     assert (cfg.crs.abs_output, cfg.crs.normalise, cfg.crs.score_clip) == ("logit", "none", 4.0)
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.target_modules) == (16, 32, "all-linear")

@@ -156,7 +156,7 @@ def test_cli_and_clear_errors(tiny_models, tmp_path, capsys, caplog):
     assert main(["train-rm", "preference", "--config", str(cfg), "--output-dir", str(tmp_path / "y"),
                  "--set", "data.langs=[xx]"]) == 2
     err = capsys.readouterr().err
-    assert "no trees left after filtering" in err and "40 trees removed by language" in err
+    assert "no trees left after filtering" in err and "35 trees removed by language" in err
     assert main(["train-rm", "preference", "--config", str(cfg), "--set", "train.lrr=1"]) == 2
     assert "lrr" in capsys.readouterr().err
 

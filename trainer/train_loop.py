@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +55,9 @@ class TrainSection(BaseModel):
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch, fp32 states: 8 bytes per trained weight) or adamw_8bit (bitsandbytes, "
+        "CUDA only, 2 bytes per trained weight: what makes full fine-tuning of a 7B fit, docs/training.md)")
     seed: int = 0
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     resume: bool = Field(True, description="continue from output_dir/checkpoint/ when it exists")
@@ -69,6 +72,21 @@ class TrainSection(BaseModel):
         False, description="recompute activations in backward (non-reentrant; works with LoRA): ~1/3 more compute "
         "for activation memory of one layer instead of all")
     dist_timeout_s: float = Field(1800, gt=0, description="torchrun runs: seconds a collective may wait for a peer")
+
+
+def make_optimizer(params: list, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from `cfg.optimizer`; adamw_8bit needs bitsandbytes and the parameters on a CUDA device."""
+    kw = {"lr": cfg.lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if device.type != "cuda":
+        raise ValueError(f"train.optimizer: adamw_8bit runs on CUDA only (the model is on {device.type}); "
+                         "use train.optimizer: adamw")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("train.optimizer: adamw_8bit needs bitsandbytes: pip install 'crs-rlhf[gpu]'") from None
+    return bnb.optim.AdamW8bit(params, **kw)
 
 
 @dataclass
@@ -128,7 +146,7 @@ def train_loop(
     if world > 1 and units is None:
         raise ValueError("data-parallel training needs units(items) to weight each rank's shard")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg, params[0].device if params else torch.device("cpu"))
     micro_per_epoch = math.ceil(len(items) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs

@@ -92,6 +92,9 @@ def load_prompts(cfg: PPOConfig) -> PromptSet:
     from trainer.data import build_rl_prompt_split, fixture_path, load_oasst
 
     source = fixture_path() if cfg.run.data_source == "fixture" else cfg.run.data_source
+    from trainer.lineage import warn_double_lora
+
+    warn_double_lora(cfg.model.policy_path, "PPO policy")
     tok = AutoTokenizer.from_pretrained(cfg.model.policy_path)
     split = build_rl_prompt_split(load_oasst(source), cfg.run.prompts, tok, cfg.generation.max_prompt_tokens,
                                   data=str(source))

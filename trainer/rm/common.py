@@ -9,6 +9,7 @@ from pathlib import Path
 from trainer.config_io import dump_config
 from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
 from trainer.data.splits import held_out_split
+from trainer.lineage import warn_double_lora
 from trainer.rm.config import DataSection, ModelSection
 from trainer.rm.modeling import load_reward_model, load_tokenizer
 from trainer.train_device import SINGLE, DistInfo, resolve_device
@@ -45,6 +46,8 @@ def require(items: list, what: str, story: str) -> list:
 
 def setup_model(model_cfg: ModelSection, train_cfg: TrainSection, info: DistInfo = SINGLE):
     """(model, tokenizer, TrainDevice): classifier on this rank's device, LoRA-wrapped when configured."""
+    if model_cfg.lora and info.is_main:
+        warn_double_lora(model_cfg.base, "reward model")
     td = resolve_device(train_cfg.precision, model_cfg.quantization, trains_base=not model_cfg.lora, info=info)
     tok = load_tokenizer(model_cfg.base)
     lora = {"r": model_cfg.lora_r, "alpha": model_cfg.lora_alpha, "dropout": model_cfg.lora_dropout} if model_cfg.lora else None

@@ -78,7 +78,11 @@ def parse_remedies(names: Sequence[str]) -> Remedies:
         elif kind == "under_s":
             fields["under_s"] = int(_number(arg))
         else:
-            fields["wgt_s"] = _number(arg)
+            x = _number(arg)
+            if not 0.0 < x <= 1.0:  # Table 6 prints "wgt_s_75" for wgt_s_075: never a silent weight of 75
+                raise ValueError(f"{name}: wgt_s_X takes a fraction X in (0, 1], written 05 / 075 / 0.5 / 0.75 "
+                                 f"(e.g. wgt_s_075 = 0.75); got {x:g}. Table 6's 'wgt_s_75' means wgt_s_075")
+            fields["wgt_s"] = x
     if fields.get("wgt_s") and fields.get("wgt_fixed"):
         raise ValueError("choose one of wgt_s_X (scaled weight) and wgt_A_B (fixed weight)")
     if fields.get("over_s") and fields.get("over_s_to"):
