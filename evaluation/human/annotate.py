@@ -73,7 +73,9 @@ def serve(argv: list[str]) -> int:
         f"groups {', '.join(groups)}; {len(store.rows)} rows already in {store.path})",
         flush=True,
     )
-    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level)
+    from services.common.serving import uvicorn_config
+
+    uvicorn.Server(uvicorn_config(app, s)).run()
     return 0
 
 

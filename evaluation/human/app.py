@@ -12,7 +12,15 @@ from pathlib import Path
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
 
-from services.common.http import ApiKeyMiddleware, BodySizeLimitMiddleware, install_error_handlers
+from services.common.http import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    HeadAsGetMiddleware,
+    RequestContextMiddleware,
+    install_error_handlers,
+)
+from services.common.openapi import BODY_ERRORS, error_responses, install_openapi
+from services.common.protocol import Text
 from evaluation.human.engine import AnnotationEngine
 from evaluation.human.protocol import ConfigResponse, ItemResponse, SessionResponse, SubmitRequest, SubmitResponse
 
@@ -72,15 +80,15 @@ def build_app(
             total=len(engine.prompt_ids),
         )
 
-    @app.get("/api/session", response_model=SessionResponse)
-    def session(annotator: str = Query(...), group: str = Query(...)) -> SessionResponse:
+    @app.get("/api/session", response_model=SessionResponse, responses=error_responses(400, 404))
+    def session(annotator: Text = Query(...), group: Text = Query(...)) -> SessionResponse:
         return engine.session(annotator, group)
 
-    @app.get("/api/items/{index}", response_model=ItemResponse)
-    def item(index: int, annotator: str = Query(...), group: str = Query(...)) -> ItemResponse:
+    @app.get("/api/items/{index}", response_model=ItemResponse, responses=error_responses(400, 404))
+    def item(index: int, annotator: Text = Query(...), group: Text = Query(...)) -> ItemResponse:
         return engine.item(annotator, group, index)
 
-    @app.post("/api/annotations", response_model=SubmitResponse)
+    @app.post("/api/annotations", response_model=SubmitResponse, responses=error_responses(*BODY_ERRORS, 404))
     def submit(req: SubmitRequest) -> SubmitResponse:
         return engine.submit(req)
 
@@ -88,4 +96,8 @@ def build_app(
     slow_body = {"read_timeout_s": body_read_timeout_s} if body_read_timeout_s else {}
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, **slow_body)
     app.add_middleware(ApiKeyMiddleware, api_key=api_key, exempt=OPEN_PATHS)
+    app.add_middleware(HeadAsGetMiddleware)
+    # As the services: a request id on every reply, and a JSON 500 that keeps the connection.
+    app.add_middleware(RequestContextMiddleware)
+    install_openapi(app, secured=api_key is not None, exempt=OPEN_PATHS)  # the 400/401 it sends, no 422
     return app

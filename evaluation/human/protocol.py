@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from services.common.protocol import Text
+
 
 class ConfigResponse(BaseModel):
     title: str
@@ -43,11 +45,12 @@ class ItemResponse(BaseModel):
 
 
 class SubmitRequest(BaseModel):
-    annotator: str
-    group: str
-    prompt_id: str
+    # Text: a lone UTF-16 surrogate (valid JSON, not a character) is a 400, not a 500 on write.
+    annotator: Text
+    group: Text
+    prompt_id: Text
     # Any, not int: a wrong type is reported by the ranking validator in the page's words.
-    ranking: dict[str, Any]
+    ranking: dict[Text, Any]
 
 
 class SubmitResponse(BaseModel):

@@ -10,6 +10,7 @@ re-raises, and uvicorn then drops the keep-alive connection).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -23,6 +24,8 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -230,17 +233,25 @@ class ApiKeyMiddleware:
             return False
         pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         given = [v for k, v in pairs if k == "api_key"]
-        ok = len(given) == 1 and hmac.compare_digest(given[0].encode("latin-1"), self.key)
+        # parse_qsl decodes %-escapes as UTF-8 (%E2%82%AC is one char past latin-1, %FF a lone
+        # surrogate-escape): encode back the same way, so any spelling is a plain mismatch (401).
+        ok = len(given) == 1 and hmac.compare_digest(given[0].encode("utf-8", "surrogatepass"), self.key)
         scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != "api_key"]).encode()
         return ok
 
+    def _header_key_ok(self, scope: Scope) -> bool:
+        """`Authorization: Bearer <key>`, the scheme case-insensitive (RFC 7235 section 2.1)."""
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" "), self.key)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.expected is None or scope["type"] != "http" or scope["path"] in self.exempt
-                or scope.get("state", {}).get("keyless")):  # an operator's named route and network (keyless.py)
+        if self.expected is None or scope["type"] != "http" or scope["path"] in self.exempt:
+            if scope["type"] == "http" and self.expected is None:
+                authenticate(scope)  # no key set: every request is as good as any other
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not (hmac.compare_digest(given, self.expected) or self._query_key_ok(scope)):
+        if not (self._header_key_ok(scope) or self._query_key_ok(scope)):
             hint = " (or '?api_key=<key>' on this path)" if scope["path"] in self.query_key_paths else ""
             await _send_json(
                 send,
@@ -249,7 +260,40 @@ class ApiKeyMiddleware:
                 [(b"www-authenticate", b"Bearer")],
             )
             return
+        authenticate(scope)
         await self.app(scope, receive, send)
+
+
+def authenticate(scope: Scope) -> None:
+    """Mark a request as having passed the key check: only such requests may claim a per-run
+    metrics label (a keyless client must not fill the bounded label set)."""
+    scope.setdefault("state", {})["authenticated"] = True
+
+
+def is_authenticated(scope: Scope) -> bool:
+    return bool(scope.get("state", {}).get("authenticated"))
+
+
+class HeadAsGetMiddleware:
+    """HEAD answered as GET without the body (RFC 9110 section 9.3.2): load balancers and
+    uptime checkers probe /health with HEAD, and FastAPI routes only list GET."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def no_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, no_body)
 
 
 class BodySizeLimitMiddleware:
@@ -306,7 +350,42 @@ class BodySizeLimitMiddleware:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await run_until_disconnect(self.app, scope, replay, receive, send)
+
+
+async def run_until_disconnect(app: ASGIApp, scope: Scope, replay: Receive, receive: Receive, send: Send) -> None:
+    """Run `app` on a body already read; if the client hangs up first, cancel it.
+
+    Once the body is in, the server's `receive()` only returns when the client disconnects (or
+    the response is complete), so awaiting it beside the app tells a hang-up as it happens.
+    Cancelling the app reaches whatever it awaits: a queued scoring or generation job takes its
+    work out of the queue (services/reward/batcher.py, services/policy_gen/batcher.py), and the
+    request is counted as 499, not 200 for work nobody receives.
+    """
+    state = scope.setdefault("state", {})
+    completed = False
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal completed
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            completed = True
+        await send(message)
+
+    task = asyncio.ensure_future(app(scope, replay, send_wrapper))
+    watcher = asyncio.ensure_future(receive())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done and not completed and watcher.result()["type"] == "http.disconnect":
+            state["disconnected"] = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+    finally:
+        watcher.cancel()
+        if not task.done():  # we were cancelled ourselves (server shutdown): take the app with us
+            task.cancel()
+    await task
 
 
 def add_common_middleware(
@@ -322,7 +401,52 @@ def add_common_middleware(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, read_timeout_s=body_read_timeout_s)
     app.add_middleware(ApiKeyMiddleware, api_key=api_key, query_key_paths=tuple(query_key_paths))
+    app.add_middleware(HeadAsGetMiddleware)
 
 
 def add_request_context(app: FastAPI) -> None:
     app.add_middleware(RequestContextMiddleware)
+
+
+class OffLoopJSONRoute(APIRoute):
+    """A route whose large JSON bodies are parsed and validated in a thread, a few at a time.
+
+    FastAPI parses and validates a body on the event loop: one 15 MB token-id body held the
+    loop ~0.5 s, and 32 at once held /health for 8.5 s (and doubled the RSS). Bodies of at
+    least OFF_LOOP_BYTES go to a worker thread (at most OFF_LOOP_PARSES at once, the rest wait
+    their turn without blocking anything); FastAPI then receives the validated model, which
+    pydantic passes through without validating it again. Invalid bodies get the same 400.
+    Set `app.router.route_class = OffLoopJSONRoute` before declaring routes.
+    """
+
+    OFF_LOOP_BYTES = 64 * 1024
+    OFF_LOOP_PARSES = 2
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        annotation = self.body_field.field_info.annotation if self.body_field is not None else None
+        adapter = TypeAdapter(annotation) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if adapter is None:
+            return handler
+        slots: list[asyncio.Semaphore] = []  # made in the serving loop, on first use
+
+        def parse(body: bytes):
+            try:
+                return adapter.validate_python(json.loads(body))
+            except ValidationError as exc:
+                raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+        async def off_loop(request: Request):
+            body = await request.body()
+            kind = request.headers.get("content-type", "")
+            if len(body) >= self.OFF_LOOP_BYTES and kind.split(";")[0].strip().endswith("json"):
+                if not slots:
+                    slots.append(asyncio.Semaphore(self.OFF_LOOP_PARSES))
+                async with slots[0]:
+                    try:
+                        request._json = await asyncio.to_thread(parse, body)  # Request.json() returns it
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        pass  # FastAPI parses it again on the loop and answers its usual 400
+            return await handler(request)
+
+        return off_loop

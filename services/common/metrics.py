@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.http import DISCONNECTED
+from services.common.http import DISCONNECTED, is_authenticated
 from services.common.identity import request_identity
 
 if TYPE_CHECKING:  # the reward core's type; common/ must not import reward/ at run time
@@ -49,9 +51,39 @@ class RunMetrics:
         self.tokens = Counter(
             "crs_run_tokens", "Tokens scored, or prompt + completion tokens, by run", ["run"], registry=registry
         )
+        self.queue_wait = Histogram(
+            "crs_run_queue_wait_seconds", "How long a request waited in the queue before its work started, by run",
+            ["run"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
         self.max_tracked_runs = max_tracked_runs
         self._tracked: set[str] = set()
         self._lock = threading.Lock()  # usage may be counted from worker threads too
+        self._registry = registry
+
+    def observe_wait(self, run: str, seconds: float) -> None:
+        """A request of `run` ('' = none) waited `seconds` before its work started. Only requests that
+        passed the key check reach a queue, so the run may claim a label."""
+        self.queue_wait.labels(self.label(run or None)).observe(seconds)
+
+    def watch_queues(self, queued_by_run: Callable[[], dict[str, int]]) -> None:
+        """Export `queued_by_run()` (run id -> items or sequences waiting) as crs_run_queue_items,
+        read at scrape time and summed into the bounded label set."""
+        runs = self
+
+        class _Collector:
+            def collect(self):
+                family = GaugeMetricFamily(
+                    "crs_run_queue_items", "Items (reward) or sequences (policy_gen) waiting to start, by run", labels=["run"]
+                )
+                totals: dict[str, float] = {}
+                for run, n in queued_by_run().items():
+                    label = runs.label(run or None)  # queued work passed the key check
+                    totals[label] = totals.get(label, 0) + n
+                for label, n in sorted(totals.items()):
+                    family.add_metric([label], n)
+                yield family
+
+        self._registry.register(_Collector())
 
     def label(self, run: str | None, *, claim: bool = True) -> str:
         """`run`'s label: itself when tracked (or newly tracked, if `claim` and a slot is free), else "other"."""
@@ -70,6 +102,13 @@ class RunMetrics:
 # request's usage call `count_run_usage` instead of threading the run through every layer;
 # asyncio tasks and `asyncio.to_thread` copy it, so it follows the request wherever it runs.
 _CURRENT_RUN: ContextVar[tuple[RunMetrics, str | None] | None] = ContextVar("crs_current_run", default=None)
+
+
+def current_run() -> str | None:
+    """The run id (X-CRS-Run) of the request being served, None without one: the key of the
+    per-run queues that keep shared servers fair."""
+    current = _CURRENT_RUN.get()
+    return current[1] if current is not None else None
 
 
 def count_run_usage(items: int, tokens: int) -> None:
@@ -133,7 +172,8 @@ class MetricsMiddleware:
     (endpoint); `endpoint(path)` maps a path to a bounded label set. A client that went away
     before any reply is counted as "499", not as a server error. With `runs` (default:
     `metrics.runs`) it also counts requests by run and makes the run current for
-    `count_run_usage`; a 401 never claims a run label (no key, no say in the label set).
+    `count_run_usage`; only a request that passed the key check may claim a run label (no key,
+    no say in the label set: a keyless 401 or 500 is counted under an existing label or 'other').
     """
 
     def __init__(self, app: ASGIApp, metrics=None, *, requests=None, latency=None, endpoint=None, runs=None):
@@ -169,4 +209,4 @@ class MetricsMiddleware:
             if current is not None:
                 _CURRENT_RUN.reset(current)
                 if scope["path"] not in UNCOUNTED_PATHS:
-                    self.runs.requests.labels(self.runs.label(run, claim=status != "401")).inc()
+                    self.runs.requests.labels(self.runs.label(run, claim=is_authenticated(scope))).inc()

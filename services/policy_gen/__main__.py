@@ -24,8 +24,9 @@ log = logging.getLogger("services.policy_gen")
 def _serve(app, settings: PolicyGenSettings):
     import uvicorn
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    return uvicorn.Server(config)
+    from services.common.serving import uvicorn_config
+
+    return uvicorn.Server(uvicorn_config(app, settings))
 
 
 def _healthy(url: str) -> bool:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from services.common.http import add_common_middleware, add_request_context, error_response
+from services.common.http import OffLoopJSONRoute, add_common_middleware, add_request_context, error_response
 from services.common.metrics import MetricsMiddleware, RunMetrics, count_run_usage
 from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.policy_gen import protocol as P
@@ -61,6 +61,8 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     metrics = Metrics(settings.backend, settings.max_tracked_runs)
     if hasattr(backend, "observe_batches"):  # only the hf backend batches itself
         backend.observe_batches(lambda sequences, _seconds: metrics.batch_sequences.observe(sequences))
+        backend.observe_queues(metrics.runs)
+    backend.on_generated = metrics.tokens.inc  # streamed replies count their tokens when they end
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -72,6 +74,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
 
     app = FastAPI(title="crs-rlhf policy_gen", lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
+    app.router.route_class = OffLoopJSONRoute  # large bodies parsed and validated off the event loop
 
     def _count(served: Served, sequences: int = 0) -> Response:
         metrics.tokens.inc(served.completion_tokens)
@@ -108,7 +111,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
         responses=error_responses(*BODY_ERRORS, 404, 503),
     )
     async def chat(req: P.ChatCompletionRequest):
-        check_work(settings, 1, req.n, req.max_completion_tokens or req.max_tokens or settings.max_model_len)
+        check_work(settings, 1, req.n, req.max_completion_tokens or req.max_tokens or settings.default_max_tokens)
         return _count(await backend.chat(req), req.n)
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,

@@ -9,18 +9,23 @@ same response objects vLLM returns, logprobs included.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
+import uuid
 
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from services.common.chat import CHATML
-from services.common.http import APIError, scrub_paths
+from services.common.http import APIError, error_body, scrub_paths
+from services.common.metrics import RunMetrics, count_run_usage, current_run
 from services.common.tokenize import Piece, ThreadTokenizer
 from services.policy_gen import protocol as P
 from services.policy_gen.adapters import AdapterInfo
 from services.policy_gen.backend import Served
 from services.policy_gen.batcher import GenerationBatcher
-from services.policy_gen.hf_engine import HFEngine, SeqResult, SeqSpec
+from services.policy_gen.hf_engine import HFEngine, SeqResult, SeqSpec, StepEvent
+from services.policy_gen.text import Detokenizer
 from services.policy_gen.limits import too_long_for_context
 from services.policy_gen.settings import PolicyGenSettings
 
@@ -57,10 +62,17 @@ class HFBackend:
         self.batcher: GenerationBatcher | None = None
         self.tok: ThreadTokenizer | None = None
         self._on_batch = None
+        self._runs: RunMetrics | None = None
+        self.on_generated = lambda tokens: None  # completion tokens of a streamed reply, when it ends
+        self._adapter_lock = asyncio.Lock()  # adapter loads/unloads: checked and applied one at a time
 
     def observe_batches(self, fn) -> None:
         """`fn(sequences, seconds)` after every decode batch (the router feeds /metrics)."""
         self._on_batch = fn
+
+    def observe_queues(self, runs: RunMetrics) -> None:
+        """Per-run queue depth and wait in /metrics (crs_run_queue_items, crs_run_queue_wait_seconds)."""
+        self._runs = runs
 
     async def start(self) -> None:
         # Loaded here, not at import, so `--help` and settings errors stay instant.
@@ -70,8 +82,12 @@ class HFBackend:
         self.batcher = GenerationBatcher(
             self.engine, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
             max_queue_sequences=s.max_queue_sequences, max_queue_tokens=s.max_queue_tokens,
+            run_weights=s.run_weight_map(), fair=s.fair_scheduling,
         )
         self.batcher.on_batch = self._on_batch
+        if self._runs is not None:
+            self.batcher.on_wait = self._runs.observe_wait
+            self._runs.watch_queues(self.batcher.queued_by_run)
         self.batcher.start()
 
     async def stop(self) -> None:
@@ -133,7 +149,7 @@ class HFBackend:
     ) -> list[SeqSpec]:
         limit, specs = self.settings.max_model_len, []
         for pi, ids in enumerate(prompts):
-            budget = max_tokens if max_tokens is not None else limit - len(ids)
+            budget = max_tokens if max_tokens is not None else min(limit - len(ids), self.settings.default_max_tokens)
             if len(ids) + max(budget, 1) > limit:
                 raise APIError(
                     400,
@@ -192,7 +208,10 @@ class HFBackend:
     async def completions(self, req: P.CompletionRequest) -> Served:
         adapter = self._adapter_for(req.model)
         prompts = await asyncio.to_thread(self._tokenize, req.prompt)
-        results = await self.batcher.submit(self._specs(req, prompts, adapter, req.max_tokens, req.logprobs))
+        specs = self._specs(req, prompts, adapter, req.max_tokens, req.logprobs)
+        if req.stream:
+            return self._stream(req, specs, sum(len(p) for p in prompts), chat=False)
+        results = await self.batcher.submit(specs, run=current_run())
         choices = []
         for i, r in enumerate(results):
             ids = prompts[i // req.n]
@@ -215,7 +234,10 @@ class HFBackend:
         ids = await asyncio.to_thread(self._chat_ids, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        results = await self.batcher.submit(self._specs(req, [ids], adapter, max_tokens, top))
+        specs = self._specs(req, [ids], adapter, max_tokens, top)
+        if req.stream:
+            return self._stream(req, specs, len(ids), chat=True)
+        results = await self.batcher.submit(specs, run=current_run())
         choices = [
             P.ChatCompletionResponseChoice(
                 index=i,
@@ -237,10 +259,109 @@ class HFBackend:
         )
         return Served(JSONResponse(body.model_dump()), done, len(ids))
 
+    # ------------------------------------------------------------------ streaming
+
+    def _stream(self, req: P.SamplingFields, specs: list[SeqSpec], prompt_tokens: int, chat: bool) -> Served:
+        """Server-sent events as vLLM streams them: one chunk per new token of each choice (its
+        text delta and, when asked, its logprobs), the finish reason on a choice's last chunk,
+        a usage chunk with no choices when stream_options.include_usage, then `[DONE]`."""
+        model = req.model or self.model_id
+        created = int(time.time())
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        events: asyncio.Queue = asyncio.Queue()
+        job = asyncio.ensure_future(self.batcher.submit(specs, run=current_run(), on_event=events.put_nowait))
+        holdback = max((len(s) for s in specs[0].stop), default=1) - 1 if specs else 0
+        decode = [Detokenizer(lambda ids, s=s: self.engine._decode_text(list(ids), s), holdback) for s in specs]
+        usage_wanted = bool(req.stream_options and req.stream_options.include_usage)
+        want_logprobs = (req.logprobs is not None) if not chat else bool(req.logprobs)
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body = {"id": ident, "object": obj, "created": created, "model": model, "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def choice(event: StepEvent) -> dict:
+            i, finish = event.seq.index, event.finish
+            if finish is None:
+                text = decode[i].push(event.token)
+            else:
+                text = decode[i].finish(event.seq.text or "", event.token)
+            lp = None
+            if want_logprobs:
+                lp = self._chat_token_logprobs(event) if chat else self._completion_token_logprobs(event, decode[i])
+            out = {"index": i, "logprobs": lp, "finish_reason": finish[0] if finish else None}
+            if finish is not None:
+                out["stop_reason"] = finish[1]
+            if chat:
+                out["delta"] = {"content": text}
+            else:
+                out["text"] = text
+            return out
+
+        async def body():
+            done = 0
+            try:
+                if chat:  # the role comes first, once per choice, as vLLM/OpenAI send it
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for i in range(len(specs))])
+                while True:
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    batch = [getter.result()]
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                    for event in batch:
+                        done += 1
+                        yield chunk([choice(event)])
+                while not events.empty():  # the job ended: what it delivered last
+                    done += 1
+                    yield chunk([choice(events.get_nowait())])
+                try:
+                    job.result()
+                except APIError as exc:  # e.g. the adapter was unloaded mid-stream: an error event, as vLLM
+                    yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.type, exc.param))}\n\n"
+                total = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+                if usage_wanted:
+                    yield chunk([], total)
+                yield "data: [DONE]\n\n"
+            finally:
+                if not job.done():  # the client went away mid-stream: its sequences stop here
+                    job.cancel()
+                self.on_generated(done)
+                count_run_usage(len(specs), prompt_tokens + done)
+
+        return Served(StreamingResponse(body(), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"}), 0, prompt_tokens)
+
+    def _completion_token_logprobs(self, event: StepEvent, detok: Detokenizer) -> dict:
+        tok, lp, alts = event.token, event.logprob, event.alts
+        piece = self._piece(tok)
+        top = {piece: max(lp, _FLOOR)}
+        top.update({self._piece(a): max(v, _FLOOR) for a, v in alts if self._piece(a) not in top})
+        offset = max(len(detok.text) - len(piece), 0)
+        return {"text_offset": [offset], "token_logprobs": [max(lp, _FLOOR)], "tokens": [piece], "top_logprobs": [top]}
+
+    def _chat_token_logprobs(self, event: StepEvent) -> dict:
+        tok, lp, alts = event.token, event.logprob, event.alts
+        piece = self._piece(tok)
+        tops = [{"token": self._piece(a), "logprob": max(v, _FLOOR), "bytes": list(self._piece(a).encode())}
+                for a, v in alts]
+        return {"content": [{"token": piece, "logprob": max(lp, _FLOOR), "bytes": list(piece.encode()),
+                             "top_logprobs": tops}]}
+
     async def load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
         if req.lora_name == self.model_id:
             message = f"The lora adapter '{req.lora_name}' conflicts with a served base model."
             raise APIError(400, message, type="InvalidUserInput", param="lora_name")
+        async with self._adapter_lock:  # check and load as one step: concurrent loads see each other
+            return await self._load_adapter(req, info)
+
+    async def _load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
         held = self.engine.adapters
         if req.lora_name in held and not req.load_inplace:
             raise APIError(
@@ -268,15 +389,16 @@ class HFBackend:
         return Served(PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully."), 0)
 
     async def unload_adapter(self, req: P.UnloadLoRAAdapterRequest) -> Served:
-        if req.lora_name not in self.engine.adapters:
-            message = f"The lora adapter '{req.lora_name}' cannot be found."
-            raise APIError(404, message, type="NotFoundError", param="lora_name")
-        await self.batcher.run_exclusive(self.engine.unload_adapter, req.lora_name)
+        async with self._adapter_lock:  # a second unload of the same name sees the first one's result: 404
+            if req.lora_name not in self.engine.adapters:
+                message = f"The lora adapter '{req.lora_name}' cannot be found."
+                raise APIError(404, message, type="NotFoundError", param="lora_name")
+            await self.batcher.run_exclusive(self.engine.unload_adapter, req.lora_name)
         return Served(PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully."), 0)
 
     async def models(self) -> Served:
         limit = self.settings.max_model_len
-        cards = [P.ModelCard(id=self.model_id, root=self.settings.model_path, max_model_len=limit)]
-        held = self.engine.adapters.items()
-        cards += [P.ModelCard(id=name, root=str(path), parent=self.model_id) for name, path in held]
+        # Names only: server paths tell a client nothing it can use and an attacker the layout.
+        cards = [P.ModelCard(id=self.model_id, root=self.model_id, max_model_len=limit)]
+        cards += [P.ModelCard(id=name, root=name, parent=self.model_id) for name in self.engine.adapters]
         return Served(JSONResponse(P.ModelList(data=cards).model_dump()), 0)

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.protocol import ErrorInfo, ErrorResponse, Text  # noqa: F401  (re-exported: one error shape)
 
 _INT64 = 2**63 - 1
+# Stop conditions are checked at every decode step of every sequence: bounded so one small
+# body cannot make each step scan megabytes (OpenAI's API allows 4 stop strings).
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
@@ -30,6 +36,11 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class StreamOptions(_Request):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
 class SamplingFields(_Request):
     """Sampling knobs shared by both endpoints; unset values use vLLM's defaults."""
 
@@ -39,15 +50,19 @@ class SamplingFields(_Request):
     top_k: int | None = Field(None, ge=-1, description="0 or -1: off.")
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-_INT64 - 1, le=_INT64)
-    stop: Text | list[Text] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters."
+    )
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool | None = None
     user: Text | None = None
-    stream: bool | None = Field(False, description="Streaming is not offered: only false.")
+    stream: bool | None = Field(False, description="Server-sent events: 'data: {chunk}' lines, then 'data: [DONE]'.")
+    stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk "
+                                                 "with the usage (and no choices).")
 
-    @field_validator("stream", "echo", check_fields=False)
+    @field_validator("echo", check_fields=False)
     @classmethod
     def _not_offered(cls, v, info):
         # A bool field, not Literal[False]: a Literal accepts 0 because 0 == False in Python.
@@ -66,9 +81,14 @@ class SamplingFields(_Request):
 
 class CompletionRequest(SamplingFields):
     model: Text | None = None
-    prompt: Union[Text, list[Text], list[int], list[list[int]]] = Field(
-        description="A string, a list of strings, a token-id list or a list of token-id lists. Strings are "
-        "templated text: special-token strings in them ARE special tokens (use /v1/chat/completions for "
+    prompt: Union[
+        Annotated[Text, Field(min_length=1)],
+        Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)],
+        Annotated[list[int], Field(min_length=1)],
+        Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)],
+    ] = Field(
+        description="A non-empty string, a list of strings, a token-id list or a list of token-id lists. Strings "
+        "are templated text: special-token strings in them ARE special tokens (use /v1/chat/completions for "
         "user text)."
     )
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token (0: just the sampled one).")

@@ -14,7 +14,7 @@ import asyncio
 import json
 
 import httpx
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from services.common.http import APIError
 from services.policy_gen import protocol as P
@@ -33,6 +33,7 @@ class VLLMProxyBackend:
         self.client: httpx.AsyncClient | None = None
         self.tok: ThreadTokenizer | None = None
         self._ready = False
+        self.on_generated = lambda tokens: None  # completion tokens of a streamed reply, when it ends
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -71,6 +72,39 @@ class VLLMProxyBackend:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
         return Response(content=upstream.content, status_code=upstream.status_code, headers=headers)
 
+    async def _forward_stream(self, path: str, body: dict) -> Served:
+        """A streamed request: vLLM's server-sent events passed through as they come. An error
+        before the stream starts is vLLM's JSON reply, as for any request. When the client hangs
+        up, the upstream connection is closed, and vLLM aborts the request (its own disconnect
+        handling)."""
+        try:
+            upstream = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+        except httpx.TimeoutException:
+            raise APIError(504, f"vLLM did not answer {path} within {self.settings.vllm_request_timeout_s:.0f}s") from None
+        except httpx.TransportError as exc:
+            message = f"vLLM server is not reachable ({type(exc).__name__}); retry shortly"
+            raise APIError(503, message, headers={"Retry-After": "2"}) from None
+        if upstream.status_code != 200:
+            content = await upstream.aread()
+            await upstream.aclose()
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
+            return Served(Response(content=content, status_code=upstream.status_code, headers=headers))
+        counted = {"completion": 0, "prompt": 0}
+
+        async def relay():
+            tail = b""
+            try:
+                async for chunk in upstream.aiter_raw():
+                    tail = (tail + chunk)[-4096:]  # the usage chunk, when asked for, is the last event
+                    yield chunk
+                counted["completion"], counted["prompt"] = _stream_usage(tail)
+            finally:
+                await upstream.aclose()
+                self.on_generated(counted["completion"])
+
+        headers = {"Cache-Control": "no-cache"}
+        return Served(StreamingResponse(relay(), media_type="text/event-stream", headers=headers))
+
     @staticmethod
     def _usage(resp: Response) -> tuple[int, int]:
         """(completion_tokens, prompt_tokens) of vLLM's reply; zeros when it has none."""
@@ -86,6 +120,8 @@ class VLLMProxyBackend:
         for text in [req.prompt] if isinstance(req.prompt, str) else req.prompt:
             if isinstance(text, str):
                 too_long_for_context(self.settings, self.tok, text, "prompt")
+        if req.stream:
+            return await self._forward_stream("/v1/completions", req.model_dump(exclude_unset=True))
         resp = await self._forward("POST", "/v1/completions", req.model_dump(exclude_unset=True))
         return Served(resp, *self._usage(resp))
 
@@ -98,6 +134,8 @@ class VLLMProxyBackend:
                     "would read it as a real token, so it is refused. Remove it, or use the hf backend, which "
                     "keeps it as plain text", param=f"messages.{i}.content",
                 )
+        if req.stream:
+            return await self._forward_stream("/v1/chat/completions", req.model_dump(exclude_unset=True))
         resp = await self._forward("POST", "/v1/chat/completions", req.model_dump(exclude_unset=True))
         return Served(resp, *self._usage(resp))
 
@@ -110,4 +148,28 @@ class VLLMProxyBackend:
         return Served(await self._forward("POST", "/v1/unload_lora_adapter", req.model_dump(exclude_none=True)))
 
     async def models(self) -> Served:
-        return Served(await self._forward("GET", "/v1/models"))
+        resp = await self._forward("GET", "/v1/models")
+        if resp.status_code != 200:
+            return Served(resp)
+        # vLLM's `root` is the base model's folder or the adapter's path: names only, as the hf backend.
+        listing = P.ModelList.model_validate_json(resp.body)
+        for card in listing.data:
+            card.root = card.id
+        return Served(Response(listing.model_dump_json(), media_type="application/json"))
+
+
+def _stream_usage(tail: bytes) -> tuple[int, int]:
+    """(completion_tokens, prompt_tokens) of the last usage chunk in an SSE stream's tail; zeros
+    when the client did not ask for usage (stream_options.include_usage).
+
+    >>> _stream_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\\n\\ndata: [DONE]\\n\\n')
+    (5, 3)
+    """
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                usage = json.loads(line[6:]).get("usage") or {}
+                return int(usage.get("completion_tokens") or 0), int(usage.get("prompt_tokens") or 0)
+            except (ValueError, AttributeError, TypeError):
+                return 0, 0
+    return 0, 0

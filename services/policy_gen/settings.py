@@ -58,6 +58,10 @@ class PolicyGenSettings(ServiceSettings):
     )
 
     # --- per-request limits (both backends): one small body must not hold the engine for long
+    default_max_tokens: int = Field(
+        512, ge=1, description="Completion tokens of a chat request that sets no max_tokens (vLLM fills the context; "
+        "a 100-byte request with n=64 once generated 37.6k tokens that way). Completions keep vLLM's 16.",
+    )
     max_n: int = Field(64, ge=1, description="Largest n (samples per prompt) accepted.")
     max_request_sequences: int = Field(256, ge=1, description="Most sequences (prompts x n) in one request; more: 413.")
     max_request_tokens: int = Field(

@@ -2,11 +2,18 @@
 
 Requests put their token-id rows on an asyncio-side queue and await one future. A collector
 task waits up to `max_wait_ms` (or until a window's worth of tokens is queued), takes a
-window of rows in arrival order, sorts it by length and cuts it into micro-batches whose
-padded size (rows x longest row) stays under `max_batch_tokens` and whose padding stays
-under `max_padding` -- padding waste is what makes naive batching slow. Forward passes run
-on ONE dedicated worker thread so the event loop never blocks; a request's rows may land in
-different micro-batches and are reassembled in order.
+look-ahead window of rows, sorts it by length and cuts it into micro-batches whose padded
+size (rows x longest row) stays under `max_batch_tokens` and whose padding stays under
+`max_padding` -- padding waste is what makes naive batching slow. One micro-batch goes to the
+worker; the window's other rows go back to the front of their queues and compete again for
+the next pass. Forward passes run on ONE dedicated worker thread so the event loop never
+blocks; a request's rows may land in different micro-batches and are reassembled in order.
+
+Fair between runs: rows queue per run (`submit(rows, run=...)`, the X-CRS-Run id; requests
+without one share a queue), and a window is filled by deficit round-robin in tokens across the
+runs that have rows waiting (optionally weighted per run), so one run's 4,096-item request
+cannot put another run's one item behind all of it. A caller that goes away (its `submit` is
+cancelled) takes its rows out of the queue: only a window already running scores them.
 
 Packed mode (`packed=` a scorer of packed rows, `--packing on`): the window holds up to
 WINDOW_BATCHES rows' worth of tokens (row length x rows), planned into packed rows by first-fit
@@ -60,6 +67,7 @@ class _Request:
     future: asyncio.Future
     scores: list[float | None] = field(init=False)
     left: int = field(init=False)
+    started: bool = field(init=False, default=False)  # a row of it has gone to the worker (its wait is over)
 
     def __post_init__(self) -> None:
         self.scores = [None] * len(self.rows)
@@ -75,6 +83,58 @@ class _Row:
     @property
     def ids(self) -> list[int]:
         return self.request.rows[self.index]
+
+
+@dataclass
+class _RunQueue:
+    """One run's waiting rows and its deficit (tokens it may still take this round)."""
+
+    rows: collections.deque = field(default_factory=collections.deque)
+    tokens: int = 0
+    deficit: float = 0.0
+
+
+def deficit_round_robin(
+    queues: dict[str, collections.deque], deficits: dict[str, float], weights: dict[str, float],
+    quantum: int, budget: int, cost: Callable[[object], int], order: list[str],
+) -> list[tuple[str, object]]:
+    """Items taken from per-key FIFO `queues` by deficit round-robin, up to `budget` cost.
+
+    Each round every key with items earns `quantum x weight` of deficit and takes items from
+    its head while their cost fits its deficit; a key whose queue empties loses its deficit.
+    `order` (keys, rotated in place) makes the round start where the last call left off.
+    Mutates queues, deficits and order. Pure otherwise, so the policy is testable:
+
+    >>> q = {"heavy": collections.deque([5] * 6), "light": collections.deque([5])}
+    >>> d, order = {"heavy": 0.0, "light": 0.0}, ["heavy", "light"]
+    >>> [k for k, _ in deficit_round_robin(q, d, {}, 5, 20, lambda x: x, order)]
+    ['heavy', 'light', 'heavy', 'heavy']
+    """
+    taken: list[tuple[str, object]] = []
+    used = 0
+    if quantum <= 0:
+        raise ValueError("quantum must be positive")
+    while used < budget and any(queues[k] for k in order):
+        for _ in range(len(order)):
+            key = order[0]
+            order.append(order.pop(0))
+            queue = queues[key]
+            if not queue:
+                deficits[key] = 0.0
+                continue
+            deficits[key] += quantum * weights.get(key, 1.0)
+            while queue and cost(queue[0]) <= deficits[key]:
+                c = cost(queue[0])
+                if taken and used + c > budget:
+                    return taken
+                deficits[key] -= c
+                used += c
+                taken.append((key, queue.popleft()))
+            if not queue:
+                deficits[key] = 0.0
+            if used >= budget:
+                return taken
+    return taken
 
 
 @dataclass(frozen=True)
@@ -132,6 +192,9 @@ class DynamicBatcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         worker_init: Callable[[], None] | None = None,
         packed: RowScorer | None = None,
+        fair: bool = True,
+        run_weights: dict[str, float] | None = None,
+        on_wait: Callable[[str, float], None] | None = None,
     ):
         self.score_fn = score_fn
         self.packed = packed  # packed rows instead of padded micro-batches (score_fn then unused)
@@ -146,22 +209,31 @@ class DynamicBatcher:
         self.window_tokens = WINDOW_BATCHES * (packed.row_tokens if packed is not None else max_batch_tokens)
         self.cross_request = cross_request
         self.on_batch = on_batch
-        self._queue: collections.deque[_Row] = collections.deque()
+        self._runs: dict[str, _RunQueue] = {}  # waiting rows by run ("" = no run id)
+        self._order: list[str] = []  # round-robin order of the runs with rows waiting
+        self._queued_items = 0
         self._queued_tokens = 0
+        self.fair = fair  # False: one FIFO queue whatever the run (a benchmark baseline)
+        self.run_weights = dict(run_weights or {})
+        self.on_wait = on_wait  # (run, seconds a request waited before its first row was taken)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-worker", initializer=worker_init)
-        # One window running on the worker and one already formed keeps the worker busy
-        # between windows without letting the in-flight set grow unbounded.
+        # One pass at a time on the worker: the next is chosen when it is free, so a row that
+        # arrives meanwhile competes for it (the hand-over costs well under 1 ms a pass).
         self._in_flight: asyncio.Semaphore | None = None
 
     @property
     def queued_items(self) -> int:
-        return len(self._queue)
+        return self._queued_items
+
+    def queued_by_run(self) -> dict[str, int]:
+        """Rows waiting per run id (for /metrics)."""
+        return {run: len(q.rows) for run, q in self._runs.items() if q.rows}
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._in_flight = asyncio.Semaphore(2)
+        self._in_flight = asyncio.Semaphore(1)
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="reward-batcher")
 
     async def stop(self) -> None:
@@ -171,62 +243,163 @@ class DynamicBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for row in self._queue:
-            if not row.request.future.done():
-                row.request.future.set_exception(RuntimeError("the service is shutting down"))
-        self._queue.clear()
+        for queue in self._runs.values():
+            for row in queue.rows:
+                if not row.request.future.done():
+                    row.request.future.set_exception(RuntimeError("the service is shutting down"))
+        self._runs.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, rows: list[list[int]]) -> list[float]:
-        """Queue `rows` (non-empty token-id lists) and wait for their scores, in order."""
+    async def submit(self, rows: list[list[int]], run: str | None = None) -> list[float]:
+        """Queue `rows` (non-empty token-id lists) for `run` and wait for their scores, in order.
+
+        Cancelling the wait (the client hung up) takes the request's rows out of the queue."""
         if not rows:
             return []
         # An empty queue always admits, so one request larger than the bound is slow, not refused forever.
-        if self._queue and len(self._queue) + len(rows) > self.max_queue_items:
-            raise QueueFullError(f"{len(self._queue)} items are waiting (max_queue_items {self.max_queue_items})")
+        waiting = self._queued_items
+        if waiting and waiting + len(rows) > self.max_queue_items:
+            raise QueueFullError(f"{waiting} items are waiting (max_queue_items {self.max_queue_items})")
         tokens = sum(len(r) for r in rows)
-        if self._queue and self.max_queue_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+        if waiting and self.max_queue_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFullError(f"{self._queued_tokens} tokens are waiting (max_queue_tokens {self.max_queue_tokens})")
         request = _Request(rows, asyncio.get_running_loop().create_future())
         now = time.monotonic()
-        self._queue.extend(_Row(request, i, now) for i in range(len(rows)))
+        key = (run or "") if self.fair else ""
+        queue = self._runs.get(key)
+        if queue is None:
+            queue = self._runs[key] = _RunQueue()
+        if key not in self._order:
+            self._order.append(key)
+        queue.rows.extend(_Row(request, i, now) for i in range(len(rows)))
+        queue.tokens += tokens
+        self._queued_items += len(rows)
         self._queued_tokens += tokens
         self._wakeup.set()
-        return await request.future  # cancellation (client gone) just drops the future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._drop(key, request)
+            raise
+
+    def _drop(self, key: str, request: _Request) -> None:
+        """Take a cancelled request's waiting rows out of its run's queue."""
+        if not request.future.done():
+            request.future.cancel()
+        queue = self._runs.get(key)
+        if queue is None:
+            return
+        mine = [r for r in queue.rows if r.request is request]
+        if not mine:
+            return
+        queue.rows = collections.deque(r for r in queue.rows if r.request is not request)
+        gone = sum(len(r.ids) for r in mine)
+        queue.tokens -= gone
+        self._queued_items -= len(mine)
+        self._queued_tokens -= gone
+        if not queue.rows:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._runs.pop(key, None)
+        if key in self._order:
+            self._order.remove(key)
+
+    def _oldest_arrival(self) -> float:
+        return min(q.rows[0].arrival for q in self._runs.values() if q.rows)
 
     # ------------------------------------------------------------------ collector
 
     def _take_window(self) -> list[_Row]:
-        """Rows in arrival order up to the window's token budget (naive mode: one request's rows)."""
-        window: list[_Row] = []
-        tokens = 0
-        while self._queue:
-            row = self._queue[0]
-            if row.request.future.done():  # cancelled by a disconnected client: skip its rows
-                self._queue.popleft()
-                self._queued_tokens -= len(row.ids)
-                continue
-            if not self.cross_request and window and row.request is not window[0].request:
-                break
-            if self.cross_request and window and tokens + len(row.ids) > self.window_tokens:
-                break
-            self._queue.popleft()
+        """Rows up to the window's token budget, by deficit round-robin across runs (naive mode:
+        one request's rows, runs taking turns)."""
+        queues = {k: q.rows for k, q in self._runs.items()}
+        if self.cross_request:
+            deficits = {k: q.deficit for k, q in self._runs.items()}
+            quantum = max(self.max_batch_tokens // max(len(self._order), 1), 1)
+            taken = deficit_round_robin(queues, deficits, self.run_weights, quantum, self.window_tokens,
+                                        lambda row: len(row.ids), self._order)
+            for key, value in deficits.items():
+                self._runs[key].deficit = value
+        elif not self._order:
+            return []
+        else:
+            key = self._order[0]
+            self._order.append(self._order.pop(0))
+            first = queues[key][0].request
+            taken = []
+            while queues[key] and queues[key][0].request is first:
+                taken.append((key, queues[key].popleft()))
+        window: list[tuple[str, _Row]] = []
+        for key, row in taken:
+            queue = self._runs[key]
+            queue.tokens -= len(row.ids)
+            self._queued_items -= 1
             self._queued_tokens -= len(row.ids)
-            tokens += len(row.ids)
-            window.append(row)
+            if not row.request.future.done():
+                window.append((key, row))
+        for key in [k for k, q in self._runs.items() if not q.rows]:
+            self._forget(key)
         return window
+
+    def _put_back(self, rows: list[tuple[str, _Row]]) -> None:
+        """Rows taken for a look-ahead but not run yet: back to the front of their runs' queues,
+        in their order, with their deficit refunded."""
+        by_run: dict[str, list[_Row]] = {}
+        for key, row in rows:
+            by_run.setdefault(key, []).append(row)
+        for key, mine in by_run.items():
+            queue = self._runs.get(key)
+            if queue is None:
+                queue = self._runs[key] = _RunQueue()
+            if key not in self._order:
+                self._order.insert(0, key)
+            queue.rows.extendleft(reversed(mine))
+            tokens = sum(len(r.ids) for r in mine)
+            queue.tokens += tokens
+            queue.deficit += tokens
+            self._queued_items += len(mine)
+            self._queued_tokens += tokens
+
+    def _next_batch(self, window: list[tuple[str, _Row]]) -> list[_Row]:
+        """One forward pass's rows out of a look-ahead `window`; the rest go back to their queues.
+
+        The look-ahead spans several passes so rows of similar length can share one (less
+        padding), but only one pass is handed to the worker at a time: a light run's row that
+        arrives meanwhile waits for at most the pass that is running, not for a whole window.
+        The pass chosen is the one holding the window's first row (the run whose turn it is).
+        """
+        rows = [r for _, r in window]
+        lengths = [len(r.ids) for r in rows]
+        if self.packed is not None:
+            groups = [[s.index for s in row.items]
+                      for row in plan_packed_rows(lengths, self.packed.row_tokens, self.packed.buckets).rows]
+        else:
+            groups = plan_micro_batches(lengths, self.max_batch_tokens, self.max_padding)
+        chosen = next(g for g in groups if 0 in g)
+        keep = set(chosen)
+        self._put_back([w for i, w in enumerate(window) if i not in keep])
+        batch = [rows[i] for i in sorted(chosen)]
+        now = time.monotonic()
+        for i in sorted(chosen):
+            row = rows[i]
+            if not row.request.started:
+                row.request.started = True
+                if self.on_wait is not None:
+                    self.on_wait(window[i][0], now - row.arrival)
+        return batch
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queued_items:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Wait for a free slot first: rows keep arriving meanwhile, so the window grows.
             await self._in_flight.acquire()
             # Gather more requests for up to max_wait after the oldest one, unless the budget is full.
-            while self.cross_request and self._queue and self._queued_tokens < self.window_tokens:
-                remaining = self._queue[0].arrival + self.max_wait - time.monotonic()
+            while self.cross_request and self._queued_items and self._queued_tokens < self.window_tokens:
+                remaining = self._oldest_arrival() + self.max_wait - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
@@ -238,6 +411,7 @@ class DynamicBatcher:
             if not window:
                 self._in_flight.release()
                 continue
+            window = self._next_batch(window) if self.cross_request else [r for _, r in window]
             job = loop.run_in_executor(self._executor, self._run_window, window, loop)
             job.add_done_callback(lambda fut, window=window: self._finish(window, fut))
 

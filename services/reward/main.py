@@ -20,14 +20,15 @@ def serve(
 ) -> int:
     import uvicorn
 
+    from services.common.serving import uvicorn_config
+
     settings = settings_or_exit(cls, argv, prog=prog)
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # Per-request access lines cost real time at thousands of requests/s; /metrics counts them instead.
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        access_log=level == "DEBUG", timeout_graceful_shutdown=10,
+    server = uvicorn.Server(uvicorn_config(
+        app, settings, log_level=settings.log_level.lower(), access_log=level == "DEBUG", timeout_graceful_shutdown=10,
     ))  # fmt: skip
     failed = threading.Event()
 

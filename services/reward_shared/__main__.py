@@ -46,16 +46,19 @@ class _Server:
     replace the other's handler, so one SIGTERM handler here stops both."""
 
     @staticmethod
-    def make(app, host: str, port: int, level: str):
+    def make(app, settings, port: int):
         import uvicorn
+
+        from services.common.serving import uvicorn_config
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self):
                 yield
 
-        config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", log_level=level.lower(),
+        level = settings.log_level
+        config = uvicorn_config(
+            app, settings, port=port, lifespan="off", log_level=level.lower(),
             access_log=level.upper() == "DEBUG", timeout_graceful_shutdown=10,
         )
         return Server(config)
@@ -65,7 +68,7 @@ async def run(settings: RewardSharedSettings) -> None:
     per_kind = {k: settings.for_kind(k) for k in KINDS}
     apps = {k: build_app(per_kind[k], k) for k in KINDS}
     services = {k: apps[k].state.service for k in KINDS}
-    servers = [_Server.make(apps[k], settings.host, per_kind[k].port, settings.log_level) for k in KINDS]
+    servers = [_Server.make(apps[k], settings, per_kind[k].port) for k in KINDS]
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
