@@ -5,6 +5,7 @@
     judge      pairwise LLM-judge verdicts -> judgments.jsonl (resumable) -> win_rates.csv
     rm-score   both reward models score the outputs -> rm_scores.jsonl, agreement.csv, length.csv
     rm-bench   reward-model accuracy on RewardBench-format pairs over HTTP
+    oasst-pairs  the held-out OASST trees' human-ranked pairs, for rm-bench (thesis Table 14)
     report     report.md plus PNG figures
     run        all of the above from one YAML (`--config eval.yaml`)
     annotate   the human ranking page;  rank: merge human rankings (Tideman, Borda)
@@ -23,7 +24,8 @@ from evaluation.io import EvalInputError, write_jsonl
 
 
 def _prompts(sources: list[tuple[str, str]], formats: dict[str, str], per_source: int | None,
-             splits: list[tuple[str, int]], seed: int, out: Path) -> list:
+             splits: list[tuple[str, int]], seed: int, out: Path,
+             split_sources: dict[str, list[str]] | None = None) -> list:
     from evaluation.prompts import load_source, sample_splits
 
     if not sources:
@@ -34,7 +36,7 @@ def _prompts(sources: list[tuple[str, str]], formats: dict[str, str], per_source
             splits = [(None, sum(len(v) for v in loaded.values()))]
         else:
             splits = [(None, sum(min(per_source, len(v)) for v in loaded.values()))]
-    chosen = sample_splits(loaded, splits, seed, per_source)
+    chosen = sample_splits(loaded, splits, seed, per_source, split_sources)
     write_jsonl(out, [p.to_row() for p in chosen])
     named = sorted({p.split for p in chosen if p.split})
     for split in named:
@@ -147,7 +149,8 @@ def run_config(path: str, overrides: list[str]) -> None:
     if cfg.prompts:
         p = cfg.prompts
         print("[eval] prompts")
-        _prompts(list(p.sources.items()), p.formats, p.per_source, list(p.splits.items()), p.seed, prompts_path)
+        _prompts(list(p.sources.items()), p.formats, p.per_source, list(p.splits.items()), p.seed, prompts_path,
+                 p.split_sources)
     if cfg.generate:
         g = cfg.generate
         print("[eval] generate")
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", action="append", default=[], metavar="NAME=FMT", help="fastchat|alpaca|hh|oasst|plain")
     s.add_argument("--per-source", type=int, help="prompts drawn from each source")
     s.add_argument("--split", action="append", default=[], metavar="NAME=N", help="disjoint named split of N prompts")
+    s.add_argument("--split-source", action="append", default=[], metavar="SPLIT=SOURCE",
+                   help="repeatable: draw SPLIT only from these sources (thesis: tuning=oasst)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="prompts.jsonl")
 
@@ -240,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="name in the results (default: the server's /v1/models)")
     s.add_argument("--out")
 
+    s = sub.add_parser("oasst-pairs", help="human-ranked pairs of the held-out OASST trees (RewardBench format)")
+    s.add_argument("--data", required=True, help="the OASST export ('fixture' = the shipped sample)")
+    s.add_argument("--split-file", help="default: the export's <data>.splits.json")
+    s.add_argument("--out", required=True)
+
     s = sub.add_parser("report", help="report.md and figures")
     s.add_argument("dir")
 
@@ -261,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "prompts":
             splits = [(k, int(v)) for k, v in parse_assignments(a.split, "--split")]
+            limits: dict[str, list[str]] = {}
+            for split, src in parse_assignments(a.split_source, "--split-source"):
+                limits.setdefault(split, []).append(src)
             _prompts(parse_assignments(a.source, "--source"), dict(parse_assignments(a.format, "--format")),
-                     a.per_source, splits, a.seed, Path(a.out))
+                     a.per_source, splits, a.seed, Path(a.out), limits)
         elif a.command == "generate":
             _generate(Path(a.prompts), a.policy, a.policy_url, Path(a.out), _sampling(a), a.concurrency,
                       a.api_key_env, a.overwrite, a.split)
@@ -276,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             _rm_score(Path(a.dir), urls, a.batch_size, a.tokenizer, a.api_key_env, a.baseline, a.judge_model)
         elif a.command == "rm-bench":
             _rm_bench(a.pairs, a.url, a.protocol, a.out, a.model)
+        elif a.command == "oasst-pairs":
+            from evaluation.oasst_pairs import held_out_pairs
+
+            rows = held_out_pairs(a.data, a.split_file)
+            write_jsonl(Path(a.out), rows)
+            print(f"wrote {len(rows)} human-ranked pairs of the held-out trees to {a.out}")
         elif a.command == "report":
             _report(Path(a.dir))
         elif a.command == "run":

@@ -19,6 +19,9 @@ class PromptsSection(_Section):
     formats: dict[str, str] = Field(default_factory=dict, description="source name -> format, where detection is wrong")
     per_source: int | None = Field(None, ge=1, description="prompts drawn from each source (cap)")
     splits: dict[str, int] = Field(default_factory=dict, description="named disjoint splits, e.g. final: 100")
+    split_sources: dict[str, list[str]] = Field(
+        default_factory=dict, description="limit a split to some sources, e.g. tuning: [oasst] (the thesis's "
+        "tuning_eval was OASST only); splits not named draw from every source")
     use_split: str | None = Field(None, description="which split the later steps evaluate (default: all prompts)")
     seed: int = 0
 

@@ -190,13 +190,14 @@ def load_source(name: str, path: str | Path, fmt: str | None = None) -> list[Pro
 
 
 def sample_splits(sources: dict[str, Sequence[Prompt]], splits: Sequence[tuple[str | None, int]], seed: int,
-                  per_source: int | None = None) -> list[Prompt]:
+                  per_source: int | None = None, split_sources: dict[str, Sequence[str]] | None = None) -> list[Prompt]:
     """Deal `n` prompts per named split, round-robin over the sources (sorted by name) from
     per-source seeded shuffles: stratified, reproducible, and no prompt in two splits.
 
     Example: sources a (3 prompts) and b (1), splits [(x, 2), (y, 2)] -> x gets a, b; y gets
     a, a (b ran out, so the rest come from the sources that still have prompts).
-    `per_source` caps how many prompts of each source take part at all."""
+    `per_source` caps how many prompts of each source take part at all. `split_sources` limits a
+    named split to some sources (the thesis's tuning_eval: OASST only), e.g. {"tuning": ["oasst"]}."""
     pools = {}
     for name in sorted(sources):
         items = list(sources[name])
@@ -208,11 +209,19 @@ def sample_splits(sources: dict[str, Sequence[Prompt]], splits: Sequence[tuple[s
         have = ", ".join(f"{k} {len(v)}" for k, v in pools.items())
         raise EvalInputError(f"the splits ask for {wanted} prompts but the sources hold {total} ({have}); "
                              "lower --per-source / --split counts or add sources")
+    split_sources = split_sources or {}
+    unknown = sorted({src for names in split_sources.values() for src in names} - set(pools))
+    if unknown:
+        raise EvalInputError(f"split_sources names sources that are not loaded: {unknown}; have {sorted(pools)}")
     out, order = [], list(pools)
     turn = 0
     for split, n in splits:
+        allowed = [name for name in order if name in split_sources.get(split, order)]
+        if sum(len(pools[name]) for name in allowed) < n:
+            raise EvalInputError(f"split {split!r} asks for {n} prompts but its sources {allowed} have "
+                                 f"{sum(len(pools[name]) for name in allowed)} left")
         for _ in range(n):
-            while not pools[order[turn % len(order)]]:
+            while not pools[order[turn % len(order)]] or order[turn % len(order)] not in allowed:
                 turn += 1
             p = pools[order[turn % len(order)]].pop(0)
             out.append(Prompt(p.id, p.source, p.messages, p.category, split))

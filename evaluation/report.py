@@ -5,6 +5,10 @@
     agreement.png           RM–judge agreement per source
     score_distribution.png  score per policy, one panel per RM
     score_vs_length.png     score vs response tokens, Pearson/Spearman in the title
+    length_winners.png      lengths of winning vs losing responses (thesis Fig. 25)
+
+report.md also has each judge's average win rate per model (thesis Table 10) and the RM–judge
+agreement per policy pair (Tables 12, 13, 18, 19).
 
 Whatever files exist are reported; a missing step is named with the command that makes it.
 """
@@ -17,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from evaluation.io import EvalInputError, read_csv
+from evaluation.tables import average_win_rates, winner_loser_lengths
 
 
 def _f(x: str) -> float:
@@ -142,6 +147,22 @@ def plot_scores(scores: list[dict], length_rows: list[dict], dist_path: Path, sc
     return [dist_path, scatter_path]
 
 
+def plot_lengths(wins: list[int], losses: list[int], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = 20 if len(wins) + len(losses) > 40 else 10
+    ax.hist([wins, losses], bins=bins, label=[f"winning (mean {sum(wins) / len(wins):.0f})",
+                                              f"losing (mean {sum(losses) / len(losses):.0f})"])
+    ax.set_xlabel("response length (characters)")
+    ax.set_ylabel("responses")
+    ax.set_title(f"Winning vs losing response length, {len(wins)} decided verdicts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
         x = _f(v)
@@ -181,10 +202,21 @@ def make_report(run_dir: Path) -> Path:
                 ci = plot_ci(sub, run_dir / (f"{stem}_{tag}_ci.png" if key != "win_rates.csv" else "win_rates_ci.png"),
                              f"win rate with Wilson 95 % interval, {judge or 'judge'}")
                 md += [f"![{mx.stem}]({mx.name})", f"![{ci.stem}]({ci.name})", ""]
+                avg = average_win_rates(sub)  # Table 10: each model over every pair it was in
+                md += [f"Average win rate per model ({judge or 'judge'}):", "",
+                       _table([{"model": m, "average_win_rate": f"{p:.2f}", "pairs": n} for m, (p, n) in
+                               sorted(avg.items(), key=lambda kv: -kv[1][0])], ["model", "average_win_rate", "pairs"]),
+                       ""]
     if "agreement.csv" in have:
         rows = read_csv(have["agreement.csv"])
-        md += ["## RM–judge agreement", "", _table(rows, ["rm", "source", "pairs", "agreements", "rate"]), ""]
-        md += [f"![agreement]({plot_agreement(rows, run_dir / 'agreement.png').name})", ""]
+        pooled = [r for r in rows if r.get("model", "all") == "all"]  # older files have no pair columns
+        md += ["## RM–judge agreement", "", "Pooled over the judged pairs:", "",
+               _table(pooled, ["rm", "source", "pairs", "agreements", "rate"]), ""]
+        per_pair = [r for r in rows if r.get("model", "all") != "all"]
+        if per_pair:  # the thesis's Tables 12, 13, 18, 19: one policy pair each
+            md += ["Per policy pair:", "", _table(per_pair, ["rm", "model", "baseline", "source", "pairs", "agreements",
+                                                          "rate"]), ""]
+        md += [f"![agreement]({plot_agreement(pooled, run_dir / 'agreement.png').name})", ""]
     if "rm_scores.jsonl" in have and "length.csv" in have:
         scores = [json.loads(line) for line in have["rm_scores.jsonl"].read_text().splitlines() if line.strip()]
         lrows = read_csv(have["length.csv"])
@@ -193,6 +225,18 @@ def make_report(run_dir: Path) -> Path:
         for p in plot_scores(scores, lrows, run_dir / "score_distribution.png", run_dir / "score_vs_length.png"):
             md += [f"![{p.stem}]({p.name})"]
         md.append("")
+    if (run_dir / "judgments.jsonl").is_file() and (run_dir / "outputs").is_dir():
+        from evaluation.generate import load_outputs
+        from evaluation.judge import current_judgments
+
+        try:
+            outputs = load_outputs(run_dir)
+            wins, losses = winner_loser_lengths(current_judgments(run_dir, outputs), outputs)
+        except EvalInputError:  # several judges in one folder, or no outputs: no figure, said so
+            wins, losses = [], []
+        if wins:
+            png = plot_lengths(wins, losses, run_dir / "length_winners.png")
+            md += ["## Length of winning vs losing responses", "", f"![{png.stem}]({png.name})", ""]
     md += ["Win rates in percent from hard verdicts (draws ½); soft_win_rate = mean P(model better).",
            "standard_error = AlpacaEval's sample SE (n − 1); se_binomial = sqrt(p(1−p)/n) (the thesis's Eq. 7.1);",
            "ci95 = win_rate ± 1.96·standard_error; wilson = Wilson score interval; sign_test_p = exact two-sided",

@@ -109,10 +109,13 @@ def score_outputs(outputs: dict[str, list[dict]], urls: dict[str, str], run_dir:
 
 
 def agreement_rows(score_rows: Sequence[dict], judgments: Sequence[dict]) -> list[dict]:
-    """Per RM and source (+ all): does the RM score the judge's winner higher?"""
+    """Per RM, policy pair and source (+ `all`): does the RM score the judge's winner higher?
+
+    One set of rows per judged (model, baseline) pair — the thesis's Tables 12, 13, 18 and 19
+    are each one pair — and the pooled rows (model and baseline `all`) last."""
     scores = {(r["rm"], r["model"], r["id"]): r["score"] for r in score_rows}
     rms = sorted({r["rm"] for r in score_rows})
-    cells: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
+    cells: dict[tuple[str, str, str, str], list[tuple[int, float, float]]] = defaultdict(list)
     for (model, base), prompts in per_prompt(judgments).items():
         for pid, p in prompts.items():
             if p["preference"] is None:
@@ -122,12 +125,15 @@ def agreement_rows(score_rows: Sequence[dict], judgments: Sequence[dict]) -> lis
                 a, b = scores.get((rm, model, pid)), scores.get((rm, base, pid))
                 if a is None or b is None:
                     continue
-                for source in (p["source"], "all"):
-                    cells[(rm, source)].append((verdict, a, b))
+                for pair in ((model, base), ("all", "all")):
+                    for source in (p["source"], "all"):
+                        cells[(rm, *pair, source)].append((verdict, a, b))
     rows = []
-    for (rm, source), vals in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
+    order = lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1], kv[0][2], kv[0][3] == "all", kv[0][3])
+    for (rm, model, base, source), vals in sorted(cells.items(), key=order):
         ag = stats.agreement([v for v, _, _ in vals], [a for _, a, _ in vals], [b for _, _, b in vals])
-        rows.append({"rm": rm, "source": source, "pairs": ag.pairs, "agreements": ag.agreements, "rate": ag.rate})
+        rows.append({"rm": rm, "model": model, "baseline": base, "source": source, "pairs": ag.pairs,
+                     "agreements": ag.agreements, "rate": ag.rate})
     return rows
 
 
@@ -157,5 +163,5 @@ def write_rm_tables(run_dir: Path, outputs: dict[str, list[dict]], score_rows: S
                                   ["model", "rm", "n", "pearson", "spearman", "mean_score", "mean_tokens"])
     if judgments:
         written["agreement"] = write_csv(run_dir / "agreement.csv", agreement_rows(score_rows, judgments),
-                                         ["rm", "source", "pairs", "agreements", "rate"])
+                                         ["rm", "model", "baseline", "source", "pairs", "agreements", "rate"])
     return written
