@@ -81,7 +81,7 @@ def test_counts_match_a_hand_walk_of_the_file(report):
 
 def test_report_files_and_printed_table(report, capsys):
     out, c = report
-    for name in ("label_correlation.png", "label_distributions.png", "absolute_labels.png"):
+    for name in ("label_correlation.png", "label_distributions.png", "absolute_labels.png", "weighted_scores.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     md = (out / "counts.md").read_text()
     assert "| ranked sets train / eval (en, es, fr, de) | {} / {} | 14,080 / 1,488 |".format(*c["ranked_sets"]) in md

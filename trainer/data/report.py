@@ -5,7 +5,10 @@ is what that training run would see: SFT threads (top-20 languages, every best-r
 ranked sets and absolute rows (en/es/fr/de; rows = the ranked sets' replies with all six
 labels, target `quality`) per range and per `under_s` bin, and RL prompts per language with
 the held-out trees apart. Figures: label correlations (thesis Fig. 17), label distributions
-(Fig. 18), the absolute-label histogram with the ranges marked (Fig. 19).
+(Fig. 18), the distribution of the weighted average score under w2 and w3 (Fig. 19:
+`weighted_scores.png`, few rows above 0.8, most near the middle: why the thesis moved to
+the quality label alone), and the quality-target histogram with the ranges and under_s
+bins marked (`absolute_labels.png`, the ranges the remedies act on).
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def compute_counts(trees, a: argparse.Namespace) -> tuple[dict, dict]:
         "rl_held_out_trees": len(rl.held_out_tree_ids), "rl_prompts_per_language": dict(sorted(rl.per_language.items())),
     }
     figures = {"labels": {k: [r.labels[k] for r in labelled] for k in SIX_LABELS},
-               "targets": [r.target for r in abs_train]}
+               "targets": [r.target for r in abs_train],
+               "weighted": {w: [r.target for r in with_targets(abs_train, w).rows] for w in ("w2", "w3")}}
     return counts, figures
 
 
@@ -166,6 +170,18 @@ def write_figures(out: Path, fig: dict) -> list[Path]:
     ax.legend()
     ax.set_title("absolute labels with the thesis's ranges (dotted: under_s bins)")
     paths.append(_save(f, out / "absolute_labels.png", plt))
+
+    weighted = fig.get("weighted") or {}
+    if weighted:  # Fig. 19: the weighted average score the w2 / w3 absolute RMs were trained on
+        f, ax = plt.subplots(figsize=(8, 4))
+        for name, vals in weighted.items():
+            ax.hist(vals, bins=[i / 40 for i in range(41)], alpha=0.6, label=f"{name} ({len(vals)} rows)")
+        ax.set_xlabel("weighted average score")
+        ax.set_ylabel("train rows")
+        ax.set_xlim(0, 1)
+        ax.legend()
+        ax.set_title("distribution of the weighted average score (thesis Fig. 19)")
+        paths.append(_save(f, out / "weighted_scores.png", plt))
     return paths
 
 
