@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("crs_rlhf.demo", "the main job: tiny models, SFT + reward models, reward/policy services, PPO"),
+    "import-gguf": ("crs_rlhf.import_gguf", "a GGUF checkpoint (or a package shipping one) -> a Hugging Face folder"),
     "make-tiny-models": ("crs_rlhf.tiny_models", "write tiny local models (policy, reward_pref, reward_abs)"),
     "serve": ("crs_rlhf.serve", "run a service: reward-pref | reward-abs | reward-shared | policy-gen"),
     "train-sft": ("trainer.sft.cli", "supervised fine-tuning on OASST threads"),

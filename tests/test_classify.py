@@ -148,11 +148,15 @@ def test_token_id_inputs_are_scored_as_given(svc, tokenizer):
     assert shorter[0] != pytest.approx(from_text[0], abs=1e-6)
 
 
-def test_truncation_matches_get_reward_and_truncate_prompt_tokens(svc, tokenizer):
+def test_truncation_only_when_asked_then_as_get_reward(svc, tokenizer):
+    """As vLLM: past max_tokens is a 400 unless truncate_prompt_tokens asks for the cut; the cut
+    keeps the last tokens, as /get_reward's."""
     long_text = templated(LONG_PROMPT, "a short answer")
     ids = tokenizer(long_text, add_special_tokens=False)["input_ids"]
     assert len(ids) > MAX_TOKENS
-    res = classify(svc, {"input": long_text, "use_activation": False})
+    err = assert_error(httpx.post(svc.url + "/classify", json={"input": long_text}, headers=AUTH), 400)
+    assert "maximum context length is 64" in err.error.message and "truncate_prompt_tokens" in err.error.message
+    res = classify(svc, {"input": long_text, "truncate_prompt_tokens": -1, "use_activation": False})
     assert res.usage.prompt_tokens == MAX_TOKENS  # cut from the left, as /get_reward
     assert probs(res) == pytest.approx(get_reward(svc, [long_text]).rewards, abs=1e-5)
     # The same as sending the last MAX_TOKENS ids, or all ids with truncate_prompt_tokens -1.
@@ -195,7 +199,10 @@ BAD = [
     ("disagreeing activation", json.dumps({"input": "a", "use_activation": True, "activation": False}).encode(), 400),
     ("truncate_prompt_tokens 0", json.dumps({"input": "a", "truncate_prompt_tokens": 0}).encode(), 400),
     ("truncate_prompt_tokens -2", json.dumps({"input": "a", "truncate_prompt_tokens": -2}).encode(), 400),
-    ("unknown field", json.dumps({"input": "a", "use_activaton": False}).encode(), 400),
+    ("chat messages", json.dumps({"messages": [{"role": "user", "content": "a"}]}).encode(), 400),
+    ("removed normalize", json.dumps({"input": "a", "normalize": True}).encode(), 400),
+    ("priority without priority scheduling", json.dumps({"input": "a", "priority": 1}).encode(), 400),
+    ("truncation_side middle", json.dumps({"input": "a", "truncation_side": "middle"}).encode(), 400),
     ("unpaired surrogate", b'{"input": "\\ud83d"}', 400),
     ("too many inputs", json.dumps({"input": ["a"] * 5}).encode(), 413),
     ("body over the cap", json.dumps({"input": "a" * 20000}).encode(), 413),

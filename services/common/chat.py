@@ -89,6 +89,31 @@ class ChatFormat:
         return self.format_prompt(messages[:-1]), self.format_response(messages[-1]["content"])
 
 
+# Conversations a chat template must render exactly as `format_prompt` does: no system turn (a
+# template that adds a default one shows here), a system turn, and several turns.
+TEMPLATE_PROBES = (
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+)
+
+
+def template_mismatch(tokenizer) -> str | None:
+    """None when the tokenizer's chat template renders every probe exactly as `format_prompt`
+    (or it has no template: then our ChatML is used); else the first difference, for a log line.
+
+    A template that differs (SmolLM2's inserts a default system prompt) would make a chat
+    endpoint serve a text the trainer and the reward models never rendered."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    for messages in TEMPLATE_PROBES:
+        got = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        want = CHATML.format_prompt(messages)
+        if got != want:
+            return f"the chat template renders {got!r} where the trainer renders {want!r}"
+    return None
+
+
 def normalise_role(role: str) -> str:
     return _ROLE_ALIASES.get(role, role)
 

@@ -152,6 +152,35 @@ class GetRewardResponse(BaseModel):
     extra_logs: dict[str, list[float]] = Field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- /slime (slime's remote_rm)
+
+
+class SlimeRewardRequest(BaseModel):
+    """slime's `remote_rm` body: `{"prompt", "response", "label"}`, no headers.
+
+    `prompt` is what slime generated from: usually the chat-templated text (ending with the
+    assistant header), else the plain user turn, or a list of messages; `label` is its
+    dataset's answer, which a reward model does not use.
+    """
+
+    model_config = ConfigDict(extra="allow")  # slime may add fields; ignore them.
+
+    prompt: Annotated[Text, Strict(), Field(min_length=1)] | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="Templated prompt text (scored as is), a plain user turn, or the conversation before the reply."
+    )
+    response: Annotated[Text, Strict()] = Field(description="The generated reply; may be empty.")
+    label: object = Field(default=None, description="slime's dataset label: accepted, unused by a reward model.")
+
+
+class SlimeRewardDetail(BaseModel):
+    """`/slime/object`: for slime's `--reward-key reward` (`/slime` answers the bare number)."""
+
+    reward: float = Field(description="The raw logit, as /slime answers it and /v1/score returns in `scores`.")
+    probability: float | None = Field(default=None, description="Absolute RM only: sigmoid(reward).")
+    truncated: bool
+    tokens: int
+
+
 # --------------------------------------------------------------------------- /classify (vLLM)
 
 
@@ -183,13 +212,16 @@ ClassifyInput = Annotated[
 ]
 
 
-class ClassifyRequest(_Strict):
-    """vLLM's classification request (`POST /classify`), the fields a 1-label reward model uses.
+class ClassifyRequest(BaseModel):
+    """vLLM's classification request (`POST /classify`) for a 1-label reward model.
 
     Texts are full templated texts (chat markers included) scored as they are, as `/get_reward`
     does; token-id lists are scored as given. verl's reward loop sends `use_activation: false`
-    and reads `data[-1].probs[-1]`: the raw logit.
+    and reads `data[-1].probs[-1]`: the raw logit. As vLLM (its OpenAIBaseModel allows extra
+    fields), fields this API does not define are ignored, not refused; `ignored_fields` names them.
     """
+
+    model_config = ConfigDict(extra="allow")
 
     model: Text | None = Field(default=None, description="Optional; checked against the served model id.")
     input: ClassifyInput = Field(
@@ -206,8 +238,12 @@ class ClassifyRequest(_Strict):
     )
     truncate_prompt_tokens: Annotated[int, Strict(), Field(ge=-1, json_schema_extra={"not": {"const": 0}})] | None = Field(
         default=None,
-        description="Keep only the last N tokens of each input (-1: the service's max_tokens). Unset: texts "
-        "are cut to max_tokens from the left; token-id lists longer than max_tokens are a 400.",
+        description="Cut each input to N tokens (-1: the service's max_tokens), from the side `truncation_side` "
+        "names. Unset: an input over max_tokens is a 400, as in vLLM.",
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        default=None, description="With truncate_prompt_tokens: 'left' (the default here) keeps the last N "
+        "tokens, where the reply is; 'right' keeps the first N.",
     )
     add_special_tokens: Annotated[bool, Strict()] = Field(
         default=True,
@@ -215,6 +251,40 @@ class ClassifyRequest(_Strict):
         "text. Token-id inputs never get any. /get_reward adds none: send false to match it.",
     )
     user: Text | None = Field(default=None, description="Accepted for OpenAI/vLLM compatibility; unused.")
+    # vLLM's other pooling fields: accepted with vLLM's types, nothing to do for a 1-label RM.
+    request_id: Annotated[str, Strict(), Field(min_length=1, max_length=128)] | None = Field(
+        default=None, description="As vLLM: the reply's id is 'classify-<request_id>' (else the X-Request-ID).")
+    priority: Annotated[int, Strict()] = Field(
+        default=0, description="As vLLM without priority scheduling: only 0 is served.")
+    padding: Literal["max_length", "do_not_pad"] | None = Field(
+        default=None, description="Accepted, no effect: rows are masked, so padding never changes a score.")
+    cache_salt: Annotated[str, Strict(), Field(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="Accepted, no effect: there is no prefix cache to salt.")
+    mm_processor_kwargs: dict | None = Field(default=None, description="Accepted, no effect: text-only models.")
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    @field_validator("priority")
+    @classmethod
+    def _no_priority(cls, value: int) -> int:
+        if value != 0:
+            raise ValueError("priority scheduling is not enabled on this service (as vLLM without "
+                             "--scheduling-policy priority): send 0 or leave it out")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_would_change_the_answer(cls, data):
+        # Ignoring these would score something other than what was asked: say so instead.
+        if isinstance(data, dict):
+            if "messages" in data and "input" not in data:
+                raise ValueError("chat `messages` are not served on /classify: send the templated text as "
+                                 "`input`, or the conversation as a /v1/score item")
+            if "normalize" in data:  # vLLM refuses it too
+                raise ValueError("parameter `normalize` was removed; use `use_activation` instead")
+        return data
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.chat import template_mismatch
 from services.policy_gen import kv
 from services.policy_gen.sampling import GREEDY_EPS, processed_logprobs, request_generator, sample_tokens
 from services.policy_gen.settings import PolicyGenSettings
@@ -132,6 +133,8 @@ class HFEngine:
         self.device = _pick_device(settings.device)
         self.dtype = _pick_dtype(settings.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        if mismatch := template_mismatch(self.tokenizer):  # served as is; the trainer's folders carry ChatML
+            log.warning("%s: /v1/chat/completions follows the folder's template: %s", settings.model_path, mismatch)
         self.model = model = self._load_base()
         self.peft = None  # PeftModel once the first adapter is loaded
         self.adapters: dict[str, Path] = {}

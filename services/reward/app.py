@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from services.common.chat import ChatFormat
 from services.common.http import APIError, OffLoopJSONRoute, add_common_middleware, add_request_context
+from services.common.keyless import KeylessRoutesMiddleware
 from services.common.metrics import MetricsMiddleware, RewardMetrics, count_run_usage, current_run
 from services.common.openapi import BODY_ERRORS, TEXT, error_responses, install_openapi
 from services.common.protocol import (
@@ -34,6 +36,8 @@ from services.common.protocol import (
     RewardKind,
     ScoreRequest,
     ScoreResponse,
+    SlimeRewardDetail,
+    SlimeRewardRequest,
     Usage,
 )
 from services.common.truncation import Truncated, truncate_left
@@ -43,10 +47,12 @@ from services.reward.settings import RewardServiceSettings
 
 log = logging.getLogger(__name__)
 
-PATHS = frozenset({"/v1/score", "/get_reward", "/classify", "/health", "/ready", "/v1/models", "/metrics"})
+PATHS = frozenset({"/v1/score", "/get_reward", "/classify", "/slime", "/slime/object", "/health", "/ready",
+                   "/v1/models", "/metrics"})
 RETRY_AFTER_S = "1"
-# OpenRLHF's remote-RM client sends no headers: on this path the key may be `?api_key=`.
-QUERY_KEY_PATHS = ("/get_reward",)
+# OpenRLHF's and slime's reward clients send no headers, but post to a URL the user writes:
+# on these paths the key may be `?api_key=`.
+QUERY_KEY_PATHS = ("/get_reward", "/slime", "/slime/object")
 
 
 def sigmoid(x: float) -> float:
@@ -57,31 +63,43 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def frame_text_row(row: Truncated, keep: int, prefix: Sequence[int], suffix: Sequence[int]) -> Truncated:
-    """A text's ids cut to their last `keep - len(prefix) - len(suffix)`, between the tokenizer's
-    own special tokens, which always survive (as in /v1/score). Pure.
+def frame_text_row(row: Truncated, keep: int, prefix: Sequence[int], suffix: Sequence[int],
+                   side: str = "left") -> Truncated:
+    """A text's ids cut to `keep - len(prefix) - len(suffix)` (its last ones, or with side
+    'right' its first ones), between the tokenizer's own special tokens, which always survive
+    (as in /v1/score). Pure.
 
     >>> frame_text_row(Truncated([5, 6, 7], False), 4, [1], [2])
     Truncated(ids=[1, 6, 7, 2], truncated=True)
+    >>> frame_text_row(Truncated([5, 6, 7], False), 4, [1], [2], "right")
+    Truncated(ids=[1, 5, 6, 2], truncated=True)
     """
     budget = keep - len(prefix) - len(suffix)
     if budget <= 0:
         raise ValueError(f"a cap of {keep} tokens leaves no room next to the {keep - budget} special tokens")
-    cut = truncate_left(row.ids, budget)
+    cut = truncate_left(row.ids, budget) if side == "left" else Truncated(row.ids[:budget], len(row.ids) > budget)
     return Truncated([*prefix, *cut.ids, *suffix], row.truncated or cut.truncated)
+
+
+def over_context(cap: int, index: int, what: str) -> APIError:
+    """vLLM's answer to an input past the context, with the way to ask for the cut instead."""
+    return APIError(400, f"This model's maximum context length is {cap} tokens (max_tokens). However, input[{index}] "
+                    f"{what}. Please reduce the length of the input, or set truncate_prompt_tokens (-1 keeps the "
+                    f"last {cap} tokens, the cut /get_reward makes)", param="input")
 
 
 def encode_classify(
     engine: RewardEngine, texts: list[str], rows: list[list[int]], truncate_prompt_tokens: int | None,
-    add_special_tokens: bool,
+    add_special_tokens: bool, side: str | None = None,
 ) -> list[Truncated]:
     """/classify inputs -> model rows (tokenizes: run it in a thread). Bad input raises APIError 400.
 
-    Texts go through `encode_queries` (templated text as is, cut from the left, as /get_reward)
-    plus, as vLLM, the tokenizer's own BOS/EOS when `add_special_tokens`. Token ids are used as
-    given; over the cap they are refused unless the caller asked for truncation (as vLLM).
+    Texts are tokenized as is (templated text, as /get_reward) plus, as vLLM, the tokenizer's own
+    BOS/EOS when `add_special_tokens`. Token ids are used as given. As vLLM, an input over the cap
+    is a 400 unless the caller asked for truncation (`truncate_prompt_tokens`); the cut keeps the
+    last tokens (where the reply is) unless `side` is 'right'.
     """
-    cap, k = engine.max_tokens, truncate_prompt_tokens
+    cap, k, side = engine.max_tokens, truncate_prompt_tokens, side or "left"
     if k is not None and k > cap:
         raise APIError(400, f"truncate_prompt_tokens={k} is over this service's max_tokens={cap}; "
                        f"send at most {cap}, or -1 for the cap", param="truncate_prompt_tokens")
@@ -89,22 +107,64 @@ def encode_classify(
     if rows:
         long = next(((i, len(r)) for i, r in enumerate(rows) if len(r) > cap), None)
         if k is None and long is not None:
-            raise APIError(400, f"input[{long[0]}] has {long[1]} token ids, over max_tokens={cap}: send fewer, "
-                           "or set truncate_prompt_tokens to keep the last ones", param="input")
+            raise over_context(cap, long[0], f"has {long[1]} token ids")
+        if side == "right":
+            rows = [r[:keep] for r in rows]
         try:
             return engine.encode_token_ids(rows, keep)
         except ValueError as exc:
             raise APIError(400, str(exc), param="input") from None
     prefix, suffix = (engine.prefix, engine.suffix) if add_special_tokens else ([], [])
     try:
-        encoded = [frame_text_row(r, keep, prefix, suffix) for r in engine.encode_queries(texts)]
+        encoded = [frame_text_row(r, keep, prefix, suffix, side)
+                   for r in engine.encode_queries(texts, keep="end" if side == "left" else "start")]
     except ValueError as exc:
         raise APIError(400, f"{exc}; raise truncate_prompt_tokens or send add_special_tokens false",
                        param="truncate_prompt_tokens") from None
+    if k is None:
+        long_text = next((i for i, e in enumerate(encoded) if e.truncated), None)
+        if long_text is not None:
+            extra = " with the tokenizer's special tokens" if prefix or suffix else ""
+            raise over_context(cap, long_text, f"has more than {cap} tokens{extra}")
     empty = next((i for i, e in enumerate(encoded) if not e.ids), None)
     if empty is not None:
         raise APIError(400, f"input[{empty}] encodes to no tokens; send text the tokenizer keeps", param="input")
     return encoded
+
+
+def same_model(given: str, model_id: str, model_path: str) -> bool:
+    """A request's `model` names this service: its id, its --model-path as given, or another
+    spelling of that folder (verl sends its own `reward_model.model_path` verbatim: a trailing
+    slash, `~`, `..` or a symlink must not make it a 404)."""
+    if given in (model_id, model_path):
+        return True
+    if not any(c in given for c in "/~.") or "\0" in given:
+        return False
+    try:
+        return os.path.realpath(os.path.expanduser(given)) == os.path.realpath(os.path.expanduser(model_path))
+    except (OSError, ValueError):
+        return False
+
+
+def slime_pieces(chat: ChatFormat, request: SlimeRewardRequest) -> tuple[list, list]:
+    """slime's (prompt, response) -> (prompt pieces, response pieces), as /v1/score would take them. Pure.
+
+    A prompt holding the chat start marker is slime's templated text (`--apply-chat-template`,
+    ending with the assistant header): kept as is, its markers special, as /get_reward does. A
+    plain prompt is the user turn and a list the conversation, formatted as /v1/score formats
+    them. The reply is always content (its marker strings plain text: a policy cannot forge a
+    turn) closed by the end marker, which a generation may already carry (stop token kept).
+
+    >>> slime_pieces(ChatFormat(), SlimeRewardRequest(prompt="<|im_start|>user\\nhi<|im_end|>\\n", response="yo<|im_end|>"))
+    ([('<|im_start|>user\\nhi<|im_end|>\\n', False)], [('yo', True), ('<|im_end|>', False)])
+    """
+    response = request.response.removesuffix(chat.im_end)
+    if isinstance(request.prompt, list):
+        messages = [m.model_dump() for m in request.prompt] + [{"role": "assistant", "content": response}]
+        return chat.conversation_pieces(messages)
+    if chat.im_start in request.prompt:
+        return [(request.prompt, False)], chat.response_pieces(response)
+    return chat.prompt_pieces([{"role": "user", "content": request.prompt}]), chat.response_pieces(response)
 
 
 class RewardService:
@@ -167,8 +227,10 @@ class RewardService:
         return self.engine, self.batcher
 
     def check_request(self, model: str | None, n_items: int, param: str) -> None:
-        if model is not None and model not in (self.model_id, self.settings.model_path):
-            raise APIError(404, f"The model `{model}` does not exist; this service serves `{self.model_id}`.", param="model")
+        if model is not None and not same_model(model, self.model_id, self.settings.model_path):
+            raise APIError(404, f"The model `{model}` does not exist; this service serves `{self.model_id}` (its "
+                           "--model-id; the --model-path folder it loaded is accepted too, in any spelling)",
+                           param="model")
         if n_items > self.settings.max_items:
             raise APIError(413, f"too many items: {n_items} > max_items={self.settings.max_items}; split the request", param=param)
 
@@ -227,14 +289,17 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         return GetRewardResponse(rewards=scores, scores=probs, extra_logs={})
 
     @app.post("/classify", response_model=ClassifyResponse, responses=error_responses(*BODY_ERRORS, 404, 503))
-    async def classify(request: ClassifyRequest) -> ClassifyResponse:
+    async def classify(request: ClassifyRequest, raw: Request) -> ClassifyResponse:
         """vLLM's classification API for a 1-label reward model. verl's reward loop sends
         `use_activation: false` and reads `data[-1].probs[-1]`, the raw logit /v1/score returns."""
+        if request.ignored_fields:  # as vLLM: accepted and ignored, said in the log
+            log.debug("/classify: ignored fields %s", ", ".join(request.ignored_fields))
         texts, rows = request.texts_or_ids()
         service.check_request(request.model, len(texts) + len(rows), "input")
         engine, _ = service.require_ready()
         encoded = await asyncio.to_thread(
-            encode_classify, engine, texts, rows, request.truncate_prompt_tokens, request.add_special_tokens
+            encode_classify, engine, texts, rows, request.truncate_prompt_tokens, request.add_special_tokens,
+            request.truncation_side,
         )
         scores = await service.score(encoded)
         tokens = sum(len(e.ids) for e in encoded)
@@ -244,8 +309,36 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         data = [ClassifyData(index=i, label=label, probs=[sigmoid(s) if activate else s], num_classes=1)
                 for i, s in enumerate(scores)]
         usage = ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens)
-        return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=service.model_id,
+        # vLLM: 'classify-' + the body's request_id, else the X-Request-Id header, else a random id.
+        rid = request.request_id or getattr(raw.state, "request_id", None) or uuid.uuid4().hex
+        return ClassifyResponse(id=f"classify-{rid}", created=int(time.time()), model=service.model_id,
                                 data=data, usage=usage)
+
+    async def slime_score(request: SlimeRewardRequest) -> tuple[float, Truncated]:
+        engine, _ = service.require_ready()
+        try:
+            pieces = slime_pieces(engine.opts.chat, request)
+        except ValueError as exc:  # a conversation ending with the assistant's turn, plus the reply
+            raise APIError(400, str(exc), param="prompt") from None
+        (encoded,) = await asyncio.to_thread(engine.encode_pieces, [pieces])
+        (score,) = await service.score([encoded])
+        count_run_usage(1, len(encoded.ids))
+        return score, encoded
+
+    @app.post("/slime", response_model=float, responses=error_responses(*BODY_ERRORS, 503))
+    async def slime(request: SlimeRewardRequest) -> float:
+        """slime's `--rm-type remote_rm --rm-url http://host:port/slime`: slime takes the whole
+        JSON reply as the reward, so the reply is the bare number (the raw logit)."""
+        score, _ = await slime_score(request)
+        return score
+
+    @app.post("/slime/object", response_model=SlimeRewardDetail, response_model_exclude_none=True,
+              responses=error_responses(*BODY_ERRORS, 503))
+    async def slime_object(request: SlimeRewardRequest) -> SlimeRewardDetail:
+        """The same score as an object, for slime runs that set `--reward-key reward`."""
+        score, encoded = await slime_score(request)
+        return SlimeRewardDetail(reward=score, probability=sigmoid(score) if kind == "absolute" else None,
+                                 truncated=encoded.truncated, tokens=len(encoded.ids))
 
     @app.get("/health", responses=error_responses(503))
     async def health() -> dict:
@@ -273,6 +366,11 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
         app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
         body_read_timeout_s=settings.body_read_timeout_s, query_key_paths=QUERY_KEY_PATHS,
     )
+    if settings.keyless_routes:
+        app.add_middleware(KeylessRoutesMiddleware, routes=settings.keyless_routes, networks=settings.keyless_networks)
+        log.warning("auth: %s answer WITHOUT the API key to clients in %s (--keyless-routes, --keyless-networks); "
+                    "every other route, and these from any other address, need it",
+                    ", ".join(settings.keyless_routes), ", ".join(settings.keyless_networks))
     add_request_context(app)  # request ids; unexpected errors -> JSON 500, connection kept
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts 401/413/500 too
     install_openapi(app, secured=settings.api_key is not None, query_key_paths=QUERY_KEY_PATHS)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.chat import CHATML, ChatFormat
-from services.common.tokenize import Piece, ThreadTokenizer
+from services.common.tokenize import Keep, Piece, ThreadTokenizer
 from services.common.truncation import Truncated, special_affixes, truncate_left, truncate_pair
 from services.reward.packed_forward import PackedScorer
 from services.reward.packing import PackingOptions
@@ -231,10 +231,12 @@ class RewardEngine:
                               chat.response_pieces(item.response)))
         return self.encode_pieces(pairs)
 
-    def encode_queries(self, queries: Sequence[str]) -> list[Truncated]:
+    def encode_queries(self, queries: Sequence[str], keep: Keep = "end") -> list[Truncated]:
         """OpenRLHF queries are full templated texts: as is (their markers are special tokens
-        by design), no BOS/EOS added, cut from the left."""
-        ids = self.tok.encode_kept([[(q, False)] for q in queries], "end", self.max_tokens)
+        by design), no BOS/EOS added, cut from the left (keep 'start': from the right)."""
+        ids = self.tok.encode_kept([[(q, False)] for q in queries], keep, self.max_tokens)
+        if keep == "start":
+            return [Truncated(row[: self.max_tokens], len(row) > self.max_tokens) for row in ids]
         return [truncate_left(row, self.max_tokens) for row in ids]
 
     def encode_token_ids(self, rows: Sequence[Sequence[int]], keep: int) -> list[Truncated]:

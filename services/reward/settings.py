@@ -13,8 +13,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import CliImplicitFlag
 
+from services.common.keyless import parse_networks
 from services.common.settings import ServiceSettings
 from services.reward.packing import PackingOptions
+
+# Scoring routes an operator may open to a named network (never /metrics or the docs).
+KEYLESS_ROUTES = ("/classify", "/slime", "/slime/object", "/get_reward", "/v1/score")
 
 
 class RewardServiceSettings(ServiceSettings):
@@ -91,8 +95,29 @@ class RewardServiceSettings(ServiceSettings):
         "at the smallest that holds it. Each is one compile at start-up. Default: 2 with --compile, else 4.",
     )
 
+    # --- auth for clients that cannot send a key (verl's reward loop, slime): docs/reward_services.md
+    keyless_routes: list[str] = Field(
+        default_factory=list, description="With --api-key: these scoring routes (of " + ", ".join(KEYLESS_ROUTES)
+        + ") answer WITHOUT the key, but only to clients in --keyless-networks; logged at start-up. "
+        "verl's reward loop needs /classify, slime /slime.",
+    )
+    keyless_networks: list[str] = Field(
+        default_factory=list, description="IP networks (10.0.0.0/8, 127.0.0.1, fd00::/8) whose clients may use "
+        "--keyless-routes without the key: the TCP peer's address, so name the trainers' network, not a proxy's.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RewardServiceSettings:
+        if self.keyless_routes or self.keyless_networks:
+            if not (self.keyless_routes and self.keyless_networks):
+                raise ValueError("--keyless-routes and --keyless-networks go together: which routes, for which clients")
+            if self.api_key is None:
+                raise ValueError("--keyless-routes needs --api-key (without a key every route is open already)")
+            unknown = sorted(set(self.keyless_routes) - set(KEYLESS_ROUTES))
+            if unknown:
+                raise ValueError(f"--keyless-routes: {', '.join(unknown)} cannot be keyless; choose from "
+                                 + ", ".join(KEYLESS_ROUTES))
+            parse_networks(self.keyless_networks)
         if self.min_prompt_tokens >= self.max_tokens:
             raise ValueError(
                 f"min_prompt_tokens ({self.min_prompt_tokens}) must be below max_tokens ({self.max_tokens})"

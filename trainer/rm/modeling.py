@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.chat import format_prompt, format_response
+from services.common.chat import CHATML_JINJA, format_prompt, format_response, template_mismatch
 from services.common.truncation import special_affixes, truncate_pair
 from trainer.train_device import TrainDevice, load_kwargs, place, prepare_base, upcast_trainable
 
@@ -26,10 +26,18 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str):
-    """Tokenizer with a pad token; a missing one is set (unk, else eos) and logged."""
+    """Tokenizer with a pad token; a missing one is set (unk, else eos) and logged.
+
+    Training renders plain ChatML (services.common.chat). A chat template that renders
+    otherwise (SmolLM2's adds a default system prompt) is replaced by ChatML, so the folder
+    this run saves makes every chat endpoint serve the text the model was trained on."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    mismatch = template_mismatch(tok)
+    if mismatch:
+        log.warning("base model %s: %s; training (and the saved tokenizer) use plain ChatML", path, mismatch)
+        tok.chat_template = CHATML_JINJA
     if tok.pad_token is None:
         choice = tok.unk_token if tok.unk_token is not None and tok.unk_token != tok.eos_token else tok.eos_token
         if choice is None:
