@@ -195,6 +195,50 @@ def shard_weight(rank_units: float, total_units: float, world: int) -> float:
     return world * rank_units / total_units if total_units > 0 else 0.0
 
 
+def weighted_pieces(units: Sequence[float], rank: int, world: int, max_rows: int | None = None) -> list[tuple[slice, float]]:
+    """This rank's pieces of a batch whose loss is a mean over units (tokens, pairs...; `units[i]`
+    of row i): the rank's shard (`shard_slice`) cut into row slices of at most `max_rows`, each with
+    its `shard_weight`. Backpropagating weight · (the piece's own mean loss) for every piece and
+    averaging over ranks gives exactly the gradient of the whole batch's mean. Empty pieces are left out.
+
+    units [1, 2, 3, 2], world 2, max_rows 1 -> rank 0: [(0:1, 2/8), (1:2, 4/8)]; rank 1: [(2:3, 6/8), (3:4, 4/8)].
+    """
+    total = float(sum(units))
+    shard = shard_slice(len(units), rank, world)
+    step = max_rows or max(shard.stop - shard.start, 1)
+    pieces = []
+    for start in range(shard.start, shard.stop, step):
+        rows = slice(start, min(start + step, shard.stop))
+        pieces.append((rows, shard_weight(float(sum(units[rows])), total, world)))
+    return pieces
+
+
+def all_gather_rows(mine: torch.Tensor, n_rows: int, world: int) -> torch.Tensor:
+    """Every rank's `shard_slice` of `n_rows` rows, stacked back in rank order on every rank.
+
+    mine: (K, b, ...) this rank's b rows of K stacked tensors -> (K, n_rows, ...). World 1: `mine`.
+    """
+    if world <= 1:
+        return mine
+    size = -(-n_rows // world)  # all_gather needs one shape: pad every shard to ceil(n / world) rows
+    padded = mine.new_zeros((mine.shape[0], size, *mine.shape[2:]))
+    padded[:, : mine.shape[1]] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    lengths = [len(range(n_rows)[shard_slice(n_rows, r, world)]) for r in range(world)]
+    return torch.cat([p[:, :k] for p, k in zip(parts, lengths)], dim=1)
+
+
+def sum_over_ranks(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
+    """Each value summed over the ranks (one all_reduce); world 1: the values themselves."""
+    if world <= 1:
+        return dict(values)
+    keys = sorted(values)
+    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {k: float(v) for k, v in zip(keys, totals.tolist())}
+
+
 def broadcast_params(params: Sequence[torch.Tensor], src: int = 0) -> None:
     """Every rank starts from rank `src`'s values, whatever its own seeds did."""
     with torch.no_grad():
@@ -206,8 +250,11 @@ def average_gradients(params: Sequence[torch.Tensor], world: int, bucket_numel: 
     """Mean of every rank's gradients, in place, as a few flat all_reduces of <= bucket_numel values.
 
     A parameter without a gradient (a rank whose shard was empty) takes part as zeros. Buckets
-    bound the extra memory for full fine-tuning of a large model; LoRA fits one bucket.
+    bound the extra memory for full fine-tuning of a large model; LoRA fits one bucket. World 1:
+    nothing to average.
     """
+    if world <= 1:
+        return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

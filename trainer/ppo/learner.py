@@ -8,13 +8,16 @@ critic is a single Linear on the last hidden state — the thesis's single-GPU s
 cost for a small model-quality gain; the price of sharing is that value gradients also move
 the LoRA weights, which the small `vf_coef` (0.1, TRL's default) keeps in check.
 
-Plain class: tests use it directly; `trainer.ppo.actors` wraps it in a Ray actor, and
-`trainer.ppo.learner_group.ShardedLearner` makes it one rank of a data-parallel group.
+Plain class: tests use it directly; `trainer.ppo.learner_group.LearnerGroup` runs it in Ray
+actors, one per data-parallel rank (a group of one is this learner alone). Inside a process
+group each rank takes its share of every minibatch (`trainer.train_device.weighted_pieces`) and
+the gradients are averaged over ranks before each optimizer step; outside one (world 1) the same
+helpers do nothing extra.
 
-One rule carries the update's correctness whatever the split: the PPO losses are token-level
-masked means over a minibatch, so every piece of it (a rank's rows, a micro-batch of those) is
-backpropagated with weight world · (its response tokens / the minibatch's tokens). The pieces'
-gradients then sum (and average over ranks) to exactly the gradient of the whole minibatch.
+The losses are token-level masked means over a minibatch, so every piece of it (a rank's rows,
+a micro-batch of those) is backpropagated with weight world · (its response tokens / the
+minibatch's tokens): the pieces' gradients then sum (and average over ranks) to exactly the
+gradient of the whole minibatch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.crs import CombinedReward
@@ -32,7 +36,7 @@ from trainer.ppo import core
 from trainer.ppo.checkpoint import load_learner_state, save_learner_state
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import Experience, RolloutSample, pad_samples
-from trainer.train_device import shard_slice, shard_weight
+from trainer.train_device import all_gather_rows, average_gradients, broadcast_params, shard_slice, sum_over_ranks, weighted_pieces
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,17 @@ def _opt(values: list[float | None]) -> torch.Tensor | None:
     return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
 
 
+def micro_batch_rows(padded_len: int, budget: int | None) -> int | None:
+    """Rows per micro-batch under a budget of `budget` tokens (rows × padded_len); at least one; None = no limit."""
+    return None if budget is None else max(1, budget // max(padded_len, 1))
+
+
 def micro_batches(n_rows: int, padded_len: int, budget: int | None) -> list[slice]:
     """Row slices of at most `budget` tokens (rows × padded_len) each; at least one row per slice.
 
     n_rows=5, padded_len=10, budget=20: [0:2, 2:4, 4:5]; budget None: [0:5] (one pass).
     """
-    rows = n_rows if budget is None else max(1, budget // max(padded_len, 1))
+    rows = micro_batch_rows(padded_len, budget) or n_rows
     return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)] or [slice(0, 0)]
 
 
@@ -89,16 +98,19 @@ class Learner:
         self.value_head = nn.Linear(base.config.hidden_size, 1).to(self.device)
         nn.init.normal_(self.value_head.weight, std=1.0 / (base.config.hidden_size + 1))
         nn.init.zeros_(self.value_head.bias)
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.kl_ctl = make_kl_controller(cfg)
         c = cfg.crs
         self.crs = CombinedReward(weight=c.weight, abs_output=c.abs_output, normalise=c.normalise, clip=c.score_clip)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)  # minibatch shuffling
         self.pad_id = self.tokenizer.pad_token_id
         self.autocast_dtype = resolve_precision(cfg.learner.precision, self.device)
-        self.rank, self.world = 0, 1  # one rank of a data-parallel group: see ShardedLearner
+        # A rank of a data-parallel group when the process joined one (LearnerWorker), else alone.
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if self.world > 1:
+            broadcast_params(self.trainable)  # one starting point for every rank, whatever their seeds did
 
     # ------------------------------------------------------------------ forward
 
@@ -168,8 +180,19 @@ class Learner:
         return exp, stats
 
     def experience_forwards(self, seq, attn, resp, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log π_θ, log π_ref, V), each (B, A), in micro-batches (rows are independent: any split
-        gives the same rows). ShardedLearner computes its rows only and all_gathers the rest."""
+        """(log π_θ, log π_ref, V), each (B, A). In a group each rank runs the forwards on its share
+        of the rows and `all_gather_rows` hands every rank the whole batch (GAE and whitening need it)."""
+        B, A = resp.shape
+        rows = shard_slice(B, self.rank, self.world)
+        if rows.stop > rows.start:
+            mine = torch.stack(self._experience_rows(seq[rows], attn[rows], resp[rows], prompt_len))  # (3, b, A)
+        else:  # fewer rows than ranks
+            mine = torch.zeros(3, 0, A, device=self.device)
+        lp, ref_lp, vals = all_gather_rows(mine, B, self.world)  # (3, B, A)
+        return lp, ref_lp, vals
+
+    def _experience_rows(self, seq, attn, resp, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The no-grad forwards of these rows in micro-batches (rows are independent: any split gives the same rows)."""
         lp, ref_lp, vals = [], [], []
         for mb in self._micro(seq.shape[0], seq.shape[1]):
             fwd = self.forward(seq[mb], attn[mb], prompt_len)
@@ -184,64 +207,66 @@ class Learner:
     # ------------------------------------------------------------------ update
 
     def update(self, exp: Experience) -> dict:
-        """PPO epochs over shuffled minibatches; returns means of the per-minibatch stats.
+        """PPO epochs over shuffled minibatches; returns the mean of each minibatch's stats.
 
-        TRL's schedule: each epoch reshuffles the batch and walks it in backward batches of
-        mini_batch_size × grad_accum samples; every minibatch's loss is divided by grad_accum
-        and backpropagated, and the optimizer steps once per backward batch (so the step sees
-        the mean of its minibatches' losses). grad_accum 1 is the plain one-step-per-minibatch.
-        A rank of a group takes its share of each minibatch's rows; micro-batches split it
-        further (module docstring: the token weights keep the gradient that of the minibatch).
+        TRL's schedule: each epoch reshuffles the batch and walks it in minibatches of
+        mini_batch_size; the optimizer steps once every grad_accum minibatches, on the mean of
+        their gradients (grad_accum 1: one step per minibatch). Of each minibatch this rank takes
+        its pieces (its rows, cut into micro-batches), each weighted so that the pieces' gradients
+        add up to the minibatch's own (`weighted_pieces`; module docstring).
         """
-        p, o = self.cfg.ppo, self.cfg.optim
+        p = self.cfg.ppo
         self.model.train()
-        mb_size, accum = self.cfg.mini_batch_size, p.grad_accum
-        acc: dict[str, float] = {}
-        params = [q for g in self.optimizer.param_groups for q in g["params"]]
-        n_mb, steps = 0, 0
+        sums: dict[str, float] = {}
+        n_minibatches = steps = 0
+        rows_per_piece = micro_batch_rows(exp.sequences.shape[1], self.cfg.learner.micro_batch_tokens)
         for _ in range(p.ppo_epochs):
-            # Seeded generator: every rank of a group walks the same minibatches.
-            perm = torch.randperm(exp.size, generator=self.generator).to(self.device)
+            perm = torch.randperm(exp.size, generator=self.generator).to(self.device)  # seeded: the same on every rank
             self.optimizer.zero_grad(set_to_none=True)
-            for i, idx in enumerate(perm.split(mb_size)):
-                total = exp.response_mask[idx].sum().item()
-                rows = idx[shard_slice(len(idx), self.rank, self.world)]  # this rank's rows of the minibatch
-                for mb in self._micro(len(rows), exp.sequences.shape[1]):
-                    piece = rows[mb]
-                    mask = exp.response_mask[piece]
-                    weight = shard_weight(mask.sum().item(), total, self.world)
-                    fwd = self.forward(exp.sequences[piece], exp.attention_mask[piece], exp.prompt_len)
-                    logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[piece])  # (b, A)
-                    pg = core.policy_loss(logprobs, exp.logprobs[piece], exp.advantages[piece], mask, p.clip_range)
-                    vf = core.value_loss(fwd.values, exp.values[piece], exp.returns[piece], mask, p.clip_range_value)
-                    entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
-                    loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
-                    (loss * weight / accum).backward()
-                    for k, v in (("loss/policy", pg.loss), ("loss/value", vf.loss), ("policy/clipfrac", pg.clipfrac),
-                                 ("policy/approx_kl", pg.approx_kl), ("policy/entropy", entropy),
-                                 ("value/clipfrac", vf.clipfrac)):
-                        acc[k] = acc.get(k, 0.0) + float(v.detach()) * weight / self.world
-                    del fwd, logprobs, loss
-                if (i + 1) % accum == 0:
-                    self.average_gradients()  # before clipping: clip the global gradient
-                    if o.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+            for i, idx in enumerate(perm.split(self.cfg.mini_batch_size)):
+                tokens = exp.response_mask[idx].sum(1).tolist()  # (mb,) the loss's units, per row
+                for piece, weight in weighted_pieces(tokens, self.rank, self.world, rows_per_piece):
+                    loss, stats = self.minibatch_loss(exp, idx[piece])
+                    (loss * weight / p.grad_accum).backward()
+                    for k, v in stats.items():  # weighted by tokens: their sum over pieces and ranks is the minibatch's
+                        sums[k] = sums.get(k, 0.0) + v * weight / self.world
+                n_minibatches += 1
+                if (i + 1) % p.grad_accum == 0:
+                    self.optimizer_step()
                     steps += 1
-                n_mb += 1
-        # Token-weighted piece stats summed (over micro-batches and ranks) = each minibatch's stat.
-        stats = {k: v / n_mb for k, v in self.sum_over_ranks(acc).items()}
+        stats = {k: v / n_minibatches for k, v in sum_over_ranks(sums, self.device, self.world).items()}
         stats["value/explained_variance"] = core.explained_variance(exp.values, exp.returns, exp.response_mask).item()
         stats["ppo/optimizer_steps"] = steps
         stats["learner/num_workers"] = self.world
         return stats
 
-    def average_gradients(self) -> None:
-        """Mean of the ranks' gradients; a single learner is its own mean (ShardedLearner overrides)."""
+    def minibatch_loss(self, exp: Experience, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO loss on `rows` (indices into the batch) and its stats, CleanRL's order.
 
-    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        return values
+        A forward with gradients gives the new log π_θ and V; the ratio is taken against π_old =
+        `exp.logprobs`, this learner's own recomputation before the update (not policy_gen's
+        sampling logprobs, which differ by kernels and precision); value loss clipped around the
+        old values; entropy as a bonus.
+        """
+        p = self.cfg.ppo
+        mask = exp.response_mask[rows]  # (b, A)
+        fwd = self.forward(exp.sequences[rows], exp.attention_mask[rows], exp.prompt_len)
+        logprobs = core.logprobs_from_logits(fwd.logits, exp.response_ids[rows])  # (b, A)
+        pg = core.policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], mask, p.clip_range)
+        vf = core.value_loss(fwd.values, exp.values[rows], exp.returns[rows], mask, p.clip_range_value)
+        entropy = core.masked_mean(core.entropy_from_logits(fwd.logits), mask)
+        loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * entropy
+        stats = {"loss/policy": pg.loss, "loss/value": vf.loss, "policy/clipfrac": pg.clipfrac,
+                 "policy/approx_kl": pg.approx_kl, "policy/entropy": entropy, "value/clipfrac": vf.clipfrac}
+        return loss, {k: float(v.detach()) for k, v in stats.items()}
+
+    def optimizer_step(self) -> None:
+        """Average the ranks' gradients, clip the averaged (global) gradient, step, zero."""
+        average_gradients(self.trainable, self.world)
+        if self.cfg.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def train_step(self, samples: list[RolloutSample]) -> dict:
         """CRS → KL-penalised rewards → GAE → PPO epochs → KL controller. Returns the step's stats."""

@@ -28,7 +28,8 @@ rank the whole (B, A) tensors, because GAE and advantage whitening need the whol
 gathered tensors are identical on every rank, so the ranks stay in lockstep). Collectives run
 with a timeout, so a dead peer fails the step instead of hanging it; the driver then names the
 dead worker's rank and node. The update itself (sharding, micro-batches, token weights) is
-`Learner.update`: this module adds only the collectives, the actors and the driver's handle.
+`Learner.update` with the data-parallel helpers of `trainer.train_device`: this module adds
+only the process group, the actors and the driver's handle.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import torch.distributed as dist
 
 from trainer.ppo.config import PPOConfig, RaySection
 from trainer.ppo.learner import Learner
-from trainer.train_device import average_gradients, broadcast_params, shard_slice
 
 log = logging.getLogger("crs_rlhf.ppo.learner_group")
 
@@ -80,48 +80,6 @@ def start_learner(cfg: PPOConfig, name: str | None = None) -> LearnerGroup:
                         name=name)
 
 
-class ShardedLearner(Learner):
-    """The plain `Learner` as one rank of a group: `Learner.update` shards each minibatch by
-    `self.rank`/`self.world`; this class supplies the two collectives it calls.
-
-    Needs an initialised default process group (`init_group`); with world size 1 it is the
-    plain learner. Tests use it directly inside Ray actors (`LearnerWorker`).
-    """
-
-    def __init__(self, cfg: PPOConfig, device: str | None = None):
-        super().__init__(cfg, device)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.trainable = [q for g in self.optimizer.param_groups for q in g["params"]]
-        broadcast_params(self.trainable)  # one starting point for every rank, whatever their seeds did
-
-    def experience_forwards(self, seq, attn, resp, prompt_len: int):
-        """This rank's rows of the no-grad forwards, then an all_gather: every rank holds the whole
-        batch's (B, A) logprobs, reference logprobs and values, as GAE and whitening need."""
-        B, A = resp.shape
-        rows = shard_slice(B, self.rank, self.world)
-        if rows.stop > rows.start:
-            mine = torch.stack(super().experience_forwards(seq[rows], attn[rows], resp[rows], prompt_len))  # (3, b, A)
-        else:  # fewer rows than ranks
-            mine = torch.zeros(3, 0, A, device=self.device)
-        size = -(-B // self.world)  # all_gather needs one shape: pad every shard to ceil(B / world) rows
-        padded = torch.zeros(3, size, A, device=self.device, dtype=mine.dtype)
-        padded[:, : mine.shape[1]] = mine
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        full = torch.cat([p[:, : len(range(B)[shard_slice(B, r, self.world)])] for r, p in enumerate(parts)], dim=1)  # (3, B, A)
-        return full[0], full[1], full[2]
-
-    def average_gradients(self) -> None:
-        """Mean of every rank's gradients, in place (one flat all_reduce for a LoRA-sized set)."""
-        average_gradients(self.trainable, self.world)
-
-    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(totals)
-        return {k: float(v) for k, v in zip(keys, totals.tolist())}
-
-
 def init_group(rank: int, world: int, master_addr: str, master_port: int, timeout_s: float, backend: str | None = None) -> str:
     """Join the default process group (NCCL when this process sees a GPU, else gloo)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -140,8 +98,8 @@ def _free_port() -> int:
 
 @ray.remote(num_cpus=1)
 class LearnerWorker:
-    """One rank: a thin Ray actor around the learner (rank 0 alone writes files). A group of one
-    is the plain `Learner`; a rank of a larger group is a `ShardedLearner` in the process group."""
+    """One rank: a thin Ray actor around the plain `Learner` (rank 0 alone writes files). A group
+    of one has no process group; in a larger one the learner finds its rank in the group it joined."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
@@ -156,12 +114,11 @@ class LearnerWorker:
 
     def setup(self, cfg: PPOConfig, master_addr: str, master_port: int, timeout_s: float, device: str | None = None) -> str:
         # device None: this worker's GPU when Ray gave it one (NCCL), else the CPU (gloo).
-        if self.world == 1:  # nothing to talk to: no process group
-            self.learner = Learner(cfg, device)
-            return f"single:{self.learner.device}"
-        backend = None if device is None else ("nccl" if device.startswith("cuda") else "gloo")
-        backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s, backend)
-        self.learner = ShardedLearner(cfg, device)
+        backend = "single"  # a group of one has nothing to talk to: no process group
+        if self.world > 1:
+            backend = None if device is None else ("nccl" if device.startswith("cuda") else "gloo")
+            backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s, backend)
+        self.learner = Learner(cfg, device)
         return f"{backend}:{self.learner.device}"
 
     def train_step(self, samples):
@@ -179,8 +136,7 @@ class LearnerWorker:
     def trainable_state(self) -> dict:
         """Trainable tensors by name, on CPU (tests compare ranks with each other and with N = 1)."""
         names = {id(q): n for n, q in self.learner.model.named_parameters()}
-        trainable = [q for g in self.learner.optimizer.param_groups for q in g["params"]]
-        out = {names[id(q)]: q.detach().cpu().clone() for q in trainable if id(q) in names}
+        out = {names[id(q)]: q.detach().cpu().clone() for q in self.learner.trainable if id(q) in names}
         out.update({f"value_head.{k}": v.detach().cpu().clone() for k, v in self.learner.value_head.state_dict().items()})
         return out
 
