@@ -136,7 +136,7 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     cfg = trainer_config(command)
     # A re-run of the trainer container continues the run: resume is explicit on the command line.
     assert command[command.index("--resume") + 1] == "auto" and cfg.run.resume == "auto"
-    assert cfg.services.wait_ready_s > 0, "the trainer waits for its services' /ready"
+    assert cfg.run.step_timeout_s > 0, "the trainer waits for its services' /ready"
     assert cfg.services.policy_urls == ["http://policy-gen:8000", "http://policy-gen-1:8000"]
     assert cfg.services.reward_pref_urls == ["http://reward-pref:8001"]
     assert cfg.services.reward_abs_urls == ["http://reward-abs:8002"]

@@ -93,7 +93,7 @@ def test_one_start_up_budget_and_a_patient_rayjob(tmp_path, monkeypatch):
         "the probe outlasts vLLM's own deadline a little, so policy_gen's clear exit message comes first"
     (job,) = by_kind(docs, "RayJob").values()
     cfg = trainer_config(shlex.split(job["spec"]["entrypoint"]))
-    assert cfg.services.wait_ready_s >= s.vllm_startup_timeout_s, "the trainer waits as long as vLLM may load"
+    assert cfg.run.step_timeout_s >= s.vllm_startup_timeout_s, "the trainer waits as long as vLLM may load"
     assert job["spec"]["backoffLimit"] >= 1, "a failed attempt is retried on a fresh cluster"
     assert job["spec"]["submitterConfig"]["backoffLimit"] >= 1
     assert job["spec"]["shutdownAfterJobFinishes"] is True

@@ -101,9 +101,10 @@ def test_two_trainers_share_one_default_policy_gen(shared):
 
 def test_a_full_adapter_table_is_waited_out_then_named(shared, caplog):
     from trainer.clients.policy import AdapterTableFull, PolicyClient
+    from trainer.ppo.deadline import StepDeadline
     from trainer.ppo.policy_sync import sync_adapter
 
-    cfg = _cfg(shared, "w0-a", adapter_slot_wait_s=60)
+    cfg = _cfg(shared, "w0-a", step_timeout_s=60)
     adapters = sorted(str(p) for p in (cfg.run_dir / "adapters").iterdir())
     assert len(adapters) >= 3, "runs after test_two_trainers_share_one_default_policy_gen"
 
@@ -121,8 +122,7 @@ def test_a_full_adapter_table_is_waited_out_then_named(shared, caplog):
     assert "adapter table is full" in caplog.text
     assert sorted(_models(shared)[1:]) == ["other-trainer-2", "waiting-trainer"]
 
-    impatient = _cfg(shared, "w0-a", adapter_slot_wait_s=0)
-    with pytest.raises(AdapterTableFull, match="--max-loras >= the number of trainers"):
-        sync_adapter(impatient, adapters[2], "third-trainer", None)
+    with pytest.raises(AdapterTableFull, match="step's deadline.*--max-loras >= the number of trainers"):
+        sync_adapter(cfg, adapters[2], "third-trainer", None, deadline=StepDeadline(0))  # a step with no time left
     for name in ("other-trainer-2", "waiting-trainer"):
         asyncio.run(call("unload_adapter", name))

@@ -216,13 +216,16 @@ def test_adapters_hot_swap_through_the_client(served, adapters, reference):
 
     async def steps():
         async with PolicyClient(served.url, model=served.model, api_key=KEY) as client:
-            await client.sync_adapter(str(adapters["step1"]), "step-000001")
+            await client.load_adapter(str(adapters["step1"]), "step-000001")
             names1 = await client.models()
             chat = [[{"role": "user", "content": "How do I bake bread at home?"}]]
-            one = await client.generate(chat, n=2, sampling=SamplingParams(max_tokens=10, seed=3))
-            await client.sync_adapter(str(adapters["step2"]), "step-000002")  # new folder, new name
+            one = await client.generate(chat, n=2, sampling=SamplingParams(max_tokens=10, seed=3), model="step-000001")
+            # The trainer's order (trainer.ppo.policy_sync): unload the old adapter, then load the new
+            # one under a new name from a new folder, so a trainer holds one slot.
+            assert await client.unload_adapter("step-000001")
+            await client.load_adapter(str(adapters["step2"]), "step-000002")
             names2 = await client.models()
-            await client.sync_adapter(str(adapters["step2"]), "step-000002")  # same again: safe, in place
+            await client.load_adapter(str(adapters["step2"]), "step-000002")  # a retried load: safe
             return names1, one, names2
 
     names1, rollouts, names2 = asyncio.run(steps())

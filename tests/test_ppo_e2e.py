@@ -133,10 +133,10 @@ class Stack:
             "generation": {"max_new_tokens": 12, "max_prompt_tokens": 256},
             "crs": {"weight": 0.25},
             "services": {"policy_url": url("policy"), "reward_pref_urls": [url("pref")], "reward_abs_urls": [url("abs")],
-                         "timeout_s": 30, "retry_max_s": 150, "unhealthy_cooldown_s": 0.5},
+                         "timeout_s": 30, "unhealthy_cooldown_s": 0.5},
             "ray": {"num_cpus": 2},
             "run": {"output_dir": str(self.runs / run), "steps": steps, "checkpoint_every": 2, "keep_adapters": None,
-                    "data_source": str(self.prompts), **run_over},
+                    "data_source": str(self.prompts), "step_timeout_s": 150, **run_over},
         })
 
     def close(self):
@@ -307,7 +307,8 @@ def test_cli_failures_print_one_line_and_a_documented_exit_code(stack, tmp_path,
     from trainer.ppo.cli import main
 
     down = stack.cfg("down", steps=1).model_dump(mode="json")
-    down["services"].update(policy_url=f"http://127.0.0.1:{free_port()}", wait_ready_s=1)
+    down["services"].update(policy_url=f"http://127.0.0.1:{free_port()}")
+    down["run"]["step_timeout_s"] = 1
     (tmp_path / "down.yaml").write_text(yaml.safe_dump(down))
     assert main(["--config", str(tmp_path / "down.yaml")]) == 3
     err = capsys.readouterr().err

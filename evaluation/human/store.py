@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evaluation.human.ranking import latest_rows
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +127,6 @@ def read_rows(path: str | Path) -> list[AnnotationRow]:
             f"{path}: no such annotations file (crs-rlhf eval annotate writes DIR/annotations.jsonl)"
         )
     return read_csv(path) if path.suffix.lower() == ".csv" else read_jsonl(path)
-
-
-def dedupe(rows: Sequence[AnnotationRow]) -> list[AnnotationRow]:
-    return list(latest_rows(rows))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- CSV

@@ -42,7 +42,9 @@ class Rollout:
     sample_index: int  # 0..n-1 among that prompt's samples
     prompt_token_ids: list[int]  # (P,) what the policy was conditioned on
     response_token_ids: list[int]  # (R,) sampled tokens, EOS included when it stopped on EOS
-    response_logprobs: list[float]  # (R,) log pi_old(a_t | s_t), processed (post temperature/top-p)
+    # (R,) log π(a_t | s_t) as the server sampled (post temperature/top-p). Not PPO's π_old, which
+    # the learner recomputes in fp32; these only feed the logprob-gap check.
+    response_logprobs: list[float]
     text: str
     finish_reason: str  # "stop" | "length"
     model: str = ""  # the model name policy_gen reports having generated with: the adapter version
@@ -173,25 +175,6 @@ class PolicyClient:
             return True
         except openai.NotFoundError:
             return False
-
-    async def sync_adapter(self, path: str, name: str) -> None:
-        """Load `path` as `name`, generate with it from now on, unload the previous adapter.
-
-        Safe to call every step: write each step's adapter to a new folder under a new name
-        (vLLM's prefix cache keys on name and path; an in-place reload served stale results).
-        Re-syncing the current name reloads it in place.
-        """
-        previous = self.model
-        await self.load_adapter(path, name, inplace=(name == previous))
-        self.model = name
-        if previous not in (self.base_model, name):
-            await self.unload_adapter(previous)
-
-    async def use_base(self) -> None:
-        """Generate with the base model again (adapter, if any, is unloaded)."""
-        previous, self.model = self.model, self.base_model
-        if previous != self.base_model:
-            await self.unload_adapter(previous)
 
     async def models(self) -> list[str]:
         page = await self._retry(self._api.models.list, extra_headers=self.headers)

@@ -4,7 +4,7 @@ A rollout worker's requests go to the replica with the fewest requests in flight
 rotate, so an idle pool alternates). Like the reward client's replicas:
 - a connection error, timeout or 503 marks the replica unhealthy for `unhealthy_cooldown_s`
   and the request is retried at once on another one (with backoff only when every replica is
-  cooling down), up to `retry_max_s` / `retry_max_attempts`;
+  cooling down), up to `retry_max_s` (the trainer passes what is left of the step's deadline) / `retry_max_attempts`;
 - a 404 for the model means the replica does not hold the adapter (it restarted since the
   driver's sync): it leaves this pool for good, and the driver syncs it at the next step.
 So the pool never generates with another model than the one asked for. `use_replicas_with`

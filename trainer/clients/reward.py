@@ -26,6 +26,10 @@ class RewardServiceError(RuntimeError):
     """Scoring failed for good: a 4xx (our request is wrong) or retries exhausted."""
 
 
+class RewardRequestRefused(RewardServiceError):
+    """A 4xx: the service refused the request itself, so sending it again cannot help."""
+
+
 class _Retryable(Exception):
     """A transient failure of one URL; `retry_after` seconds from a 503's header if given."""
 
@@ -136,7 +140,7 @@ class RewardClient:
             self._mark_unhealthy(url)
             raise _Retryable(f"{self.name} {url}: HTTP {resp.status_code}: {_error_message(resp)}", _retry_after(resp))
         if resp.status_code != 200:
-            raise RewardServiceError(f"{self.name} {url} rejected the request (HTTP {resp.status_code}): {_error_message(resp)}")
+            raise RewardRequestRefused(f"{self.name} {url} rejected the request (HTTP {resp.status_code}): {_error_message(resp)}")
         out = ScoreResponse.model_validate(resp.json())
         if len(out.scores) != len(body["items"]):
             raise RewardServiceError(f"{self.name} {url}: {len(out.scores)} scores for {len(body['items'])} items")

@@ -61,7 +61,7 @@ async def await_ready(targets: list[Target], deadline_s: float, *, poll_s: float
             if elapsed >= deadline_s:
                 names = ", ".join(f"{t.name} at {t.url} ({why})" for t, why in waiting)
                 raise ServicesNotReady(
-                    f"not ready after {deadline_s:.0f} s: {names}; start them or raise services.wait_ready_s")
+                    f"not ready after {deadline_s:.0f} s: {names}; start them or raise run.step_timeout_s")
             if elapsed - last_log >= log_every_s:
                 last_log = elapsed
                 who = ", ".join(f"{t.name} at {t.url}" for t, _ in waiting)

@@ -42,17 +42,33 @@ class RolloutActor:
 
         self.worker = RolloutWorker(cfg, worker_index)
 
-    def rollout(self, prompts, adapter, step, overlap=None):
+    def rollout(self, prompts, adapter, step, overlap=None, retry_s=None):
         try:
-            return self.worker.rollout(prompts, adapter, step, overlap)
+            return self.worker.rollout(prompts, adapter, step, overlap, retry_s)
         except Exception as e:  # noqa: BLE001 - re-raised as text, whatever it was
             # Client exceptions (openai's, httpx's) need their response object to unpickle, so
             # Ray would hand the driver an UnserializableException instead: send plain text.
-            raise RolloutError(f"{type(e).__name__}: {e}") from None
+            kind = RolloutRefused if is_refusal(e) else RolloutError
+            raise kind(f"{type(e).__name__}: {e}") from None
 
 
 class RolloutError(RuntimeError):
     """A rollout worker's failure, as text that crosses process boundaries intact."""
+
+
+class RolloutRefused(RolloutError):
+    """A service refused a rollout request (HTTP 4xx): redoing the step would be refused alike."""
+
+
+def is_refusal(e: BaseException) -> bool:
+    """A 4xx that no retry can fix (not 404: a replica that lost the adapter; not 408/409/429: busy or racing)."""
+    import openai
+
+    from trainer.clients.reward import RewardRequestRefused
+
+    if isinstance(e, RewardRequestRefused):
+        return True
+    return isinstance(e, openai.APIStatusError) and 400 <= e.status_code < 500 and e.status_code not in (404, 408, 409, 429)
 
 
 def make_rollout_workers(cfg: PPOConfig) -> list:

@@ -1,7 +1,7 @@
 """`crs-rlhf train --config run.yaml [--set key=value ...] [--output-dir DIR] [--resume] [--debug]`
 
 The services should run (see configs/tiny/ppo.yaml for the fields that point at them); the
-trainer waits up to `services.wait_ready_s` for their `/ready`. policy_gen needs
+trainer waits up to `run.step_timeout_s` for their `/ready`. policy_gen needs
 `--adapter-root` at (or above) RUN/adapters so it may load each step's adapter.
 
 Exit codes: 0 finished; 2 bad config or a request a service refused (e.g. an adapter outside

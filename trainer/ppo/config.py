@@ -95,12 +95,10 @@ class ServicesSection(_Section):
     # excluded from dumps so the key never lands in the run folder's config.yaml.
     api_key: str | None = Field(default_factory=lambda: os.environ.get("CRS_API_KEY") or None, exclude=True, repr=False)
     timeout_s: float = Field(120.0, gt=0, description="Per HTTP request.")
-    retry_max_s: float = Field(300.0, gt=0, description="Give up on a request after retrying this long.")
-    retry_max_attempts: int = Field(50, gt=0)
+    retry_max_attempts: int = Field(50, gt=0, description="A request gives up after this many attempts (or when the "
+                                    "step's deadline, run.step_timeout_s, is spent).")
     unhealthy_cooldown_s: float = Field(5.0, ge=0, description="A failing URL is skipped for this long.")
     max_concurrency: int = Field(16, gt=0, description="Generation requests in flight per rollout worker.")
-    wait_ready_s: float = Field(900.0, ge=0, description="Wait this long for every service's /ready before step 1 "
-                                "(and before redoing a step after a service dropped out); vLLM can take minutes to load.")
 
     @model_validator(mode="before")
     @classmethod
@@ -181,7 +179,10 @@ class RunSection(_Section):
     prompts: RLPromptOptions = Field(
         default_factory=RLPromptOptions, description="Which prompts of data_source: languages, held-out trees, "
         "fraction, incomplete trees (trainer.data.RLPromptOptions).")
-    step_retries: int = Field(2, ge=0, description="A rollout that still fails after client retries is redone this often.")
+    step_timeout_s: float = Field(
+        900.0, gt=0, description="One deadline for a step's failures: client retries, redoing the rollout, waiting for "
+        "services' /ready and for a free policy_gen adapter slot all draw on it; once spent the step fails (exit 3). "
+        "Also bounds the wait for every service's /ready before step 1 (vLLM can take minutes to load).")
     overlap_scoring: bool = Field(True, description="Score each completion as it arrives (false: after all generation).")
     tensorboard: bool = True
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
@@ -189,8 +190,6 @@ class RunSection(_Section):
     wandb_project: str = Field("crs-rlhf", description="W&B project (WANDB_MODE=offline works without an account).")
     keep_adapters: int | None = Field(
         3, ge=1, description="Keep the newest N adapters/step-* folders plus those of checkpoints; null = keep all.")
-    adapter_slot_wait_s: float = Field(
-        600.0, ge=0, description="A full policy_gen adapter table (another trainer's sync) is retried this long.")
     resume: Literal["never", "auto"] = Field(
         "never", description="auto: continue from the run folder's latest checkpoint when there is one, else start "
         "fresh (cluster jobs: a resubmitted job picks up where it stopped); never: start fresh (`--resume` sets auto).")
@@ -208,6 +207,14 @@ def run_tag(run_dir: Path) -> str:
     return "ppo-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
 
 
+# Four budgets that one step deadline replaced: a config still setting one gets this error
+# (rather than pydantic's bare "extra inputs are not permitted").
+REPLACED_BY_STEP_TIMEOUT = {
+    "services": ("retry_max_s", "wait_ready_s"),
+    "run": ("step_retries", "adapter_slot_wait_s"),
+}
+
+
 class PPOConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimSection = Field(default_factory=OptimSection)
@@ -219,6 +226,19 @@ class PPOConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
     learner: LearnerSection = Field(default_factory=LearnerSection)
     run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_replaced_budgets(cls, data):
+        if not isinstance(data, dict):
+            return data
+        old = [f"{section}.{key}" for section, keys in REPLACED_BY_STEP_TIMEOUT.items()
+               if isinstance(data.get(section), dict) for key in keys if key in data[section]]
+        if old:
+            raise ValueError(f"{', '.join(old)}: replaced by run.step_timeout_s, one deadline per step that bounds "
+                             "client retries, rollout redos, readiness waits and adapter-slot waits together "
+                             "(default 900 s); remove the old key and set run.step_timeout_s if you need another deadline")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:

@@ -2,7 +2,7 @@
 
     for step in steps:
         rollouts  = workers generate + score (both reward services, on arrival)
-        stats     = learner.train_step(rollouts)        # CRS → KL penalty → GAE → PPO epochs
+        stats     = learner.train_step(rollouts)        # π_old recomputed → CRS → KL penalty → GAE → PPO epochs
         adapter   = learner.save_adapter(step)          # RUN/adapters/step-{k:06d}/, a new folder each step
         policy_sync.sync_adapter(adapter)               # into every policy_gen replica: the next rollouts use it
         metrics.log(step); checkpoint every K steps
@@ -10,6 +10,11 @@
 Prompt order is a pure function of (seed, data position): each epoch over the prompts is a
 fresh seeded permutation, so `--resume` continues at the checkpoint's position with no
 prompt skipped or repeated, and step numbers continue from the checkpoint's step.
+
+PPO's π_old is the learner's own recomputation of the rollouts' logprobs with the weights that
+sampled them; policy_gen's logprobs only feed the logprob-gap check. Hence the one rule the
+driver enforces: every sample of a step comes from the current adapter (stale ones are refused).
+A step's failures are bounded by one deadline, `run.step_timeout_s` (trainer.ppo.deadline).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import ray
 
 from trainer.clients.wait import Target, wait_ready
 from trainer.config_io import dump_config
-from trainer.ppo.actors import init_ray, make_rollout_workers
+from trainer.ppo.actors import RolloutRefused, init_ray, make_rollout_workers
 from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
 from trainer.ppo.config import PPOConfig, run_tag  # run_tag: re-exported here too
+from trainer.ppo.deadline import StepDeadline
 from trainer.ppo.experience import RolloutBatch, drop_stale
 from trainer.ppo.learner_group import start_learner
 from trainer.ppo.metrics import MetricsLogger
@@ -46,7 +52,8 @@ log = logging.getLogger("crs_rlhf.ppo")
 
 
 class StepFailed(RuntimeError):
-    """A step's rollout still failed after `run.step_retries` redos (a service is down or broken)."""
+    """A step's rollout still failed when its deadline (`run.step_timeout_s`) was spent, or a
+    service refused it (a service is down or broken)."""
 
 
 @dataclass
@@ -118,50 +125,78 @@ def service_targets(cfg: PPOConfig) -> list[Target]:
     return targets
 
 
-def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: str | None, step: int) -> RolloutBatch:
-    """All workers in parallel; the whole step's rollout is redone if any slice fails for good, or
-    if any sample came from another adapter than `adapter` (refused: PPO's π_old would be wrong,
-    and the learner's schedule wants the full batch).
+def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: str | None, step: int,
+             deadline: StepDeadline) -> RolloutBatch:
+    """The step's rollout, redone until it is whole and fresh or the step's deadline is spent.
 
-    Before a redo the current adapter is loaded again into every replica (a no-op where it is
-    held): a restarted policy_gen has forgotten it, and would otherwise answer 404 for the step.
+    Redone when a worker's slice failed for good (after its clients' own retries) or when a
+    sample came from another adapter than `adapter` (refused as stale: the learner's schedule
+    wants the full batch, from the policy it is about to update). Before each redo the services
+    are given a chance to come back (`_recover`). A refusal (HTTP 4xx) fails the step at once.
     """
-    stale_dropped = 0
-    for attempt in range(cfg.run.step_retries + 1):
-        slices = split_prompts(items, len(workers))
+    stale_dropped, attempt, pause = 0, 0, 1.0
+    while True:
+        attempt += 1
         try:
-            parts = ray.get([w.rollout.remote(s, adapter, step) for w, s in zip(workers, slices)])
+            parts = _rollout_once(workers, items, adapter, step, deadline.left())
+        except RolloutRefused as e:
+            raise StepFailed(f"step {step}: a service refused the rollout (redoing it would not help): {e}") from None
         except ray.exceptions.RayError as e:  # a worker's error (RayTaskError) or a lost worker
             failure = str(e)
         else:
-            generated = [s for p in parts for s in p.samples]
-            samples, dropped = drop_stale(generated, adapter)
-            if not dropped:
-                retries: dict[str, int] = {}
-                for p in parts:
-                    for k, v in p.retries.items():  # None for a signal this run does not use
-                        retries[k] = None if v is None else (retries.get(k) or 0) + v
-                return RolloutBatch(samples, max(p.time_generate for p in parts), max(p.time_score for p in parts),
-                                    max(p.time_total for p in parts), retries, stale_dropped)
+            failure, dropped = _stale_samples(parts, adapter)
+            if failure is None:
+                return _merge(parts, stale_dropped)
             stale_dropped += dropped
-            got = sorted({s.adapter or "the base model" for s in generated if s.adapter != adapter})
-            failure = (f"{dropped} of {len(generated)} rollouts came from {', '.join(got)}, not "
-                       f"{adapter or 'the base model'} (refused as stale)")
-        if attempt == cfg.run.step_retries:
-            raise StepFailed(f"step {step}: rollout failed after {attempt + 1} attempts: {failure}")
-        log.warning("step %d: rollout failed (%s); retrying the step", step, failure)
-        # A service that restarted answers again only once its model is loaded; policy_gen
-        # replicas are waited for by the sync (one in rotation is enough to go on).
-        wait_ready([t for t in service_targets(cfg) if t.name != "policy_gen"], cfg.services.wait_ready_s)
-        if adapter is None:
-            wait_for_a_replica(cfg)
-            continue
-        try:
-            sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None, step=step,
-                         stale_prefix=_stale_prefix(cfg))
-        except Exception as sync_error:  # noqa: BLE001 - the redo reports the real failure if this mattered
-            log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
-    raise AssertionError("unreachable")
+        if deadline.spent:
+            raise StepFailed(f"step {step}: rollout failed after {attempt} attempts within {deadline}: {failure}")
+        log.warning("step %d: rollout failed (%s); redoing it (%.0f s left of %s)", step, failure, deadline.left(), deadline)
+        time.sleep(min(pause, deadline.left()))  # a failure that repeats at once must not spin
+        pause = min(pause * 2, 30.0)
+        _recover(cfg, adapter, step, deadline)
+
+
+def _rollout_once(workers: list, items: list[PromptItem], adapter: str | None, step: int, retry_s: float) -> list[RolloutBatch]:
+    """Every worker on its slice of the prompts, in parallel; a worker's clients retry for at most `retry_s`."""
+    slices = split_prompts(items, len(workers))
+    return ray.get([w.rollout.remote(s, adapter, step, None, retry_s) for w, s in zip(workers, slices)])
+
+
+def _stale_samples(parts: list[RolloutBatch], adapter: str | None) -> tuple[str | None, int]:
+    """(None, 0) when every sample came from `adapter`, else (why the batch is refused, how many were stale)."""
+    generated = [s for p in parts for s in p.samples]
+    _, dropped = drop_stale(generated, adapter)
+    if not dropped:
+        return None, 0
+    got = sorted({s.adapter or "the base model" for s in generated if s.adapter != adapter})
+    return (f"{dropped} of {len(generated)} rollouts came from {', '.join(got)}, not "
+            f"{adapter or 'the base model'} (refused as stale)"), dropped
+
+
+def _merge(parts: list[RolloutBatch], stale_dropped: int) -> RolloutBatch:
+    """The workers' batches as one: samples in prompt order, the slowest worker's times, summed retries."""
+    retries: dict[str, int | None] = {}
+    for p in parts:
+        for k, v in p.retries.items():  # None for a signal this run does not use
+            retries[k] = None if v is None else (retries.get(k) or 0) + v
+    return RolloutBatch([s for p in parts for s in p.samples], max(p.time_generate for p in parts),
+                        max(p.time_score for p in parts), max(p.time_total for p in parts), retries, stale_dropped)
+
+
+def _recover(cfg: PPOConfig, adapter: str | None, step: int, deadline: StepDeadline) -> None:
+    """Before a redo: wait for the reward services' /ready, and load the current adapter again into
+    every policy_gen replica (a restarted one has forgotten it and would answer 404), or for the
+    base model wait for any replica to be ready. Each wait draws on the step's deadline."""
+    # A service that restarted answers again only once its model is loaded.
+    wait_ready([t for t in service_targets(cfg) if t.name != "policy_gen"], deadline.left())
+    if adapter is None:
+        wait_for_a_replica(cfg, deadline)
+        return
+    try:
+        sync_adapter(cfg, str(cfg.run_dir / "adapters" / f"step-{step - 1:06d}"), adapter, None, step=step,
+                     stale_prefix=_stale_prefix(cfg), deadline=deadline)
+    except Exception as sync_error:  # noqa: BLE001 - the redo reports the real failure if this mattered
+        log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
 
 
 def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> RunSummary:
@@ -178,7 +213,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     log.info("%d RL prompts (%d dropped as longer than %d tokens)", len(data.prompts), data.dropped, cfg.generation.max_prompt_tokens)
 
     resume = resume or cfg.run.resume == "auto"
-    wait_ready(service_targets(cfg), cfg.services.wait_ready_s)  # a fresh cluster starts the trainer first
+    wait_ready(service_targets(cfg), cfg.run.step_timeout_s)  # a fresh cluster starts the trainer first
     started_ray = init_ray(cfg.ray)
     metrics: MetricsLogger | None = None
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
@@ -196,7 +231,8 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
             progress = Progress(state["step"], state["data_position"], adapter_name(run_dir, state["step"]))
             path = run_dir / "adapters" / f"step-{progress.step:06d}"
             learner.save_adapter(str(path))  # rewrite: the folder may be pruned or newer
-            sync_adapter(cfg, str(path), progress.adapter, None, step=progress.step, stale_prefix=_stale_prefix(cfg))
+            sync_adapter(cfg, str(path), progress.adapter, None, step=progress.step, stale_prefix=_stale_prefix(cfg),
+                         deadline=StepDeadline(cfg.run.step_timeout_s))
             log.info("resumed from %s: step %d, data position %d", ckpt, progress.step, progress.position)
         elif resume:
             log.info("resume: no checkpoint in %s, starting fresh", run_dir)
@@ -215,8 +251,9 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
             while progress.step < cfg.run.steps:
                 k, pos = progress.step + 1, progress.position
                 items = [PromptItem(p, data.prompts[order(p)]) for p in range(pos, pos + prompts_per_step)]
-                batch = _rollout(cfg, workers, items, progress.adapter, k)
-                pending = Pending(k, learner.train_step_async(batch.samples), batch, items)
+                deadline = StepDeadline(cfg.run.step_timeout_s)  # for everything this step may wait on
+                batch = _rollout(cfg, workers, items, progress.adapter, k, deadline)
+                pending = Pending(k, learner.train_step_async(batch.samples), batch, items, deadline)
                 _finish_step(cfg, learner, metrics, summary, pending, progress)
                 if on_step is not None:
                     on_step(summary.metrics[-1])
@@ -259,17 +296,19 @@ class Pending:
     ref: object  # learner.train_step_async's handle (a GroupCall)
     batch: RolloutBatch
     items: list[PromptItem]
+    deadline: StepDeadline  # the adapter sync after the update draws on it too
 
 
 def _finish_step(cfg, learner, metrics: MetricsLogger, summary: RunSummary, pending: Pending, progress: Progress) -> None:
     """Wait for the update, publish the adapter, log; then (and only then) advance `progress`."""
     k, batch, items = pending.step, pending.batch, pending.items
-    stats = learner.train_step_result(pending.ref)
+    with pending.deadline.paused():  # the deadline bounds the step's waits on services, not the learner's update
+        stats = learner.train_step_result(pending.ref)
     t0 = time.perf_counter()
     path = learner.save_adapter(str(cfg.run_dir / "adapters" / f"step-{k:06d}"))
     try:  # into every policy_gen replica; one that fails is out of rotation until a later sync
         sync = sync_adapter(cfg, path, adapter_name(cfg.run_dir, k), progress.adapter, step=k,
-                            stale_prefix=_stale_prefix(cfg))
+                            stale_prefix=_stale_prefix(cfg), deadline=pending.deadline)
     except NoReplicaHoldsAdapter as e:
         raise StepFailed(f"step {k}: {e}") from e
     t_sync = time.perf_counter() - t0

@@ -13,12 +13,14 @@ Two rules carry correctness:
 All replicas sync concurrently. One that fails (down, not /ready, a failed load) is out of
 rotation: one warning naming its URL and why, and `policy/replicas_out` in the step's row.
 At each later step it is tried again once it answers /ready. If no replica holds the
-adapter, the sync waits up to `services.wait_ready_s` for one, then the step fails.
+adapter, the sync waits for one while the step's deadline (`run.step_timeout_s`) lasts, then
+the step fails. Waits for a free adapter slot draw on the same deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,12 +32,13 @@ from services.common.identity import run_headers
 from trainer.clients.policy import AdapterTableFull, PolicyClient
 from trainer.clients.wait import ServicesNotReady, is_ready
 from trainer.ppo.config import PPOConfig
+from trainer.ppo.deadline import StepDeadline
 
 log = logging.getLogger("crs_rlhf.ppo")
 
 
 class NoReplicaHoldsAdapter(ServicesNotReady):
-    """After waiting services.wait_ready_s, not one policy_gen replica took the step's adapter
+    """Within the step's deadline (run.step_timeout_s), not one policy_gen replica took the step's adapter
     (the message names each and why): a service failure, exit code 3 from `crs-rlhf train`."""
 
 
@@ -70,7 +73,7 @@ def _is_request_error(e: BaseException) -> bool:
 
 
 async def _sync_one(cfg: PPOConfig, url: str, path: str, name: str, previous: str | None, stale_prefix: str | None,
-                    step: int) -> _Outcome:
+                    step: int, deadline: StepDeadline) -> _Outcome:
     async with httpx.AsyncClient(timeout=5.0) as probe:
         ready, status = await is_ready(probe, url)
     if not ready:
@@ -82,7 +85,7 @@ async def _sync_one(cfg: PPOConfig, url: str, path: str, name: str, previous: st
             stale += [previous] if previous and previous != name and previous not in stale and previous in held else []
             for old in stale:
                 await client.unload_adapter(old)
-            await load_waiting_for_a_slot(client, path, name, cfg.run.adapter_slot_wait_s)
+            await load_waiting_for_a_slot(client, path, name, deadline)
         # It missed a sync: it held neither the previous adapter nor (already) this one.
         return _Outcome(url, resynced=previous is not None and previous not in held and name not in held)
     except Exception as e:  # noqa: BLE001 - any failure takes this replica out; the report says which
@@ -90,17 +93,18 @@ async def _sync_one(cfg: PPOConfig, url: str, path: str, name: str, previous: st
         return _Outcome(url, e, f"loading {name} failed: {type(e).__name__}: {message}")
 
 
-async def load_waiting_for_a_slot(client: PolicyClient, path: str, name: str, wait_s: float) -> None:
-    """load_adapter, retried with backoff (0.5 s → 10 s) while the replica's adapter table is full."""
-    deadline, delay = time.monotonic() + wait_s, 0.5
+async def load_waiting_for_a_slot(client: PolicyClient, path: str, name: str, deadline: StepDeadline) -> None:
+    """load_adapter, retried with backoff (0.5 s → 10 s) while the replica's adapter table is full
+    and the step's deadline lasts."""
+    delay = 0.5
     while True:
         try:
             return await client.load_adapter(path, name)
         except AdapterTableFull as e:
-            left = deadline - time.monotonic()
+            left = deadline.left()
             if left <= 0:
                 raise AdapterTableFull(
-                    f"{e}; waited {wait_s:.0f}s (run.adapter_slot_wait_s) for a free slot. Each trainer sharing this "
+                    f"{e}; waited for a free slot until the step's deadline ({deadline}). Each trainer sharing this "
                     "policy_gen holds one adapter: start it with --max-loras >= the number of trainers") from None
             log.warning("policy_gen %s: adapter table is full (another trainer is syncing?); retrying %s in %.1fs",
                         client.base_url, name, delay)
@@ -109,33 +113,37 @@ async def load_waiting_for_a_slot(client: PolicyClient, path: str, name: str, wa
 
 
 def sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None = None, *, step: int = 0,
-                 stale_prefix: str | None = None) -> SyncReport:
+                 stale_prefix: str | None = None, deadline: StepDeadline | None = None) -> SyncReport:
     """Load adapter `path` as `name` into every replica of services.policy_urls (see the module docstring).
 
     `previous` is unloaded first; `stale_prefix` (the run's `<tag>-step-`) also unloads any older
     adapter of this run a replica still holds after missing syncs. Raises the replicas' own error
     when every one refused the request alike (a 4xx: e.g. a path outside --adapter-root), and
-    NoReplicaHoldsAdapter when none took it within services.wait_ready_s.
+    NoReplicaHoldsAdapter when none took it before `deadline` (the step's; default: a fresh
+    run.step_timeout_s).
     """
-    urls, deadline = cfg.services.policy_urls, time.monotonic() + cfg.services.wait_ready_s
+    urls = cfg.services.policy_urls
+    deadline = deadline or StepDeadline(cfg.run.step_timeout_s)
 
     async def attempt() -> list[_Outcome]:
-        return list(await asyncio.gather(*(_sync_one(cfg, u, path, name, previous, stale_prefix, step) for u in urls)))
+        return list(await asyncio.gather(*(_sync_one(cfg, u, path, name, previous, stale_prefix, step, deadline)
+                                           for u in urls)))
 
     outcomes = asyncio.run(attempt())
     waited = False
     while not any(o.error is None for o in outcomes):
         if all(_is_request_error(o.error) for o in outcomes):
             raise outcomes[0].error
-        if time.monotonic() >= deadline:
+        if deadline.spent:
             whys = "; ".join(f"{o.url}: {o.why}" for o in outcomes)
             raise NoReplicaHoldsAdapter(
-                f"no policy_gen replica holds adapter {name} after {cfg.services.wait_ready_s:.0f} s "
-                f"(services.wait_ready_s): {whys}. Start or fix the replicas in services.policy_urls")
+                f"no policy_gen replica holds adapter {name} within the step's deadline ({deadline}): {whys}. "
+                "Start or fix the replicas in services.policy_urls")
         if not waited:
-            log.warning("no policy_gen replica took adapter %s; waiting up to %.0f s for one", name, cfg.services.wait_ready_s)
+            log.warning("no policy_gen replica took adapter %s; waiting up to %.0f s (%s) for one", name, deadline.left(),
+                        deadline)
             waited = True
-        time.sleep(2.0)
+        time.sleep(min(2.0, deadline.left()))
         outcomes = asyncio.run(attempt())
     report = SyncReport(name, [o.url for o in outcomes if o.error is None],
                         {o.url: o.why for o in outcomes if o.error is not None}, [o.url for o in outcomes if o.resynced])
@@ -146,22 +154,25 @@ def sync_adapter(cfg: PPOConfig, path: str, name: str, previous: str | None = No
     return report
 
 
-def wait_for_a_replica(cfg: PPOConfig, poll_s: float = 2.0) -> str:
-    """Block until any replica answers /ready (up to services.wait_ready_s); returns its URL.
+def wait_for_a_replica(cfg: PPOConfig, deadline: StepDeadline | None = None, poll_s: float = 2.0) -> str:
+    """Block until any replica answers /ready (while the step's deadline lasts); returns its URL.
     Before redoing a step on the base model: one live replica is enough to generate."""
-    urls, deadline = cfg.services.policy_urls, time.monotonic() + cfg.services.wait_ready_s
+    urls = cfg.services.policy_urls
+    deadline = deadline or StepDeadline(cfg.run.step_timeout_s)
 
     async def poll() -> str:
         async with httpx.AsyncClient(timeout=5.0) as probe:
-            while True:
+            for attempt in itertools.count():
                 states = await asyncio.gather(*(is_ready(probe, u) for u in urls))
                 if ready := [u for u, (ok, _) in zip(urls, states) if ok]:
                     return ready[0]
-                if time.monotonic() >= deadline:
+                if deadline.spent:
                     whys = ", ".join(f"{u} ({why})" for u, (_, why) in zip(urls, states))
-                    raise ServicesNotReady(f"no policy_gen replica ready after {cfg.services.wait_ready_s:.0f} s: "
-                                           f"{whys}; start one or raise services.wait_ready_s")
-                await asyncio.sleep(poll_s)
+                    raise ServicesNotReady(f"no policy_gen replica ready within the step's deadline ({deadline}): "
+                                           f"{whys}; start one or raise run.step_timeout_s")
+                if attempt == 0:
+                    log.warning("waiting for a policy_gen replica to answer /ready (%.0f s left of %s)", deadline.left(), deadline)
+                await asyncio.sleep(min(poll_s, deadline.left()))
 
     return asyncio.run(poll())
 

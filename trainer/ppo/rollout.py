@@ -47,16 +47,19 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.base_model: str | None = cfg.services.policy_model
 
-    def _client_options(self, step: int, adapter: str | None) -> dict:
+    def _client_options(self, step: int, adapter: str | None, retry_s: float | None) -> dict:
         """What the reward clients and the policy pool both take from services.*: auth, timeouts,
-        health-aware retries, and the run's identity (shared servers count their load by run)."""
+        health-aware retries (for at most `retry_s`: what is left of the step's deadline), and the
+        run's identity (shared servers count their load by run)."""
         s = self.cfg.services
-        return {"api_key": s.api_key, "timeout_s": s.timeout_s, "retry_max_s": s.retry_max_s,
+        return {"api_key": s.api_key, "timeout_s": s.timeout_s,
+                "retry_max_s": self.cfg.run.step_timeout_s if retry_s is None else retry_s,
                 "retry_max_attempts": s.retry_max_attempts, "unhealthy_cooldown_s": s.unhealthy_cooldown_s,
                 "headers": run_headers(self.cfg.run_id, step, adapter)}
 
-    def _reward_client(self, urls: list[str], name: str, step: int, adapter: str | None) -> RewardClient:
-        return RewardClient(urls, name=name, **self._client_options(step, adapter))
+    def _reward_client(self, urls: list[str], name: str, step: int, adapter: str | None,
+                       retry_s: float | None = None) -> RewardClient:
+        return RewardClient(urls, name=name, **self._client_options(step, adapter, retry_s))
 
     def _sampling(self, step: int, prompt_index: int) -> SamplingParams:
         g = self.cfg.generation
@@ -67,16 +70,20 @@ class RolloutWorker:
             top_k=g.top_k if g.top_k > 0 else -1, seed=seed,
         )
 
-    def rollout(self, prompts: Sequence[PromptItem], adapter: str | None, step: int, overlap: bool | None = None) -> RolloutBatch:
-        """Synchronous entry point (a Ray actor method): runs the async rollout to completion."""
+    def rollout(self, prompts: Sequence[PromptItem], adapter: str | None, step: int, overlap: bool | None = None,
+                retry_s: float | None = None) -> RolloutBatch:
+        """Synchronous entry point (a Ray actor method): runs the async rollout to completion.
+        `retry_s`: how long the clients may retry (the driver sends what is left of the step's
+        deadline); None = run.step_timeout_s."""
         overlap = self.cfg.run.overlap_scoring if overlap is None else overlap
-        return asyncio.run(self.arollout(prompts, adapter, step, overlap))
+        return asyncio.run(self.arollout(prompts, adapter, step, overlap, retry_s))
 
-    async def arollout(self, prompts: Sequence[PromptItem], adapter: str | None, step: int, overlap: bool = True) -> RolloutBatch:
+    async def arollout(self, prompts: Sequence[PromptItem], adapter: str | None, step: int, overlap: bool = True,
+                       retry_s: float | None = None) -> RolloutBatch:
         s, w = self.cfg.services, self.cfg.crs.weight
-        pref = self._reward_client(s.reward_pref_urls, "reward_pref", step, adapter) if w > 0 else None
-        abs_ = self._reward_client(s.reward_abs_urls, "reward_abs", step, adapter) if w < 1 else None
-        policy = PolicyPool(s.policy_urls, model=self.base_model or "", **self._client_options(step, adapter))
+        pref = self._reward_client(s.reward_pref_urls, "reward_pref", step, adapter, retry_s) if w > 0 else None
+        abs_ = self._reward_client(s.reward_abs_urls, "reward_abs", step, adapter, retry_s) if w < 1 else None
+        policy = PolicyPool(s.policy_urls, model=self.base_model or "", **self._client_options(step, adapter, retry_s))
         try:
             if self.base_model is None:
                 self.base_model = (await policy.models())[0]
