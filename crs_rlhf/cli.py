@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("crs_rlhf.sweep", "a grid of PPO runs (e.g. CRS weights) sharing one set of services"),
     "eval": ("evaluation.cli", "evaluation: prompts, generate, judge, rm-score, rm-bench, report, annotate, rank"),
     "data-report": ("trainer.data.report", "counts and label figures of an Open Assistant export"),
+    "config-docs": ("crs_rlhf.config_docs", "write docs/config.md from the configs' field descriptions (--check: is it stale?)"),
 }
 
 

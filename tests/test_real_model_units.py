@@ -73,7 +73,7 @@ def test_template_mismatch_names_smollm2s_default_system_prompt(tiny_models):
 def test_trainer_tokenizer_replaces_a_mismatching_template(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
-    from trainer.rm.modeling import load_tokenizer
+    from trainer.modeling import load_tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     tok.chat_template = SMOLLM2_TEMPLATE

@@ -164,7 +164,7 @@ def test_cli_and_clear_errors(tiny_models, tmp_path, capsys, caplog):
 def test_base_without_pad_token_gets_one(tiny_models, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from trainer.rm.modeling import load_tokenizer
+    from trainer.modeling import load_tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     tok.pad_token = None

@@ -66,7 +66,7 @@ def test_lora_sft_adapter_output(tiny_models, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from trainer.rm.modeling import merge_adapter
+    from trainer.modeling import merge_adapter
 
     peft_model = AutoPeftModelForCausalLM.from_pretrained(out)
     # The merge a k-bit (QLoRA) run does at the end: the adapter onto the unquantized base, on CPU.

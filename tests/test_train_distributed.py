@@ -144,7 +144,7 @@ def test_bf16_keeps_trained_tensors_and_losses_in_fp32(tiny_models):
 def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from trainer.rm.modeling import wrap_lora
+    from trainer.modeling import wrap_lora
     from trainer.train_device import prepare_base
 
     td = resolve_device("fp32")

@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.config_base import Quantization  # the literal lives with the config sections
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16"]
-Quantization = Literal["none", "8bit", "4bit"]
 GPU_INSTALL = "pip install 'crs-rlhf[gpu]' (or: pip install bitsandbytes)"
 
 

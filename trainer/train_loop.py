@@ -16,6 +16,7 @@ cannot express, and one reduction per step is the least communication there is.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from trainer.config_base import Section
+from trainer.config_io import dump_config
 from trainer.train_device import (
     DistInfo,
     Precision,
@@ -40,25 +43,36 @@ from trainer.train_device import (
 )
 
 
-class TrainSection(BaseModel):
+class EmptyDataError(ValueError):
+    """Nothing left to train on after filtering (the message says which filters removed what)."""
+
+
+def write_outputs(out: Path, cfg, metrics: dict, card: str) -> None:
+    """A trained model's folder gets its metrics.json, the config it was trained with, and a README card."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    dump_config(cfg, out / "config.yaml")
+    (out / "README.md").write_text(card)
+
+
+class TrainSection(Section):
     """Optimisation. Thesis values (RMs): Adam (0.9, 0.95), lr 5e-5 cosine, warmup 0.03,
     max grad norm 0.3, grad accumulation 16, one epoch; defaults here suit the tiny models."""
 
-    model_config = ConfigDict(extra="forbid")
     lr: float = Field(1e-3, description="peak learning rate (cosine decay after warmup)")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training data")
     max_steps: int | None = Field(None, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(8, ge=1, description="items per micro-batch (preference: ranked sets)")
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    max_grad_norm: float = 0.3
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
+    grad_accum: int = Field(1, ge=1, description="micro-batches whose gradients are averaged into one optimizer step")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of the optimizer steps spent warming the lr up linearly")
+    max_grad_norm: float = Field(0.3, description="clip the gradient norm to this before each optimizer step")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    adam_eps: float = Field(1e-8, description="AdamW epsilon")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw (torch, fp32 states: 8 bytes per trained weight) or adamw_8bit (bitsandbytes, "
         "CUDA only, 2 bytes per trained weight: what makes full fine-tuning of a 7B fit, docs/training.md)")
-    seed: int = 0
+    seed: int = Field(0, description="data order and initialisation (the score head, LoRA A)")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     resume: bool = Field(True, description="continue from output_dir/checkpoint/ when it exists")
     cpu_threads: int = Field(

@@ -17,8 +17,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from trainer.config_base import Section
 from trainer.data.builders import Conversation, build_rl_prompts
 from trainer.data.filters import INCOMPLETE, READY, FilterReport, filter_trees
 from trainer.data.oasst import MessageTree
@@ -28,10 +29,9 @@ RM_LANGS = ["en", "es", "fr", "de"]
 THESIS_HELD_OUT = HELD_OUT_FRACTION  # the share of trees every stage holds out for evaluation
 
 
-class RLPromptOptions(BaseModel):
+class RLPromptOptions(Section):
     """Which OASST prompts PPO trains on (the PPO config's ``run.prompts``)."""
 
-    model_config = ConfigDict(extra="forbid")
     langs: list[str] | None = Field(
         default_factory=lambda: list(RM_LANGS),
         description="root languages kept: the reward models' languages (thesis en, es, fr, de); null = all")
@@ -41,7 +41,7 @@ class RLPromptOptions(BaseModel):
     split_seed: int = Field(0, description="seed of the held-out split (the split file's)")
     split_file: str | None = Field(None, description="the split file (default '<data>.splits.json' beside it)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of the training prompts used (thesis: 0.1, 0.375)")
-    fraction_seed: int = 0
+    fraction_seed: int = Field(0, description="seed of the `fraction` sample")
     incomplete_trees: bool = Field(
         False, description="also take prefixes from trees still growing or being ranked (the thesis's text "
         "says it did: its presets set true); false = ready_for_export trees only")

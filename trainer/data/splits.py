@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from trainer.config_base import Section
 from trainer.data.oasst import MessageTree
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,9 @@ class SplitMismatchError(ValueError):
     """A split file that does not belong to this data or disagrees with the stage's settings."""
 
 
-class HeldOutOptions(BaseModel):
+class HeldOutOptions(Section):
     """The held-out evaluation trees, as every stage's data section names them."""
 
-    model_config = ConfigDict(extra="forbid")
     held_out_fraction: float = Field(
         HELD_OUT_FRACTION, ge=0, lt=1, description="share of TREES kept out of training for evaluation (the split "
         "file's; 0 = none: the stage then trains on the evaluation trees, with a warning)")

