@@ -8,7 +8,7 @@ For each service, two server processes on loopback with tiny models, one after t
         baseline, in the same run, so the ratios are not skewed by the machine's load).
 Each is measured twice: the light run alone (sequential small requests), then the same
 light run while two heavy clients keep the server saturated with large requests.
-  reward_abs  heavy: 128 items x ~900 tokens per request; light: 1 item of ~60 tokens;
+  reward_abs  heavy: --heavy-items (128) items x ~900 tokens per request; light: 1 item of ~60 tokens;
   policy_gen  heavy: chat, n=16, 96 new tokens per sequence (ignore_eos); light: 4 new tokens.
 Figures per mode: light p95 alone, light p95 under load, their ratio (goal <= 3 with fair),
 and the throughput of all work (items or tokens per second) under the mix. Last line:
@@ -53,8 +53,8 @@ class Workload:
     light_units: int  # work units of one light request
 
 
-def reward_workload(rng: random.Random) -> Workload:
-    heavy_items = [{"prompt": text(rng, 40), "response": text(rng, 800)} for _ in range(128)]
+def reward_workload(rng: random.Random, heavy_items: int) -> Workload:
+    heavy_items = [{"prompt": text(rng, 40), "response": text(rng, 800)} for _ in range(heavy_items)]
     light_items = [{"prompt": text(rng, 10), "response": text(rng, 40)}]
     return Workload("/v1/score", {"items": heavy_items}, {"items": light_items}, lambda r: len(r["scores"]), 1)
 
@@ -116,9 +116,10 @@ def serve_argv(service: str, models: dict[str, Path], port: int, fair: bool) -> 
                          "--port", str(port), "--max-model-len", "512", "--log-level", "warning", *flag)
 
 
-def run_service(service: str, models: dict[str, Path], log_dir: Path, light: int, heavy_clients: int) -> dict:
+def run_service(service: str, models: dict[str, Path], log_dir: Path, light: int, heavy_clients: int,
+                heavy_items: int) -> dict:
     rng = random.Random(0)
-    w = reward_workload(rng) if service == "reward_abs" else policy_workload(rng)
+    w = reward_workload(rng, heavy_items) if service == "reward_abs" else policy_workload(rng)
     figures = {}
     for mode in ("fair", "fifo"):
         port = free_port()
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--service", choices=["reward_abs", "policy_gen", "both"], default="both")
     ap.add_argument("--light", type=int, default=40, help="light requests per measurement")
     ap.add_argument("--heavy-clients", type=int, default=2)
+    ap.add_argument("--heavy-items", type=int, default=128, help="reward_abs: items per heavy request")
     args = ap.parse_args()
     from crs_rlhf.tiny_models import make_tiny_models
 
@@ -145,7 +147,7 @@ def main() -> None:
         services = ["reward_abs", "policy_gen"] if args.service == "both" else [args.service]
         result = []
         for service in services:
-            f = run_service(service, models, Path(tmp), args.light, args.heavy_clients)
+            f = run_service(service, models, Path(tmp), args.light, args.heavy_clients, args.heavy_items)
             ratio = {m: f[m][1] / f[m][0] for m in f}
             result += [f"{service}_p95_ratio_fair={ratio['fair']:.2f}", f"{service}_p95_ratio_fifo={ratio['fifo']:.2f}",
                        f"{service}_throughput_fair_vs_fifo={f['fair'][2] / f['fifo'][2]:.2f}"]

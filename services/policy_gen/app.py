@@ -25,6 +25,8 @@ from services.policy_gen.settings import PolicyGenSettings
 
 # Unset max_tokens: 16 for completions (vLLM's default); chat fills the context.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+# With "stream": true the reply is server-sent events (the JSON chunks, then `data: [DONE]`).
+SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 KNOWN_PATHS = frozenset({
     "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models",
 })  # fmt: skip
@@ -100,7 +102,8 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     async def models():
         return _count(await backend.models())
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=error_responses(*BODY_ERRORS, 404, 503))
+    @app.post("/v1/completions", response_model=P.CompletionResponse,
+              responses={200: SSE, **error_responses(*BODY_ERRORS, 404, 503)})
     async def completions(req: P.CompletionRequest):
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         check_work(settings, prompt_count(req.prompt), req.n, max_tokens)
@@ -108,7 +111,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
 
     @app.post(
         "/v1/chat/completions", response_model=P.ChatCompletionResponse,
-        responses=error_responses(*BODY_ERRORS, 404, 503),
+        responses={200: SSE, **error_responses(*BODY_ERRORS, 404, 503)},
     )
     async def chat(req: P.ChatCompletionRequest):
         check_work(settings, 1, req.n, req.max_completion_tokens or req.max_tokens or settings.default_max_tokens)
