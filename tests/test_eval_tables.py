@@ -89,3 +89,22 @@ def test_a_split_can_be_limited_to_some_sources():
     with pytest.raises(EvalInputError, match="has|have"):
         sample_splits({"oasst": fake("oasst", 1), "vicuna": fake("vicuna", 4)}, [("tuning", 2)], 0,
                       split_sources={"tuning": ["oasst"]})
+
+
+def test_groups_ranking_their_own_generation_runs_merge_in_rank(tmp_path):
+    # The thesis: each group ranked its own generation run; one folder per run, one group each.
+    from evaluation.human import rank
+    from evaluation.human.store import AnnotationRow, AnnotationStore
+
+    for group, first in (("g1", "abs"), ("g2", "crs")):
+        store = AnnotationStore(tmp_path / group / "annotations.jsonl")
+        store.append(*(AnnotationRow(prompt_id="p1", group=group, annotator=a,
+                                     ranking={first: 1, **{m: i + 2 for i, m in enumerate(sorted({"abs", "crs", "pref"} - {first}))}})
+                       for a in ("x", "y")))
+    merged = tmp_path / "all.jsonl"
+    merged.write_text("".join((tmp_path / g / "annotations.jsonl").read_text() for g in ("g1", "g2")))
+    assert rank.main(["--annotations", str(merged), "--out", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "rankings.json").read_text())
+    assert got["groups"] == ["g1", "g2"] and got["tideman"] == {"g1/p1": ["abs", "crs", "pref"],
+                                                                 "g2/p1": ["crs", "abs", "pref"]}
+    assert got["borda"]["abs"]["sd"] == pytest.approx((1 - 2 / 3) / 2)  # population sd of 1 and 2/3
