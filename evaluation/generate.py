@@ -83,8 +83,11 @@ async def _generate_one(api, model: str, prompt: Prompt, index: int, sp: Samplin
             resp = await retry(api.completions.create, prompt=format_prompt(prompt.messages), **common)
             text = resp.choices[0].text
         tokens = resp.usage.completion_tokens if resp.usage is not None else None
-        return {"id": prompt.id, "instruction": instruction_text(prompt.messages), "output": text,
-                "generator": None, "dataset": prompt.source, "n_tokens": tokens}
+        row = {"id": prompt.id, "instruction": instruction_text(prompt.messages), "output": text,
+               "generator": None, "dataset": prompt.source, "n_tokens": tokens}
+        if prompt.category is not None:  # per-category win rates (thesis Table 22); AlpacaEval ignores it
+            row["category"] = str(prompt.category)
+        return row
 
 
 async def generate_policy(url: str, spec: PolicySpec, prompts: Sequence[Prompt], sp: Sampling, *,

@@ -183,7 +183,7 @@ def make_report(run_dir: Path) -> Path:
                                               "rm_scores.jsonl") if (run_dir / name).is_file()}
     if not have:
         raise EvalInputError(f"{run_dir}: no results yet; run `crs-rlhf eval judge` and/or `eval rm-score` first")
-    cols = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
+    cols = ["model", "baseline", "source", "category", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
             "wilson_high", "se_binomial", "sign_test_p", "soft_win_rate", "n_wins", "n_wins_base", "n_draws", "n_total",
             "n_invalid", "avg_length", "position_bias"]
     for key, title in (("win_rates.csv", "Win rates (LLM judge)"), ("rm_win_rates.csv", "Win rates (reward models as judges)")):

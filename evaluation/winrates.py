@@ -1,6 +1,7 @@
 """Judgments -> win_rates.csv: one row per (model, baseline) pair and source, plus an `all` row.
 
-The CSV is in AlpacaEval's units and names: rates and their errors in PERCENT (`win_rate`
+Rows with a `category` other than `all` split a source by its prompts' category (Vicuna's,
+OASST's language, ...: the thesis's Table 22). The CSV is in AlpacaEval's units and names: rates and their errors in PERCENT (`win_rate`
 66.0, `standard_error` 4.76), `n_wins`, `n_wins_base`, `n_draws`, `n_total`, `avg_length`;
 `sign_test_p` and `position_bias` stay in [0, 1]. `alpaca_annotations` writes the verdicts
 as AlpacaEval annotations (`preference` in [1, 2]) so `alpaca_eval`'s own metric code
@@ -23,7 +24,7 @@ from pathlib import Path
 from evaluation import stats
 from evaluation.io import write_csv
 
-COLUMNS = ["model", "baseline", "source", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
+COLUMNS = ["model", "baseline", "source", "category", "win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low",
            "wilson_high", "se_binomial", "sign_test_p", "soft_win_rate", "soft_standard_error", "n_wins",
            "n_wins_base", "n_draws", "n_total", "n_invalid", "avg_length", "position_bias", "judge"]
 PERCENT = ("win_rate", "standard_error", "ci95_low", "ci95_high", "wilson_low", "wilson_high", "se_binomial",
@@ -53,14 +54,15 @@ def per_prompt(records: Iterable[dict]) -> dict[tuple[str, str], dict[str, dict]
     return out
 
 
-def _row(model: str, base: str, source: str, prompts: Sequence[dict], lengths: dict[str, int], judge: str) -> dict:
+def _row(model: str, base: str, source: str, prompts: Sequence[dict], lengths: dict[str, int], judge: str,
+         category: str = "all") -> dict:
     valid = [p for p in prompts if p["preference"] is not None]
     wr = stats.win_rate([p["preference"] for p in valid], n_invalid=len(prompts) - len(valid),
                         discrete=[p["discrete"] for p in valid])
     both = [w for p in prompts if p["n_orders"] > 1 for w in p["first_wins"]]
     lens = [lengths[p["id"]] for p in prompts if p["id"] in lengths]
     summary = {k: (100.0 * v if k in PERCENT else v) for k, v in asdict(wr).items()}
-    return {"model": model, "baseline": base, "source": source, **summary,
+    return {"model": model, "baseline": base, "source": source, "category": category, **summary,
             "avg_length": sum(lens) / len(lens) if lens else math.nan,
             "position_bias": stats.position_bias(both) if both else None, "judge": judge}
 
@@ -70,8 +72,13 @@ def win_rate_rows(records: Iterable[dict], outputs: dict[str, list[dict]], judge
     for (model, base), prompts in sorted(per_prompt(records).items()):
         lengths = {r["id"]: len(r["output"]) for r in outputs.get(model, [])}  # AlpacaEval: characters
         items = [{"id": pid, **p} for pid, p in prompts.items()]
+        cats = {r["id"]: r["category"] for r in outputs.get(model, []) if r.get("category") is not None}
         for source in sorted({p["source"] for p in items}):
-            rows.append(_row(model, base, source, [p for p in items if p["source"] == source], lengths, judge))
+            here = [p for p in items if p["source"] == source]
+            rows.append(_row(model, base, source, here, lengths, judge))
+            for cat in sorted({cats[p["id"]] for p in here if p["id"] in cats}):  # thesis Table 22
+                rows.append(_row(model, base, source, [p for p in here if cats.get(p["id"]) == cat], lengths, judge,
+                                 category=cat))
         rows.append(_row(model, base, "all", items, lengths, judge))
     return rows
 

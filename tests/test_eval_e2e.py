@@ -149,7 +149,9 @@ def test_judge_interrupted_resumes_without_repeating_a_call(services, generated,
     assert {r["source"] for r in wr} == {"vicuna", "koala", "hh", "oasst", "all"}
     for r in wr:
         assert int(r["n_wins"]) + int(r["n_wins_base"]) + int(r["n_draws"]) == int(r["n_total"])
-        assert float(r["ci95_low"]) <= float(r["win_rate"]) <= float(r["ci95_high"])
+        assert float(r["wilson_low"]) <= float(r["win_rate"]) <= float(r["wilson_high"])
+        if int(r["n_total"]) >= 2:  # a sample SE (AlpacaEval's) needs two prompts; one gives nan, as pandas' sem
+            assert float(r["ci95_low"]) <= float(r["win_rate"]) <= float(r["ci95_high"])
         assert r["position_bias"] != "" and (r["model"], r["baseline"]) == ("trained", "policy")
     everything = next(r for r in wr if r["source"] == "all")
     assert int(everything["n_total"]) == 8 and int(everything["n_invalid"]) == 0

@@ -108,3 +108,13 @@ def test_groups_ranking_their_own_generation_runs_merge_in_rank(tmp_path):
     assert got["groups"] == ["g1", "g2"] and got["tideman"] == {"g1/p1": ["abs", "crs", "pref"],
                                                                  "g2/p1": ["crs", "abs", "pref"]}
     assert got["borda"]["abs"]["sd"] == pytest.approx((1 - 2 / 3) / 2)  # population sd of 1 and 2/3
+
+
+def test_win_rates_per_category_table_22():
+    outputs = {m: [{"id": f"p{i}", "instruction": "q", "output": m, "dataset": "s",
+                    "category": "coding" if i < 2 else "writing"} for i in range(4)] for m in ("abs", "pref")}
+    judged = [_rec(f"p{i}", "abs", "pref", p) for i, p in enumerate((0.9, 0.8, 0.2, 0.6))]
+    rows = {(r["source"], r["category"]): r for r in win_rate_rows(judged, outputs, judge="j")}
+    assert set(rows) == {("s", "all"), ("s", "coding"), ("s", "writing"), ("all", "all")}
+    assert rows[("s", "coding")]["win_rate"] == 100.0 and rows[("s", "writing")]["win_rate"] == 50.0
+    assert rows[("s", "all")]["win_rate"] == rows[("all", "all")]["win_rate"] == 75.0
