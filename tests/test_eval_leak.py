@@ -88,3 +88,13 @@ def test_a_split_file_for_other_data_is_an_error(tmp_path):
         load_split(DataSection(path=str(data)))
     with pytest.raises(EvalInputError, match="written for other data"):
         load_oasst_eval(data, "oasst")
+
+
+def test_an_unwritable_split_file_says_what_to_set(tmp_path):
+    data = tmp_path / "ro" / "export.trees.jsonl.gz"
+    data.parent.mkdir()
+    shutil.copy(fixture_path(), data)
+    with pytest.raises(SplitMismatchError, match="split_file"):
+        held_out_split(data, load_oasst(data), HeldOutOptions(split_file=str(tmp_path / "missing" / "s.json")))
+    other = tmp_path / "splits.json"  # a writable place named explicitly
+    assert held_out_split(data, load_oasst(data), HeldOutOptions(split_file=str(other))).path == other

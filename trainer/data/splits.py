@@ -130,7 +130,12 @@ def held_out_split(data: str | Path, trees: Sequence[MessageTree], opts: HeldOut
                                                                                    opts.held_out_seed), None)
     sha = data_sha256(path) if local else None
     if not split_path.is_file():
-        split = write_split_file(split_path, path, trees, opts.held_out_fraction, opts.held_out_seed, sha)
+        try:
+            split = write_split_file(split_path, path, trees, opts.held_out_fraction, opts.held_out_seed, sha)
+        except OSError as e:  # e.g. a read-only /data mount
+            raise SplitMismatchError(
+                f"cannot write the held-out split of {path} to {split_path} ({e.strerror or e}): set the stage's "
+                "split_file to a writable path, and the same path in every other stage and eval command") from None
         log.info("wrote the held-out split of %s to %s (%d trees held out)", path, split_path, len(split.tree_ids))
         return split
     doc = read_split_file(split_path)
