@@ -35,7 +35,10 @@ def _drop_auth_banner(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
-@ray.remote(num_cpus=0)
+# Restartable: a rollout worker holds no state a redo needs (its clients are per rollout), so a
+# worker lost mid-step (a killed process, the node's OOM killer) comes back for the step's redo
+# instead of failing every redo until the step's deadline.
+@ray.remote(num_cpus=0, max_restarts=-1)
 class RolloutActor:
     def __init__(self, cfg: PPOConfig, worker_index: int):
         from trainer.ppo.rollout import RolloutWorker
