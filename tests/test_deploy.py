@@ -185,6 +185,11 @@ def test_docker_cli_compose_config_when_available(tmp_path):
         services = json.loads(out.stdout)["services"]
         for name in MODEL_SERVICES:
             assert services[name]["environment"]["CRS_API_KEY"] == "test-key-123", name
+        if files == CPU:
+            # Compose's own merge, not ours: no GPU reservation survives the CPU override (a
+            # `!reset` reached through a YAML alias is dropped by Compose; `up` then fails).
+            gpu = {n for n, svc in services.items() if "deploy" in svc or svc.get("ipc") == "host"}
+            assert not gpu, f"still GPU-bound under the CPU override: {sorted(gpu)}"
 
 
 # ---------------------------------------------------------------- images
