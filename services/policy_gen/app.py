@@ -26,7 +26,7 @@ from services.policy_gen.settings import PolicyGenSettings
 # Unset max_tokens: 16 for completions (vLLM's default); chat fills the context.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 # With "stream": true the reply is server-sent events (the JSON chunks, then `data: [DONE]`).
-SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+SSE = {"content": {"text/event-stream": {"schema": {}}}}  # events: JSON chunks, then [DONE]
 KNOWN_PATHS = frozenset({
     "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models",
 })  # fmt: skip
