@@ -8,19 +8,26 @@ for waiting would starve the services. The learner is `trainer.ppo.learner_group
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
 from trainer.ppo.config import PPOConfig, RaySection
 
+log = logging.getLogger("crs_rlhf.ppo")
+
 
 def init_ray(rc: RaySection) -> bool:
-    """Join `rc.address` or start a quiet local cluster. Returns True if we started it (and must stop it)."""
+    """Join `rc.address` (or `$RAY_ADDRESS`, as Ray itself does) or start a quiet local cluster.
+    Returns True if we connected (and must disconnect, which stops a cluster we started)."""
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False, "ignore_reinit_error": True}
-    if rc.address:
-        ray.init(address=rc.address, **kwargs)
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster: its size is its own, so no num_cpus / object store here
+        if rc.num_cpus is not None:
+            log.warning("ray.num_cpus %s is ignored: joining the Ray cluster at %s", rc.num_cpus, address)
+        ray.init(address=address, **kwargs)
     else:
         # Ray turns token auth on for a new local cluster and logs a banner saying so on every
         # start. Keep the auth, drop the banner. (Setting RAY_AUTH_MODE here would be too late:
@@ -44,6 +51,19 @@ class RolloutActor:
         from trainer.ppo.rollout import RolloutWorker
 
         self.worker = RolloutWorker(cfg, worker_index)
+
+    def probe(self, targets: list, wait_s: float) -> dict:
+        """This actor's node, and which of `targets` (trainer.clients.wait.Target) are not ready from
+        it within `wait_s`: the driver's own check says nothing about what other nodes reach."""
+        from trainer.clients.wait import ServicesNotReady, wait_ready
+
+        try:
+            wait_ready(targets, wait_s, log_every_s=wait_s + 1)
+            problem = None
+        except ServicesNotReady as e:
+            problem = str(e)
+        return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "not_ready": problem}
 
     def rollout(self, prompts, adapter, step, overlap=None, retry_s=None):
         try:
@@ -79,3 +99,40 @@ def make_rollout_workers(cfg: PPOConfig) -> list:
     connections and event loop, so spreading them spreads the client-side work (tokenizing,
     JSON, scoring requests) instead of piling it onto the driver's node."""
     return [RolloutActor.options(scheduling_strategy="SPREAD").remote(cfg, i) for i in range(cfg.ray.num_rollout_workers)]
+
+
+def check_rollout_nodes(workers: list, targets: list, wait_s: float = 30.0) -> list[dict]:
+    """Ask every rollout worker whether the services answer /ready from its node; raise
+    ServicesNotReady naming the worker and node if not. Returns each worker's probe (its node)."""
+    from trainer.clients.wait import ServicesNotReady
+
+    probes = ray.get([w.probe.remote(targets, wait_s) for w in workers])
+    for i, p in enumerate(probes):
+        if p["not_ready"]:
+            raise ServicesNotReady(
+                f"rollout worker {i} on node {p['ip']} cannot reach the services the driver reached: {p['not_ready']}. "
+                "Every Ray node runs rollouts: give services.* URLs that every node reaches (a loopback address "
+                "such as 127.0.0.1 names each node's own host)")
+    return probes
+
+
+def warn_loopback_urls(urls: list[str]) -> list[str]:
+    """Loopback service URLs on a cluster of several nodes: warn loudly (they reach only the local host)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    def loopback(url: str) -> bool:
+        host = urlparse(url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    found = [u for u in urls if loopback(u)]
+    if len(nodes) > 1 and found:
+        log.warning("services at loopback URLs %s on a Ray cluster of %d nodes: only workers on the same host as each "
+                    "service reach it; give addresses every node reaches", found, len(nodes))
+    return found if len(nodes) > 1 else []

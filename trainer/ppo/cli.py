@@ -5,7 +5,7 @@ trainer waits up to `run.step_timeout_s` for their `/ready`. policy_gen needs
 `--adapter-root` at (or above) RUN/adapters so it may load each step's adapter.
 
 Exit codes: 0 finished; 2 bad config or a request a service refused (e.g. an adapter outside
-policy_gen's --adapter-root); 3 a service unreachable, not ready in time, or failing after
+policy_gen's --adapter-root, or a full adapter table after run.adapter_slot_wait_s); 3 a service unreachable, not ready in time, or failing after
 retries; 4 the learner failed (a learner worker died, a collective timed out, or the update
 raised: the message names the worker's rank and node; `--resume` continues from the last
 checkpoint); 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint; 1 anything else.
@@ -28,14 +28,17 @@ def classify_failure(exc: BaseException) -> tuple[int, str]:
     import httpx
     import openai
 
+    from trainer.clients.policy import AdapterTableFull
     from trainer.clients.wait import ServicesNotReady
-    from trainer.ppo.learner_group import LearnerFailed
     from trainer.ppo.driver import StepFailed
+    from trainer.ppo.learner_group import LearnerFailed
 
     if isinstance(exc, ServicesNotReady):
         return EXIT_SERVICE, str(exc)
     if isinstance(exc, LearnerFailed):
         return EXIT_LEARNER, f"the learner failed: {exc}"
+    if isinstance(exc, AdapterTableFull):  # waited run.adapter_slot_wait_s; the message names --max-loras
+        return EXIT_CONFIG, f"policy_gen refused the adapter: {exc}"
     if isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500:
         detail = exc.message
         hint = " (policy_gen's --adapter-root must contain run.output_dir)" if "adapter" in detail.lower() else ""

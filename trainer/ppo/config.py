@@ -142,10 +142,13 @@ class ServicesSection(Section):
 
 
 class RaySection(Section):
-    address: str | None = Field(None, description="Join this Ray cluster ('auto' or host:port); None = start a local one.")
+    address: str | None = Field(None, description="Join this Ray cluster ('auto' or host:port); None = "
+                         "$RAY_ADDRESS when set (as Ray does), else start a local one.")
     num_cpus: int | None = Field(None, description="CPUs for a local cluster; None = Ray's default.")
     num_rollout_workers: int = Field(1, gt=0, description="Rollout actors; each step's prompts are split among them.")
     learner_gpu: Literal["auto", "never", "always"] = Field("auto", description="auto: take a GPU when the cluster has one.")
+    placement_wait_s: float = Field(300.0, gt=0, description="Wait this long for the cluster to place the learner "
+                                    "workers (logged every 15 s with what is missing), e.g. for a lost node to rejoin.")
 
 
 class LearnerSection(Section):
@@ -202,6 +205,24 @@ class RunSection(Section):
         if v is not None and not is_valid_run_id(v):
             raise ValueError(f"run.name {v!r} must be {RUN_ID_RULE} (servers label metrics by it), e.g. 'ppo-w025-seed1'")
         return v
+
+
+def pin_paths(cfg: PPOConfig) -> PPOConfig:
+    """A copy of `cfg` with every path a Ray worker opens made absolute, as this process sees it.
+
+    Workers on another node run in another folder (where `ray start` ran), so a relative
+    `model.policy_path` would name nothing there, or something else. Pinned: `run.output_dir`
+    (the run tag and adapter names derive from it), every `model.*_path` and `run.data_source`
+    that exist here. A path that does not exist here is left alone: it may be a hub model id.
+    """
+    def pinned(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    model = {k: pinned(v) for k, v in cfg.model.model_dump().items() if k.endswith("_path") and isinstance(v, str)}
+    run = {"output_dir": str(cfg.run_dir)}
+    if cfg.run.data_source != "fixture":
+        run["data_source"] = pinned(cfg.run.data_source)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=model), "run": cfg.run.model_copy(update=run)})
 
 
 def run_tag(run_dir: Path) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,9 +32,9 @@ import ray
 
 from trainer.clients.wait import Target, wait_ready
 from trainer.config_io import dump_config
-from trainer.ppo.actors import RolloutRefused, init_ray, make_rollout_workers
+from trainer.ppo.actors import RolloutRefused, check_rollout_nodes, init_ray, make_rollout_workers, warn_loopback_urls
 from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
-from trainer.ppo.config import PPOConfig, run_tag  # run_tag: re-exported here too
+from trainer.ppo.config import PPOConfig, pin_paths, run_tag  # run_tag: re-exported here too
 from trainer.ppo.deadline import StepDeadline
 from trainer.ppo.experience import RolloutBatch, drop_stale
 from trainer.ppo.learner_group import start_learner
@@ -142,7 +143,7 @@ def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: st
         except RolloutRefused as e:
             raise StepFailed(f"step {step}: a service refused the rollout (redoing it would not help): {e}") from None
         except ray.exceptions.RayError as e:  # a worker's error (RayTaskError) or a lost worker
-            failure = str(e)
+            failure = _clean_error(str(e))  # a lost worker restarts (max_restarts) on a node that is alive
         else:
             failure, dropped = _stale_samples(parts, adapter)
             if failure is None:
@@ -199,14 +200,20 @@ def _recover(cfg: PPOConfig, adapter: str | None, step: int, deadline: StepDeadl
         log.warning("step %d: re-loading adapter %s failed: %s", step, adapter, sync_error)
 
 
+def _clean_error(text: str) -> str:
+    """An actor's error without the terminal colours of Ray's worker tracebacks."""
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
 def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> RunSummary:
     """Run PPO up to cfg.run.steps; `on_step(row)` is called after each step's metrics row (progress bars)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    # The actors get this config too: pin the folder as the driver resolved it, so a worker whose
-    # cwd differs (another node) computes the same run tag, adapter names and X-CRS-Run id.
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir)})})
+    # The actors get this config too: pin every path as the driver resolved it, so a worker whose
+    # cwd differs (another node) opens the same model, and computes the same run tag, adapter
+    # names and X-CRS-Run id.
+    cfg = pin_paths(cfg)
     data = load_prompts(cfg)
     order = PromptOrder(len(data.prompts), cfg.run.seed)
     prompts_per_step = cfg.ppo.batch_size // cfg.ppo.completions_per_prompt
@@ -221,8 +228,11 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     stop.__enter__()
     learner = None  # a LearnerGroup: one handle for any learner.num_workers
     try:
+        workers = make_rollout_workers(cfg)  # they start while the learner loads
         learner = start_learner(cfg, name=run_tag(run_dir))
-        workers = make_rollout_workers(cfg)
+        targets = service_targets(cfg)
+        warn_loopback_urls([t.url for t in targets])
+        check_rollout_nodes(workers, targets)
         ckpt = latest_checkpoint(run_dir) if resume else None
         progress = Progress()
         unload_stale_adapters(cfg, _stale_prefix(cfg))
@@ -271,9 +281,11 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
                 checkpoint()
         summary.last_step = progress.step
         summary.final_adapter = str(run_dir / "adapters" / f"step-{progress.step:06d}") if progress.step else None
-        release_adapter_slots(cfg, _stale_prefix(cfg))
         return summary
     finally:
+        # Every way out frees this run's slot on every replica (a failed run too: two leaked
+        # slots fill a default --max-loras 2 and stall every later trainer); `--resume` reloads it.
+        release_adapter_slots(cfg, _stale_prefix(cfg))
         stop.__exit__(None, None, None)
         if metrics is not None:
             metrics.close()

@@ -36,7 +36,14 @@ from trainer.ppo import core
 from trainer.ppo.checkpoint import load_learner_state, save_learner_state
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import Experience, RolloutSample, pad_samples
-from trainer.train_device import all_gather_rows, average_gradients, broadcast_params, shard_slice, sum_over_ranks, weighted_pieces
+from trainer.train_device import (
+    all_gather_rows,
+    average_gradients,
+    broadcast_params,
+    shard_slice,
+    sum_over_ranks,
+    weighted_pieces,
+)
 
 
 @dataclass(frozen=True)

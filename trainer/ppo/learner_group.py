@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -80,6 +82,43 @@ def start_learner(cfg: PPOConfig, name: str | None = None) -> LearnerGroup:
                         name=name)
 
 
+def interface_for(ip: str) -> str | None:
+    """The network interface that holds `ip` (exactly, else within its subnet: 127.0.0.2 is on
+    `lo`, which lists 127.0.0.1/8); None when no interface does."""
+    import psutil
+
+    addr, within = ipaddress.ip_address(ip), None
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
+                continue
+            try:
+                net = ipaddress.ip_network(f"{a.address.split('%')[0]}/{a.netmask}", strict=False)
+            except ValueError:
+                continue
+            if a.address.split("%")[0] == ip:
+                return name
+            if within is None and addr in net:
+                within = name
+    return within
+
+
+def bind_collectives_to(ip: str) -> str | None:
+    """Make gloo (and NCCL's bootstrap) use the interface holding this node's Ray IP.
+
+    Left alone, gloo binds to whatever the hostname resolves to; on hosts that map their name
+    to a loopback address (Debian's 127.0.1.1) a peer on another node is then told to connect
+    to its own loopback. A variable the user already set wins. Returns the interface used.
+    """
+    name = interface_for(ip)
+    if name is None:
+        log.warning("no network interface holds this node's Ray IP %s: gloo/NCCL pick their own", ip)
+        return os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+    return os.environ["GLOO_SOCKET_IFNAME"]
+
+
 def init_group(rank: int, world: int, master_addr: str, master_port: int, timeout_s: float, backend: str | None = None) -> str:
     """Join the default process group (NCCL when this process sees a GPU, else gloo)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -94,6 +133,47 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def cluster_view() -> str:
+    """What Ray has now, in words: alive nodes, lost ones, free and total resources."""
+    nodes = ray.nodes()
+    alive = sorted(n["NodeManagerAddress"] for n in nodes if n["Alive"])
+    lost = sorted(n["NodeManagerAddress"] for n in nodes if not n["Alive"])
+    keep = ("CPU", "GPU")
+    free = {k: v for k, v in ray.available_resources().items() if k in keep}
+    total = {k: v for k, v in ray.cluster_resources().items() if k in keep}
+    return (f"{len(alive)} alive node(s) ({', '.join(alive)})" + (f", lost: {', '.join(lost)}" if lost else "")
+            + f"; free {free} of {total}")
+
+
+def wait_placed(pg, what: str, wait_s: float, first_log_s: float = 2.0, log_every_s: float = 15.0) -> bool:
+    """Wait up to `wait_s` for placement group `pg`; after `first_log_s`, and every `log_every_s`
+    from then on, log what the cluster has and the time left."""
+    deadline, chunk = time.monotonic() + wait_s, first_log_s
+    while True:
+        left = deadline - time.monotonic()
+        if pg.wait(timeout_seconds=max(0.0, min(chunk, left))):
+            return True
+        left, chunk = deadline - time.monotonic(), log_every_s
+        if left <= 0:
+            return False
+        log.warning("waiting to place %s: the cluster has %s; %.0f s left (ray.placement_wait_s)", what, cluster_view(), left)
+
+
+def _clean(text: str) -> str:
+    """First line of an error, without the terminal colours Ray puts in worker tracebacks."""
+    line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).strip().splitlines()
+    return (line[0] if line else "")[:300].rstrip(".")
+
+
+def _collective_error(e: BaseException) -> bool:
+    """A rank's error that says a peer went away (gloo / NCCL / the rendezvous store), not its own fault."""
+    if isinstance(e, dist.DistError):  # Ray re-raises a task's error as an instance of its cause too
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
+                                   "Timed out waiting", "DistBackendError", "DistNetworkError"))
 
 
 @ray.remote(num_cpus=1)
@@ -117,6 +197,7 @@ class LearnerWorker:
         backend = "single"  # a group of one has nothing to talk to: no process group
         if self.world > 1:
             backend = None if device is None else ("nccl" if device.startswith("cuda") else "gloo")
+            self.interface = bind_collectives_to(ray.util.get_node_ip_address())
             backend = init_group(self.rank, self.world, master_addr, master_port, timeout_s, backend)
         self.learner = Learner(cfg, device)
         return f"{backend}:{self.learner.device}"
@@ -142,6 +223,10 @@ class LearnerWorker:
 
     def device_name(self):
         return str(self.learner.device)
+
+    def interface_name(self) -> str | None:
+        """The interface gloo/NCCL were bound to (`bind_collectives_to`)."""
+        return getattr(self, "interface", None)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -172,6 +257,9 @@ class LearnerGroup:
     Ray actor names (`{name}-{k}-rank-{r}`), so `ray list actors` shows whose workers they are.
     """
 
+    poll_s = 1.0  # how often a wait looks at Ray's node table
+    grace_s = 5.0  # after a rank's collective failed, how long the others have to answer or be reported dead
+
     def __init__(self, cfg: PPOConfig, num_workers: int, *, gpus: bool = False, collective_timeout_s: float = 600.0,
                  name: str | None = None):
         from ray.util.placement_group import placement_group
@@ -181,14 +269,17 @@ class LearnerGroup:
             raise ValueError(f"learner.num_workers {num_workers} must divide the minibatch size {cfg.mini_batch_size} "
                              "(ppo.mini_batch_size, or batch_size / num_minibatches): each worker takes a share of every minibatch")
         self.num_workers = num_workers
+        self.workers, self.nodes = [], []
         bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
-        if not self.pg.wait(timeout_seconds=300):
+        wait_s = cfg.ray.placement_wait_s
+        if not wait_placed(self.pg, f"{num_workers} learner workers ({bundle} each)", wait_s):
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.pg)
-            raise LearnerFailed(f"could not place {num_workers} learner workers ({bundle} each) in 300 s: the Ray cluster "
-                                    f"has {ray.cluster_resources()}; lower learner.num_workers or add nodes")
+            raise LearnerFailed(f"could not place {num_workers} learner workers ({bundle} each) in {wait_s:.0f} s "
+                                    f"(ray.placement_wait_s): {cluster_view()}; lower learner.num_workers, add nodes or "
+                                    "wait for a lost node to rejoin")
         prefix = f"{name}-{next(_group_ids)}" if name else None
         self.workers = [
             LearnerWorker.options(
@@ -197,16 +288,17 @@ class LearnerGroup:
             ).remote(r, num_workers)
             for r in range(num_workers)
         ]
-        self.nodes: list[dict] = []
         try:
             self.nodes = ray.get([w.node.remote() for w in self.workers])
             addr, port = self.nodes[0]["ip"], ray.get(self.workers[0].master_port.remote())
             self.backends = self._all("setup", cfg, addr, port, collective_timeout_s, None if gpus else "cpu")
+            self.interfaces = self._all("interface_name")
         except BaseException:
             self.shutdown()
             raise
-        log.info("learner group: %d workers (%s) on %s, rendezvous %s:%d", num_workers, self.backends[0],
-                 ", ".join(sorted({n["ip"] for n in self.nodes})), addr, port)
+        log.info("learner group: %d workers (%s), rendezvous %s:%d; %s", num_workers, self.backends[0], addr, port,
+                 ", ".join(f"rank {r} on {n['ip']} (pid {n['pid']}, interface {i})"
+                           for r, (n, i) in enumerate(zip(self.nodes, self.interfaces))))
 
     def _describe(self, rank: int) -> str:
         if rank >= len(self.nodes):  # failed before it reported its node
@@ -218,39 +310,65 @@ class LearnerGroup:
         return GroupCall(method, [getattr(w, method).remote(*args) for w in self.workers], time.perf_counter())
 
     def _wait(self, call: GroupCall) -> list:
-        """Every rank's result; the first failure raises naming its rank and node."""
+        """Every rank's result; a failure raises naming the rank to blame, from Ray's own view.
+
+        Liveness is never asked of a worker (a healthy rank blocked in a collective with a lost
+        peer cannot answer): a rank is dead when Ray fails its call with RayActorError, or
+        reports its node dead (`ray.nodes()`, polled while waiting, so a lost node fails the
+        step within Ray's node-failure detection, not at the collective timeout). A rank whose
+        collective failed only reports a peer's loss: the blame goes to a dead rank, then to one
+        that still has not answered `grace_s` later; a rank's own error (not a collective's)
+        blames that rank.
+        """
         rank_of = {ref: r for r, ref in enumerate(call.refs)}
-        pending, results = list(call.refs), {}
+        pending, results, errors = list(call.refs), {}, {}
+        first_error_at = None
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ref = done[0]
-            try:
-                results[ref] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                rank = rank_of[ref]
-                dead = isinstance(e, ray.exceptions.RayActorError)
-                what = "died" if dead else "failed"
-                # A dead worker leaves its peers waiting in a collective until the timeout; the first
-                # error to arrive is the culprit or a peer that noticed it, so name every dead rank.
-                for r, w in enumerate(self.workers):
-                    if r != rank and not self._alive(w):
-                        rank, what = r, "died"
-                        break
-                raise LearnerFailed(f"{self._describe(rank)} {what} during {call.method}: {type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:300].rstrip('.')}. Resume the run from its last checkpoint "
-                                        "(--resume)") from None
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
+            for ref in done:
+                try:
+                    results[ref] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    errors[rank_of[ref]] = e
+            waiting = [rank_of[ref] for ref in pending]
+            lost = self._lost_ranks(waiting)
+            died = [r for r, e in sorted(errors.items()) if isinstance(e, ray.exceptions.RayActorError)]
+            if died or lost:
+                rank = (died or sorted(lost))[0]
+                why = lost.get(rank) or self._death(errors[rank])
+                raise self._failure(rank, f"died during {call.method}: {why}")
+            if not errors:
+                continue
+            first_error_at = first_error_at or time.monotonic()
+            own = [r for r, e in sorted(errors.items()) if not _collective_error(e)]
+            if own:
+                e = errors[own[0]]
+                raise self._failure(own[0], f"failed during {call.method}: {type(e).__name__}: {_clean(str(e))}")
+            if not pending or time.monotonic() - first_error_at >= self.grace_s:
+                r0 = min(errors)
+                seen = f"rank {r0} saw: {_clean(str(errors[r0]))}"
+                if waiting:  # alive per Ray, yet silent while its peers' collective failed: hung or cut off
+                    raise self._failure(waiting[0], f"stopped responding during {call.method} ({seen})")
+                raise self._failure(r0, f"failed during {call.method}: {type(errors[r0]).__name__}: {_clean(str(errors[r0]))}")
         return [results[r] for r in call.refs]
+
+    def _failure(self, rank: int, what: str) -> LearnerFailed:
+        return LearnerFailed(f"{self._describe(rank)} {what}. Resume the run from its last checkpoint (--resume)")
+
+    @staticmethod
+    def _death(e: BaseException) -> str:
+        return f"{type(e).__name__}: {_clean(str(e))}"
+
+    def _lost_ranks(self, ranks: list[int]) -> dict[int, str]:
+        """Ranks among `ranks` whose node Ray reports dead: {rank: why}."""
+        if not ranks or not self.nodes:
+            return {}
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        return {r: f"Ray reports its node {self.nodes[r]['ip']} dead" for r in ranks
+                if r < len(self.nodes) and not alive.get(self.nodes[r]["node_id"], False)}
 
     def _all(self, method: str, *args) -> list:
         return self._wait(self._call(method, *args))
-
-    @staticmethod
-    def _alive(worker) -> bool:
-        try:
-            ray.get(worker.node.remote(), timeout=10)
-            return True
-        except Exception:  # noqa: BLE001 - dead, unreachable or hung: not alive for our purpose
-            return False
 
     def train_step_async(self, samples) -> GroupCall:
         """Start the step on every rank and return at once (the driver finishes it on Ctrl-C too)."""

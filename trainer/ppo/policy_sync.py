@@ -61,9 +61,10 @@ class _Outcome:
     resynced: bool = False
 
 
-def _client(cfg: PPOConfig, url: str, step: int, adapter: str | None) -> PolicyClient:
+def _client(cfg: PPOConfig, url: str, step: int, adapter: str | None, *, timeout_s: float | None = None,
+            attempts: int = 6) -> PolicyClient:
     s = cfg.services
-    return PolicyClient(url, model="", api_key=s.api_key, timeout_s=s.timeout_s,
+    return PolicyClient(url, model="", api_key=s.api_key, timeout_s=timeout_s or s.timeout_s, max_attempts=attempts,
                         headers=run_headers(cfg.run_id, step, adapter))
 
 
@@ -177,11 +178,11 @@ def wait_for_a_replica(cfg: PPOConfig, deadline: StepDeadline | None = None, pol
     return asyncio.run(poll())
 
 
-def unload_stale_adapters(cfg: PPOConfig, prefix: str) -> list[str]:
+def unload_stale_adapters(cfg: PPOConfig, prefix: str, *, timeout_s: float | None = None, attempts: int = 6) -> list[str]:
     """Unload adapters named `prefix*` that an earlier (interrupted) invocation of this run left
     in any replica. A replica that does not answer is skipped: a restarted one holds nothing."""
     async def one(url: str) -> list[str]:
-        async with _client(cfg, url, 0, None) as client:
+        async with _client(cfg, url, 0, None, timeout_s=timeout_s, attempts=attempts) as client:
             stale = [m for m in await client.models() if m.startswith(prefix)]
             for name in stale:
                 await client.unload_adapter(name)
@@ -198,11 +199,11 @@ def unload_stale_adapters(cfg: PPOConfig, prefix: str) -> list[str]:
 
 
 def release_adapter_slots(cfg: PPOConfig, prefix: str) -> None:
-    """A finished (or interrupted) run frees its slot on every replica for the next trainer: the
-    adapter stays on disk, and `--resume` loads it again. Best effort: a run that trained is not
-    failed because a replica went away at the end."""
+    """A run that ends, however it ends, frees its slot on every replica for the next trainer:
+    the adapter stays on disk, and `--resume` loads it again. Best effort and quick (one try, a
+    10 s timeout): a run is not failed, nor its failure delayed, because a replica is gone."""
     try:
-        unload_stale_adapters(cfg, prefix)
+        unload_stale_adapters(cfg, prefix, timeout_s=min(cfg.services.timeout_s, 10.0), attempts=1)
     except Exception as e:  # noqa: BLE001 - any failure here only costs a slot until the next start
         log.warning("could not unload this run's adapter from policy_gen: %s", e)
 

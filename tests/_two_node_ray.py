@@ -1,0 +1,129 @@
+"""A real two-node Ray cluster on one machine: a head and a second raylet on 127.0.0.2.
+
+Each node is a `ray start --block` process in its own session (own process group) with its
+own temp dir and one CPU, so a test can lose node B for real: SIGKILL its process group (the
+machine died) or SIGSTOP it (the machine hangs). `RAY_AUTH_MODE=disabled` on every process of
+the cluster and on its drivers, so the second raylet is admitted without a token. Drivers
+reach it through `RAY_ADDRESS` (`env()`); every port is chosen free here, so two clusters (or
+other tests' local Ray) on the same machine never collide. Never `ray stop`: it would stop
+every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from services.common.process import free_port
+
+NODE_B_IP = "127.0.0.2"
+
+
+def ray_bin() -> str:
+    import sys
+
+    return shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+
+
+class RayNode:
+    def __init__(self, argv: list[str], log: Path, env: dict):
+        self.log = log
+        self._out = open(log, "ab")  # noqa: SIM115 - open for the life of the node, closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "Ray runtime started" in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"ray start not up in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        """To the whole node: `ray start`, its raylet and every worker process it started."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)  # workers left behind in the group
+        self._out.close()
+
+
+class TwoNodeCluster:
+    """`head` (the driver's node) and `node_b` (127.0.0.2), one CPU each unless told otherwise."""
+
+    def __init__(self, root: Path, cpus: tuple[int, int] = (1, 1), timeout: float = 240.0, extra_env: dict | None = None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.base_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                         # A loaded machine starts a node's Python agents slowly: give them time to register.
+                         "RAY_agent_register_timeout_ms": "180000", **(extra_env or {})}
+        self.base_env.pop("RAY_ADDRESS", None)
+        # /tmp, not pytest's deep tmp_path: Ray's socket paths must stay under 107 characters.
+        self._tmp = [Path(f"/tmp/crs-ray-{self.port}-{x}") for x in ("head", "b")]
+        self.node_b: RayNode | None = None
+        self.head = self._start("head", cpus[0], timeout)
+        try:
+            self.start_node_b(cpus[1], timeout)
+        except BaseException:
+            self.head.stop()
+            raise
+
+    def _start(self, which: str, cpus: int, timeout: float, tries: int = 5) -> RayNode:
+        # On a loaded machine the raylet may give up waiting (30 s) for its dashboard agent to
+        # start ("Timed out waiting for file ..."); a second try usually makes it.
+        for attempt in range(tries):
+            node = RayNode(self._argv(cpus, which), self.root / f"ray-{which}.log", self.base_env)
+            try:
+                node.wait_started(timeout)
+                return node
+            except (RuntimeError, TimeoutError):
+                node.stop()
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _argv(self, cpus: int, which: str) -> list[str]:
+        argv = [ray_bin(), "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
+                f"--object-store-memory={96 * 1024 * 1024}", f"--temp-dir={self._tmp[0 if which == 'head' else 1]}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                "--min-worker-port=0", "--max-worker-port=0"]  # workers take ports the OS gives them
+        if which == "head":
+            return argv + ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                           f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+        return argv + [f"--address={self.address}", f"--node-ip-address={NODE_B_IP}"]
+
+    def start_node_b(self, cpus: int = 1, timeout: float = 240.0) -> RayNode:
+        """(Re)join node B, as a machine coming back after it was lost."""
+        self.node_b = self._start("b", cpus, timeout)
+        return self.node_b
+
+    def env(self, **extra: str) -> dict:
+        """Environment for a driver of this cluster (the `crs-rlhf train` CLI, a python -c)."""
+        return {**self.base_env, "RAY_ADDRESS": self.address, **extra}
+
+    def close(self) -> None:
+        for node in (self.node_b, self.head):
+            if node is not None:
+                node.stop()
+        for t in self._tmp:
+            shutil.rmtree(t, ignore_errors=True)
