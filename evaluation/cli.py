@@ -68,7 +68,7 @@ def _generate(prompts_path: Path, policies: list[str], url: str, out: Path, samp
 
 def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: bool = False) -> list[dict]:
     from evaluation.generate import load_outputs
-    from evaluation.judge import run_judge
+    from evaluation.judge import CONTEXT_OVERFLOW, run_judge
     from evaluation.winrates import format_table, win_rate_rows, write_alpaca_annotations, write_win_rates
 
     outputs = load_outputs(run_dir)
@@ -78,6 +78,7 @@ def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: 
     path = write_win_rates(run_dir / "win_rates.csv", rows)
     write_alpaca_annotations(run_dir, records, outputs)  # alpaca_eval can recompute the board from these
     n_invalid = sum(not r["valid"] for r in records)
+    too_long = sum(str(r.get("invalid_reason", "")).startswith(CONTEXT_OVERFLOW) for r in records)
     by = {}
     for r in records:
         if r["valid"]:
@@ -86,6 +87,9 @@ def _judge(run_dir: Path, settings, baseline, both_orders: bool, retry_invalid: 
     print(format_table(rows))
     print(f"{len(records)} judgments ({', '.join(f'{k}: {v}' for k, v in sorted(by.items())) or 'none valid'}; "
           f"invalid: {n_invalid}); judge calls this run: {calls}; wrote {path}")
+    if too_long:
+        print(f"{too_long} pairs do not fit {settings.model}'s context (recorded invalid, reason in "
+              f"{run_dir / 'judgments.jsonl'}): judge them with a longer-context judge, or generate shorter outputs")
     return rows
 
 

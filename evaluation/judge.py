@@ -6,7 +6,8 @@
         the two), else parsed from the text -> appended to judgments.jsonl at once
 
 A reply that yields no verdict is asked again (new seed) up to `invalid_retries` times, then
-recorded as invalid with the raw reply: counted in n_invalid, never a draw. Transport
+recorded as invalid with the raw reply: counted in n_invalid, never a draw. A pair the judge
+refuses as longer than its context is recorded invalid with that reason, and the run goes on. Transport
 failures and 429/5xx are retried with backoff; when the judge stays down the run stops with
 a clear error and every judgment made so far is already on disk, so a re-run resumes.
 """
@@ -114,6 +115,29 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise EvalInputError(f"unknown judge template {name!r}; use one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+# How servers refuse a prompt longer than the judge's context, before generating anything:
+# vLLM and policy_gen "This model's maximum context length is N tokens ...", OpenAI the
+# error code `context_length_exceeded`. Their own length check is the check: it uses the
+# judge's tokenizer and costs no generation.
+CONTEXT_OVERFLOW = "context_length"
+_CONTEXT_WORDS = re.compile(r"maximum context length|context[ _]length|max_model_len|too many tokens", re.IGNORECASE)
+
+
+def context_overflow(status: int, message: str | None, code: str | None = None) -> str | None:
+    """The invalid reason to record when a judge refused a pair for its length, else None. Pure.
+
+    >>> context_overflow(400, "This model's maximum context length is 1024 tokens. However, you requested 1788")
+    "context_length: This model's maximum context length is 1024 tokens. However, you requested 1788"
+    >>> context_overflow(400, "bad temperature") is None, context_overflow(503, "maximum context length") is None
+    (True, True)
+    """
+    if status not in (400, 413, 422):
+        return None
+    if code == "context_length_exceeded" or _CONTEXT_WORDS.search(message or ""):
+        return f"{CONTEXT_OVERFLOW}: {(message or code or '').strip()[:300]}"
+    return None
 
 
 class JudgeUnavailable(RuntimeError):
@@ -296,6 +320,9 @@ class Judge:
             except openai.APIConnectionError as e:
                 raise JudgeUnavailable(f"cannot reach the judge at {self.s.url} ({e})") from None
             except openai.APIStatusError as e:
+                reason = context_overflow(e.status_code, e.message, getattr(e, "code", None))
+                if reason is not None:  # this pair can never fit this judge: record it, go on with the rest
+                    return {**self._record(task, None, None, None, attempt + 1), "invalid_reason": reason}
                 raise JudgeUnavailable(f"the judge at {self.s.url} answered HTTP {e.status_code}: {e.message}") from None
             choice = resp.choices[0] if resp.choices else None
             text = choice.message.content if choice is not None else None
