@@ -187,7 +187,7 @@ def run_demo(args: DemoArgs) -> int:
     if summary.interrupted:
         print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
               f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
-    return 130 if summary.interrupted else 0
+    return summary.exit_code if summary.interrupted else 0  # 143 for SIGTERM, 130 for Ctrl-C
 
 
 def _quiet_libraries() -> None:
@@ -205,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("CRS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     args = parse_args(argv)
-    try:
-        return run_demo(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted: services stopped", flush=True)
-        return 130
+    from crs_rlhf.local_services import SignalStop
+
+    with SignalStop() as stop:  # SIGTERM as Ctrl-C: the services started here are stopped, never orphaned
+        try:
+            return stop.exit_code(run_demo(args))
+        except KeyboardInterrupt:
+            print("\ninterrupted: services stopped", flush=True)
+            return stop.exit_code(130)

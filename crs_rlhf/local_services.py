@@ -2,15 +2,20 @@
 
 Used by `crs-rlhf demo` (one trainer) and `crs-rlhf sweep --start-services` (many trainers on
 the same three services). Every process is registered with the caller's ExitStack, so a
-normal end, an error or Ctrl-C stops them all.
+normal end, an error, Ctrl-C or SIGTERM (under `SignalStop`) stops them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 from pathlib import Path
+from typing import Self
 
 from services.common.process import ServiceProcess, free_port, python_module
+from trainer.ppo.signals import Interrupted
 
 # Three services, Ray and the trainers share a few cores: one thread each keeps them in check.
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -54,3 +59,52 @@ def start_local_services(stack: contextlib.ExitStack, models: dict[str, Path], a
         if echo:
             print(f"  {name:12s} {proc.url}   (log: {proc.log_path})", flush=True)
     return {name: proc.url for name, proc in procs.items()}
+
+
+class SignalStop:
+    """SIGTERM and SIGINT stop a command that started services the way Ctrl-C does: raise
+    `Interrupted` (a KeyboardInterrupt) in the main thread, so every ExitStack unwinds and the
+    services it started are stopped; `exit_code` then gives 143 / 130.
+
+    Without it SIGTERM (`timeout`, a CI runner, Kubernetes, `docker stop`) kills the command at
+    once and its services live on as orphans holding their ports and memory. The first signal
+    raises; later ones only print, so the stopping itself is not cut short (each service gets
+    15 s before SIGKILL). `install()` again after `ray.init`, which sets its own SIGTERM handler.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be set from the main thread (a test calling main() in a thread)
+        for s in self.SIGNALS:
+            previous = signal.signal(s, self._handle)
+            self._previous.setdefault(s, previous)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:
+            print(f"{signal.Signals(signum).name}: still stopping the services started here", file=sys.stderr, flush=True)
+            return
+        self.signum = signum
+        raise Interrupted(signum)
+
+    def note(self, signum: int) -> None:
+        """Record a signal someone else's handler caught (the trainer's, inside train())."""
+        self.signum = self.signum or signum
+
+    def exit_code(self, code: int) -> int:
+        """128 + the signal for a stopped command (SIGTERM 143, SIGINT 130), else `code`."""
+        return 128 + self.signum if self.signum is not None else code
+
+    def __enter__(self) -> Self:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

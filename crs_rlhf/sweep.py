@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -179,11 +180,30 @@ def execute(runs: list[Run], parallel: int, ray_address: str | None, poll_s: flo
                 bar.set_postfix_str(" ".join(f"{r.name}:{r.status}" for r in runs if r.status != "pending"))
                 bar.refresh()
                 time.sleep(poll_s)
-        except KeyboardInterrupt:
-            for r in active:  # the trainers got the same SIGINT: let them checkpoint
-                r.proc.wait()
-                _reap(r)
+        except KeyboardInterrupt as stop:
+            _stop_trainers(active, getattr(stop, "signum", signal.SIGINT))
             raise
+
+
+def _stop_trainers(active: list[Run], signum: int, grace_s: float = 120.0) -> None:
+    """Pass the sweep's SIGINT/SIGTERM on to its trainers and let them checkpoint (each exits
+    130/143 on its own). A terminal's Ctrl-C reached them already (same process group; a second
+    signal is ignored while they save), but `timeout`, CI runners and Kubernetes signal the
+    sweep alone. A trainer still running after `grace_s` is killed."""
+    for r in active:
+        if r.proc is not None and r.proc.poll() is None:
+            r.proc.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    for r in active:
+        if r.proc is None:
+            continue
+        try:
+            r.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            log.error("run %s did not stop within %.0fs of the signal; killing it", r.name, grace_s)
+            r.proc.kill()
+            r.proc.wait()
+        _reap(r)
 
 
 # --------------------------------------------------------------------------- results
@@ -329,36 +349,45 @@ def main(argv: list[str] | None = None) -> int:
     todo = [r for r in runs if r.status == "pending"]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished before), {min(parallel, max(len(todo), 1))} at a time, in {out}")
     interrupted, eval_rc = False, 0
-    with contextlib.ExitStack() as stack:
-        urls: dict[str, str] = {}
-        if todo or (args.eval_config and models is not None):
-            if models is not None:
-                from crs_rlhf.local_services import start_local_services
+    from crs_rlhf.local_services import SignalStop
 
-                need_pref = any(r.cfg.crs.weight > 0 for r in runs)
-                need_abs = any(r.cfg.crs.weight < 1 for r in runs)
-                # Each trainer holds one adapter slot (unload, then load); 2 is policy_gen's default.
-                urls = start_local_services(stack, models, out, args.policy_backend, need_pref or bool(args.eval_config),
-                                            need_abs or bool(args.eval_config), logs=out / "logs",
-                                            max_loras=max(2, min(parallel, len(runs))))
-                svc = {"policy_urls": [urls["policy_gen"]], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
-                       "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else []}
-                for r in todo:
-                    r.cfg = r.cfg.model_copy(update={"services": r.cfg.services.model_copy(update=svc)})
-        if todo:
-            address = _ray_address(stack, todo, parallel)
-            try:
-                execute(runs, parallel, address)
-            except KeyboardInterrupt:
-                interrupted = True
-        csv_path, pngs = write_results(runs, out)
-        print(f"results: {csv_path}\nplots:   " + ", ".join(str(p) for p in pngs))
-        ok = all(r.status in ("done", "skipped") for r in runs)
-        if args.eval_config and ok and not interrupted:
-            eval_rc = run_eval(args.eval_config, runs, out, urls)
+    # SIGTERM as Ctrl-C: trainers checkpoint, then the services and Ray started here are stopped.
+    stop = SignalStop()
+    try:
+        with stop, contextlib.ExitStack() as stack:
+            urls: dict[str, str] = {}
+            if todo or (args.eval_config and models is not None):
+                if models is not None:
+                    from crs_rlhf.local_services import start_local_services
+
+                    need_pref = any(r.cfg.crs.weight > 0 for r in runs)
+                    need_abs = any(r.cfg.crs.weight < 1 for r in runs)
+                    # Each trainer holds one adapter slot (unload, then load); 2 is policy_gen's default.
+                    urls = start_local_services(stack, models, out, args.policy_backend, need_pref or bool(args.eval_config),
+                                                need_abs or bool(args.eval_config), logs=out / "logs",
+                                                max_loras=max(2, min(parallel, len(runs))))
+                    svc = {"policy_urls": [urls["policy_gen"]], "reward_pref_urls": [urls["reward_pref"]] if "reward_pref" in urls else [],
+                           "reward_abs_urls": [urls["reward_abs"]] if "reward_abs" in urls else []}
+                    for r in todo:
+                        r.cfg = r.cfg.model_copy(update={"services": r.cfg.services.model_copy(update=svc)})
+            if todo:
+                address = _ray_address(stack, todo, parallel)
+                stop.install()  # ray.init replaced the SIGTERM handler with one that exits at once
+                try:
+                    execute(runs, parallel, address)
+                except KeyboardInterrupt:
+                    interrupted = True
+            csv_path, pngs = write_results(runs, out)
+            print(f"results: {csv_path}\nplots:   " + ", ".join(str(p) for p in pngs))
+            ok = all(r.status in ("done", "skipped") for r in runs)
+            if args.eval_config and ok and not interrupted:
+                eval_rc = run_eval(args.eval_config, runs, out, urls)
+    except KeyboardInterrupt:  # before the trainers ran (services starting): everything started is stopped
+        print("interrupted: the services started here are stopped", file=sys.stderr)
+        return stop.exit_code(130)
     if interrupted:
         print("interrupted: each run saved a checkpoint; the same command resumes the sweep")
-        return 130
+        return stop.exit_code(130)
     return (eval_rc or 0) if ok else 1
 
 

@@ -225,7 +225,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
     metrics: MetricsLogger | None = None
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)
     stop = stop_on_signals()  # after ray.init, which sets a SIGTERM handler that would exit unsaved
-    stop.__enter__()
+    fired = stop.__enter__()
     learner = None  # a LearnerGroup: one handle for any learner.num_workers
     try:
         workers = make_rollout_workers(cfg)  # they start while the learner loads
@@ -273,7 +273,8 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
             # Ctrl-C or SIGTERM: an update already sent to the learner is finished and counted
             # (its weights have moved), a rollout in progress is dropped; then checkpoint.
             summary.interrupted = True
-            summary.exit_code = interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
+            summary.exit_code = (interrupt.exit_code if isinstance(interrupt, Interrupted)
+                                 else 128 + fired[0] if fired else 130)
             if pending is not None and progress.step < pending.step:
                 _finish_step(cfg, learner, metrics, summary, pending, progress)
             log.warning("interrupted: saving a checkpoint at step %d", progress.step)

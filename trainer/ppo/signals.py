@@ -32,11 +32,14 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_on_signals():
     """Within the block, the first SIGINT/SIGTERM raises `Interrupted`; later ones are logged and
-    ignored so the checkpoint being written is not cut short (SIGKILL still ends it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread (e.g. tests calling train() in a thread)
-        return
+    ignored so the checkpoint being written is not cut short (SIGKILL still ends it).
+
+    Yields the list of signals received: a library between the handler and the caller may
+    re-raise the interrupt as a plain KeyboardInterrupt, and SIGTERM must still exit 143."""
     fired: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield fired  # signal handlers can only be set from the main thread (e.g. tests calling train() in a thread)
+        return
 
     def handler(signum, _frame):
         if fired:
@@ -47,7 +50,7 @@ def stop_on_signals():
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield fired
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
