@@ -21,7 +21,7 @@ from crs_rlhf.local_services import SignalStop
 from trainer.ppo.signals import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
-URL_LINE = re.compile(r"^\s+(reward_pref|reward_abs|policy_gen)\s+(http://127\.0\.0\.1:\d+)", re.M)
+URL_LINE = re.compile(r"^\s+(reward_pref|reward_abs|policy_gen)\s+(http://127\.0\.0\.1:\d+)", re.MULTILINE)
 
 
 def test_signal_stop_raises_once_and_gives_the_shell_code():
