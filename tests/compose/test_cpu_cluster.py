@@ -159,12 +159,14 @@ def test_cpu_cluster_builds_runs_ppo_survives_a_kill_resumes_and_cleans_up(clust
             code = e.code
         assert code != 401, url
 
-    # -- 4 + 5. PPO in the trainer container by compose names; reward-abs killed after step 1
+    # -- 4 + 5. PPO in the trainer container by compose names; reward-abs killed after step 1.
+    # --no-deps: the services are up; without it `run` re-runs the tiny-models one-shot, which
+    # rewrites the models volume under the running services (seen in a run).
     job_log = c.state / "ppo-job.log"
     t0 = time.monotonic()
     with job_log.open("w") as log:
         job = subprocess.Popen([c.docker, "compose", "-p", PROJECT, "--env-file", str(c.env_file), *FILES,
-                                "run", "--rm", "-T", "trainer"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                "run", "--rm", "--no-deps", "-T", "trainer"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     killed_after = None
     try:
         while job.poll() is None and time.monotonic() - t0 < 1500:
@@ -222,7 +224,7 @@ def test_cpu_cluster_builds_runs_ppo_survives_a_kill_resumes_and_cleans_up(clust
     command = model["services"]["trainer"]["command"]
     command = [f"run.steps={MORE_STEPS}" if a.startswith("run.steps=") else a for a in command]
     t0 = time.monotonic()
-    out = c.compose("run", "--rm", "-T", "trainer", *command, timeout=1500, check=False)
+    out = c.compose("run", "--rm", "--no-deps", "-T", "trainer", *command, timeout=1500, check=False)
     figures["resume_wall_s"] = round(time.monotonic() - t0, 1)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert re.search(rf"resumed from \S+: step {STEPS}\b", out.stdout + out.stderr), out.stdout[-4000:]
