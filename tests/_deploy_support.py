@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,11 +251,11 @@ def build_routes() -> dict[str, set[str]]:
         return {r.path for r in app.routes}
 
     policy_settings = SETTINGS["policy-gen"](model_path=str(REPO), backend="hf")
-    # The backend is never called: registering routes does not touch it.
+    # The backend is never called: registering routes only sets attributes on it.
     return {
         "reward-pref": paths(pref_app(SETTINGS["reward-pref"](model_path="unused"))),
         "reward-abs": paths(abs_app(SETTINGS["reward-abs"](model_path="unused"))),
-        "policy-gen": paths(policy_app(policy_settings, backend=object())),
+        "policy-gen": paths(policy_app(policy_settings, backend=types.SimpleNamespace())),
     }
 
 
