@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests._deploy_support import (
+from _deploy_support import (
     DATA,
     MODEL_SERVICES,
     REPO,
@@ -34,6 +33,7 @@ from tests._deploy_support import (
     trainer_config,
     user_env,
 )
+
 from crs_rlhf.serve import SERVICES
 
 GPU = ("docker-compose.yml",)

@@ -17,8 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-
-from tests._deploy_support import (
+from _deploy_support import (
     MODEL_SERVICES,
     REPO,
     SETTINGS,

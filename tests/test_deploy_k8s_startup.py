@@ -15,8 +15,7 @@ import shlex
 
 import pytest
 import yaml
-
-from tests._deploy_support import (
+from _deploy_support import (
     REPO,
     SETTINGS,
     labels_match,
@@ -25,7 +24,7 @@ from tests._deploy_support import (
     submitter_template,
     trainer_config,
 )
-from tests.test_deploy_k8s import OVERLAYS, by_kind, containers, probe_targets, render, workloads
+from test_deploy_k8s import OVERLAYS, by_kind, containers, probe_targets, render, workloads
 
 RAY_PORTS = {6379, 8265, 10001}
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from _deploy_support import REPO, pod_templates
+from test_deploy_k8s import render
 
 from services.common.process import ServiceProcess, free_port, python_module
-from tests._deploy_support import REPO, pod_templates
-from tests.test_deploy_k8s import render
 
 KEY = "runtime-test-key"
 

@@ -18,9 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-
-from services.common.identity import is_valid_run_id
-from tests._deploy_support import (
+from _deploy_support import (
     REPO,
     as_argv,
     labels_match,
@@ -30,8 +28,10 @@ from tests._deploy_support import (
     trainer_config,
     user_env,
 )
-from tests.test_deploy_k8s import OVERLAYS, base_docs, by_kind, render, resolve_in_cluster
-from tests.test_deploy_k8s_startup import _admitted
+from test_deploy_k8s import OVERLAYS, base_docs, by_kind, render, resolve_in_cluster
+from test_deploy_k8s_startup import _admitted
+
+from services.common.identity import is_valid_run_id
 
 POLICY_GEN, HEADLESS = "policy-gen", "policy-gen-headless"
 

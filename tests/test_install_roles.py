@@ -18,9 +18,8 @@ import sys
 import tomllib
 
 import pytest
+from _deploy_support import REPO
 from packaging.requirements import Requirement
-
-from tests._deploy_support import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # What the issue names as the trainer's weight; none of it may reach a service image.
@@ -116,7 +115,7 @@ import svc_probe
 
 
 def _reward_build_stage() -> list[str]:
-    from tests.test_deploy import dockerfile_stages
+    from test_deploy import dockerfile_stages
 
     (build,) = [st for st in dockerfile_stages(REPO / "docker/Dockerfile.reward") if any(" -r " in line for line in st)]
     return build
