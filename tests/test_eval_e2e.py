@@ -17,58 +17,34 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from _support import EVAL_TARGETS, make_adapter, running, service
 
 from evaluation import cli
-from services.common.process import ServiceProcess, free_port, python_module
+from services.common.process import free_port
 
 pytestmark = pytest.mark.slow
 FIX = Path(__file__).resolve().parents[1] / "evaluation" / "fixtures"
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def make_adapter(policy: Path, out: Path, seed: int) -> Path:
-    """A 'trained' policy: a LoRA with non-zero B, so its outputs differ from the base's."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-                     task_type="CAUSAL_LM")
-    get_peft_model(model, cfg).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def services(tiny_models, tmp_path_factory):
+def services(tiny_models, reward_pref_url, reward_abs_url, tmp_path_factory):
+    """This module's policy_gen (its adapters: the trained policy and the judge) and the
+    session's shared reward services (conftest.py), which it only scores with."""
     from crs_rlhf.tiny_judge import make_tiny_judge_adapter
 
     root = tmp_path_factory.mktemp("eval-adapters")
-    trained = make_adapter(tiny_models["policy"], root / "trained", seed=1)
+    trained = make_adapter(tiny_models["policy"], root / "trained", seed=1, targets=EVAL_TARGETS)
     make_tiny_judge_adapter(tiny_models["policy"], root / "judge")
-    logs = tmp_path_factory.mktemp("eval-logs")
-    specs = {
-        "policy_gen": ("services.policy_gen", ["--backend", "hf", "--model-path", str(tiny_models["policy"]),
-                                               "--adapter-root", str(root), "--max-loras", "3", "--max-model-len", "1024"]),
-        "pref": ("services.reward_pref", ["--model-path", str(tiny_models["reward_pref"])]),
-        "abs": ("services.reward_abs", ["--model-path", str(tiny_models["reward_abs"])]),
-    }
-    procs = {}
-    try:
-        for name, (module, args) in specs.items():
-            port = free_port()
-            procs[name] = ServiceProcess(python_module(module, *args, "--port", str(port)), port, env=ENV,
-                                         log_path=logs / f"{name}.log", name=name, startup_timeout=600).start()
-        for p in procs.values():
-            p.wait_ready()
-        pg = procs["policy_gen"].url
+    policy_gen = service("services.policy_gen", "--backend", "hf", "--model-path", str(tiny_models["policy"]),
+                         "--adapter-root", str(root), "--max-loras", "3", "--max-model-len", "1024",
+                         log_dir=tmp_path_factory.mktemp("eval-logs"), env=ENV, startup_timeout=600)
+    with running({"policy_gen": policy_gen}):
+        pg = policy_gen.url
         r = httpx.post(pg + "/v1/load_lora_adapter", json={"lora_name": "judge", "lora_path": str(root / "judge")}, timeout=60)
         assert r.status_code == 200, r.text
-        yield {"policy_gen": pg, "pref": procs["pref"].url, "abs": procs["abs"].url, "trained": trained, "root": root}
-    finally:
-        for p in procs.values():
-            p.stop()
+        yield {"policy_gen": pg, "pref": reward_pref_url, "abs": reward_abs_url, "trained": trained,
+               "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import json
 
 import httpx
 import pytest
+from _support import make_adapter
 
 from services.common.process import ServiceProcess, free_port, python_module
 from services.policy_gen import protocol as P
-from tests.test_policy_gen import make_adapter
 
 KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}

@@ -4,16 +4,10 @@ loudly, naming the rank and node; rank 0 alone writes, every rank restores."""
 
 from __future__ import annotations
 
-import os
-
-# Ray reads RAY_AUTH_MODE when it is imported; init_ray's setdefault comes too late for a
-# process that imported ray first (the local cluster then rejects its own driver).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
 import pytest
 import torch
 
-from trainer.ppo.config import PPOConfig, RaySection
+from trainer.ppo.config import PPOConfig
 from trainer.ppo.experience import RolloutSample
 from trainer.train_device import shard_slice, shard_weight
 
@@ -54,17 +48,6 @@ def test_shard_rows_and_weights_hand_worked():
     w0, w1 = shard_weight(3, 4, 2), shard_weight(1, 4, 2)
     assert (w0, w1) == (1.5, 0.5)
     assert (w0 * x[:3].mean() + w1 * x[3:].mean()) / 2 == pytest.approx(x.mean().item())
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from trainer.ppo.actors import init_ray
-
-    init_ray(RaySection(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 def _lora_state(learner) -> dict:

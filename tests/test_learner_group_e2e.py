@@ -5,31 +5,21 @@ from the last checkpoint with two workers again."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported (see test_learner_group.py)
-
 import threading
 import time
 
 import pytest
 import yaml
-from test_ppo_e2e import Stack, _rows
+from _support import Stack
+from _support import metrics_rows as _rows
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_models, tmp_path_factory):
-    import ray
-
-    from trainer.ppo.actors import init_ray
-    from trainer.ppo.config import RaySection
-
+def stack(tiny_models, tmp_path_factory, ray_cluster):
     s = Stack(tiny_models, tmp_path_factory.mktemp("group-e2e"))
-    init_ray(RaySection(num_cpus=2))  # one CPU per learner worker; rollout actors take none
     yield s
-    ray.shutdown()
     s.close()
 
 

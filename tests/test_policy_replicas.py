@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _support import write_prompt_trees
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.process import ServiceProcess, free_port, python_module
@@ -102,13 +103,7 @@ def _held(url: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_models, tmp_path_factory):
-    import ray
-
-    from tests.test_ppo_e2e import write_prompt_trees
-    from trainer.ppo.actors import init_ray
-    from trainer.ppo.config import RaySection
-
+def replicas(tiny_models, tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("replicas")
     runs = root / "runs"
     runs.mkdir()
@@ -126,10 +121,8 @@ def replicas(tiny_models, tmp_path_factory):
         p.start()
     for p in procs.values():
         p.wait_ready()
-    init_ray(RaySection(num_cpus=2))
     yield {"procs": procs, "process": process, "runs": runs, "prompts": write_prompt_trees(root / "prompts.jsonl"),
            "policy": tiny_models["policy"]}
-    ray.shutdown()
     for p in procs.values():
         p.stop()
 

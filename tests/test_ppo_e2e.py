@@ -13,153 +13,21 @@ import json
 import math
 import signal
 import threading
-from pathlib import Path
 
 import pytest
-import torch
+from _support import Stack
+from _support import metrics_rows as _rows
 
-from services.common.chat import format_prompt, format_response
-from services.common.process import ServiceProcess, free_port, python_module
+from services.common.process import free_port
 
 pytestmark = pytest.mark.slow
-LORA_WITH_HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-def build_letter_reward_model(src: Path, dst: Path, letter: str = "e", K: float = 10.0) -> Path:
-    """score ≈ standardised share of the conversation's tokens whose text contains `letter`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch.float32)
-    V, H = model.config.vocab_size, model.config.hidden_size
-    has_letter = torch.tensor([1.0 if letter in tok.decode([i]) else 0.0 for i in range(V)])
-    with torch.no_grad():
-        emb = torch.zeros(V, H)  # dim 0: the feature; dim 1: a constant that keeps RMSNorm ~linear
-        emb[:, 0], emb[:, 1] = has_letter, K
-        model.model.embed_tokens.weight.copy_(emb)
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            attn.q_proj.weight.zero_()  # q = 0: uniform attention = the mean over the prefix
-            attn.k_proj.weight.zero_()
-            if i == 0:
-                attn.v_proj.weight.copy_(torch.eye(*attn.v_proj.weight.shape))
-                attn.o_proj.weight.copy_(torch.eye(*attn.o_proj.weight.shape))
-            else:
-                attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        # Calibrate the head: mean 0, std 1 over uniformly random 12-token replies.
-        g = torch.Generator().manual_seed(0)
-        feats = []
-        for _ in range(48):
-            text = tok.decode(torch.randint(5, V, (12,), generator=g).tolist())
-            enc = tok(format_prompt([{"role": "user", "content": "Hello?"}]) + format_response(text),
-                      add_special_tokens=False, return_tensors="pt")
-            feats.append(model.model(**enc).last_hidden_state[0, -1, :2])
-        x = torch.stack(feats)  # (48, 2)
-        model.score.weight.zero_()
-        model.score.weight[0, 0] = 1.0 / x[:, 0].std()
-        model.score.weight[0, 1] = -model.score.weight[0, 0] * x[:, 0].mean() / x[:, 1].mean()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
-
-
-SHORT_PROMPTS = ["Hi!", "Say a word.", "Go on.", "Hola, amigo."]
-
-
-def write_prompt_trees(path: Path, texts=SHORT_PROMPTS) -> Path:
-    """A few one-message trees in the OASST trees-export format: short prompts keep the
-    reward's prompt share small and constant, so the response decides the score."""
-    rows = []
-    for i, text in enumerate(texts):
-        mid = f"00000000-0000-4000-8000-{i:012d}"
-        root = {"message_id": mid, "user_id": "u", "created_date": "2023-02-02T10:00:00+00:00", "text": text,
-                "role": "prompter", "lang": "en", "review_count": 3, "review_result": True, "deleted": False,
-                "synthetic": False, "model_name": None, "rank": None, "labels": {}, "replies": []}
-        rows.append({"message_tree_id": mid, "tree_state": "ready_for_export", "prompt": root})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-class Stack:
-    """policy_gen (hf) + reward_pref + reward_abs as real processes, and a local Ray."""
-
-    def __init__(self, tiny_models: dict, root: Path):
-        self.root = root
-        self.policy_path = tiny_models["policy"]
-        rm = build_letter_reward_model(tiny_models["reward_pref"], root / "letter_rm")
-        self.runs = root / "runs"
-        self.runs.mkdir()
-        self.prompts = write_prompt_trees(root / "prompts.jsonl")
-        self.argv = {
-            "policy": python_module("services.policy_gen", "--backend", "hf", "--model-path", str(self.policy_path),
-                                    "--adapter-root", str(self.runs), "--max-loras", "8"),
-            "pref": python_module("services.reward_pref", "--model-path", str(rm)),
-            "abs": python_module("services.reward_abs", "--model-path", str(rm)),
-        }
-        self.ports = {name: free_port() for name in self.argv}
-        self.services = {name: self._process(name) for name in self.argv}
-        for svc in self.services.values():
-            svc.start()
-        for svc in self.services.values():
-            svc.wait_ready()
-
-    def _process(self, name: str) -> ServiceProcess:
-        port = self.ports[name]
-        return ServiceProcess([*self.argv[name], "--port", str(port)], port, log_path=self.root / f"{name}.log",
-                              startup_timeout=180, name=name)
-
-    def restart_later(self, name: str, delay: float) -> threading.Thread:
-        """Stop `name` now and start it again on the same port after `delay` seconds."""
-        self.services[name].stop()
-
-        def again():
-            svc = self._process(name)
-            self.services[name] = svc
-            svc.start().wait_ready()
-
-        t = threading.Timer(delay, again)
-        t.start()
-        return t
-
-    def cfg(self, run: str, steps: int, **run_over):
-        from trainer.ppo.config import PPOConfig
-
-        url = lambda n: self.services[n].url  # noqa: E731
-        return PPOConfig.model_validate({
-            "model": {"policy_path": str(self.policy_path), "target_modules": LORA_WITH_HEAD},
-            "optim": {"lr": 1e-2},
-            "ppo": {"batch_size": 8, "completions_per_prompt": 2, "num_minibatches": 2, "ppo_epochs": 2},
-            "generation": {"max_new_tokens": 12, "max_prompt_tokens": 256},
-            "crs": {"weight": 0.25},
-            "services": {"policy_url": url("policy"), "reward_pref_urls": [url("pref")], "reward_abs_urls": [url("abs")],
-                         "timeout_s": 30, "unhealthy_cooldown_s": 0.5},
-            "ray": {"num_cpus": 2},
-            "run": {"output_dir": str(self.runs / run), "steps": steps, "checkpoint_every": 2, "keep_adapters": None,
-                    "data_source": str(self.prompts), "step_timeout_s": 150, **run_over},
-        })
-
-    def close(self):
-        for svc in self.services.values():
-            svc.stop()
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_models, tmp_path_factory):
-    import ray
-
-    from trainer.ppo.actors import init_ray
-    from trainer.ppo.config import RaySection
-
+def stack(tiny_models, tmp_path_factory, ray_cluster):
     s = Stack(tiny_models, tmp_path_factory.mktemp("ppo-e2e"))
-    init_ray(RaySection(num_cpus=2))  # once for the module; train() leaves a cluster it did not start
     yield s
-    ray.shutdown()
     s.close()
-
-
-def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
 def test_ppo_learns_to_chase_the_reward(stack):

@@ -1,4 +1,5 @@
-"""The async reward client against a real reward service process (and a real flaky proxy)."""
+"""The async reward client against a real reward service process (the session's shared reward_pref,
+conftest.py: these tests only score with it) and a real flaky proxy."""
 
 from __future__ import annotations
 
@@ -9,23 +10,10 @@ import time
 import httpx
 import pytest
 
-from services.common.process import ServiceProcess, free_port, python_module
+from services.common.process import free_port
 from trainer.clients.reward import RewardClient, RewardServiceError, messages_item
 
 CONV = [{"role": "user", "content": "How do I bake bread?"}]
-
-
-def _start(model_path, port, log):
-    argv = python_module("services.reward_pref", "--model-path", str(model_path), "--port", str(port))
-    return ServiceProcess(argv, port, log_path=log, startup_timeout=120).start().wait_ready()
-
-
-@pytest.fixture(scope="module")
-def pref_service(tiny_models, tmp_path_factory):
-    port = free_port()
-    svc = _start(tiny_models["reward_pref"], port, tmp_path_factory.mktemp("logs") / "pref.log")
-    yield svc
-    svc.stop()
 
 
 class FlakyProxy:
@@ -66,50 +54,50 @@ class FlakyProxy:
         self.thread.join(5)
 
 
-def test_scores_match_the_service_and_keep_order(pref_service):
+def test_scores_match_the_service_and_keep_order(reward_pref_url):
     items = [messages_item(CONV, r) for r in ("Mix flour and water.", "No.", "")]
 
     async def go():
-        async with RewardClient([pref_service.url]) as client:
+        async with RewardClient([reward_pref_url]) as client:
             return await client.score(items)
 
     got = asyncio.run(go())
-    direct = httpx.post(pref_service.url + "/v1/score", json={"items": [i.model_dump() for i in items]}).json()
+    direct = httpx.post(reward_pref_url + "/v1/score", json={"items": [i.model_dump() for i in items]}).json()
     assert got.scores == direct["scores"] and len(got.scores) == 3
     assert got.probabilities is None
 
 
-def test_empty_reply_is_scored_as_empty_not_as_a_space(pref_service):
+def test_empty_reply_is_scored_as_empty_not_as_a_space(reward_pref_url):
     """A policy that ends its turn at once is judged on the empty reply itself."""
     assert messages_item(CONV, "").messages[-1].content == ""
 
     async def go():
-        async with RewardClient([pref_service.url]) as client:
+        async with RewardClient([reward_pref_url]) as client:
             return await client.score([messages_item(CONV, ""), messages_item(CONV, " ")])
 
     empty, space = asyncio.run(go()).scores
-    pair = httpx.post(pref_service.url + "/v1/score",
+    pair = httpx.post(reward_pref_url + "/v1/score",
                       json={"items": [{"prompt": CONV[0]["content"], "response": ""}]}).json()
     assert pair["scores"][0] == pytest.approx(empty, abs=1e-6)  # both forms template the same empty reply
     assert empty != space  # the old " " placeholder scored a different text
 
 
-def test_dead_replica_is_skipped_round_robin(pref_service):
+def test_dead_replica_is_skipped_round_robin(reward_pref_url):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
     async def go():
-        async with RewardClient([dead, pref_service.url], unhealthy_cooldown_s=60, backoff_initial_s=0.01) as client:
+        async with RewardClient([dead, reward_pref_url], unhealthy_cooldown_s=60, backoff_initial_s=0.01) as client:
             urls = [(await client.score([messages_item(CONV, "hi")])).url for _ in range(4)]
             return urls, client.failures
 
     urls, failures = asyncio.run(go())
-    assert urls == [pref_service.url] * 4
+    assert urls == [reward_pref_url] * 4
     assert failures == 1  # tried once, then skipped while cooling down
 
 
-def test_bad_request_raises_at_once_and_dead_service_raises_after_retries(pref_service):
+def test_bad_request_raises_at_once_and_dead_service_raises_after_retries(reward_pref_url):
     async def bad():
-        async with RewardClient([pref_service.url]) as client:
+        async with RewardClient([reward_pref_url]) as client:
             await client.score([messages_item(CONV, "hi")], model="no-such-model")
 
     with pytest.raises(RewardServiceError, match="rejected"):
@@ -125,8 +113,8 @@ def test_bad_request_raises_at_once_and_dead_service_raises_after_retries(pref_s
     assert time.monotonic() - t0 < 10
 
 
-def test_503_retry_after_is_honoured(pref_service):
-    with FlakyProxy(pref_service.url, fail=2) as proxy:
+def test_503_retry_after_is_honoured(reward_pref_url):
+    with FlakyProxy(reward_pref_url, fail=2) as proxy:
         async def go():
             async with RewardClient([proxy.url], unhealthy_cooldown_s=0) as client:
                 return await client.score([messages_item(CONV, "hi")])

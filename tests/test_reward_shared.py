@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from _support import make_score_adapter
 
 from services.common.process import ServiceProcess, free_port, python_module
 from services.common.protocol import ModelList, ScoreResponse
@@ -24,27 +24,12 @@ ITEMS = [
 ]
 
 
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with non-zero B (so it changes the model) and its own score head."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-    cfg = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg)
-    head = peft_model.base_model.model.score.modules_to_save["default"]  # SEQ_CLS saves the head too
-    with torch.no_grad():
-        head.weight.add_(torch.randn_like(head.weight) * 0.5)
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     base = tiny_models["reward_pref"]
-    return {"preference": make_adapter(base, root / "pref-lora", 1), "absolute": make_adapter(base, root / "abs-lora", 2)}
+    return {"preference": make_score_adapter(base, root / "pref-lora", 1),
+            "absolute": make_score_adapter(base, root / "abs-lora", 2)}
 
 
 def rss_kib(svc: ServiceProcess) -> int:
