@@ -13,39 +13,21 @@ import json
 import threading
 
 import pytest
-
-from services.common.process import ServiceProcess, free_port, python_module
+from _support import make_adapter, running, service
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_models, tmp_path_factory):
-    import ray
-
-    from trainer.ppo.actors import init_ray
-    from trainer.ppo.config import RaySection
-
+def shared(tiny_models, reward_abs_url, tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("multi")
     runs = root / "runs"
     runs.mkdir()
-    procs = {}
-    for name, argv in {
-        # policy_gen exactly as a user starts it: no --max-loras.
-        "policy": python_module("services.policy_gen", "--backend", "hf", "--model-path", str(tiny_models["policy"]),
-                                "--adapter-root", str(runs)),
-        "abs": python_module("services.reward_abs", "--model-path", str(tiny_models["reward_abs"])),
-    }.items():
-        port = free_port()
-        procs[name] = ServiceProcess([*argv, "--port", str(port)], port, log_path=root / f"{name}.log",
-                                     startup_timeout=180, name=name).start()
-    for p in procs.values():
-        p.wait_ready()
-    init_ray(RaySection(num_cpus=2))  # both learners (1 CPU each) in one cluster
-    yield {"runs": runs, "policy": tiny_models["policy"], "urls": {k: p.url for k, p in procs.items()}}
-    ray.shutdown()
-    for p in procs.values():
-        p.stop()
+    # policy_gen exactly as a user starts it: no --max-loras. The trainers only score with reward_abs: the session's.
+    policy = service("services.policy_gen", "--backend", "hf", "--model-path", str(tiny_models["policy"]),
+                     "--adapter-root", str(runs), log_dir=root, name="policy")
+    with running({"policy": policy}):  # both learners (1 CPU each) in the session's Ray cluster
+        yield {"runs": runs, "policy": tiny_models["policy"], "urls": {"policy": policy.url, "abs": reward_abs_url}}
 
 
 def _cfg(shared, run: str, **run_over):
@@ -104,9 +86,9 @@ def test_a_full_adapter_table_is_waited_out_then_named(shared, caplog):
     from trainer.ppo.deadline import StepDeadline
     from trainer.ppo.policy_sync import sync_adapter
 
-    cfg = _cfg(shared, "w0-a", step_timeout_s=60)
-    adapters = sorted(str(p) for p in (cfg.run_dir / "adapters").iterdir())
-    assert len(adapters) >= 3, "runs after test_two_trainers_share_one_default_policy_gen"
+    cfg = _cfg(shared, "slots", step_timeout_s=60)
+    # Its own adapters (any LoRA will do: only the table's slots are counted), so it runs in any order.
+    adapters = [str(make_adapter(shared["policy"], shared["runs"] / "slots-adapters" / f"a{i}", seed=i)) for i in range(3)]
 
     async def call(method, *args):
         async with PolicyClient(shared["urls"]["policy"], model="") as c:

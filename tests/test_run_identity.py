@@ -12,6 +12,7 @@ import asyncio
 
 import httpx
 import pytest
+from _support import running, service
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.identity import run_headers
@@ -148,9 +149,16 @@ def test_unauthenticated_requests_claim_no_run_label(servers):
     assert "intruder" not in run_counters(url, AUTH)["requests"]
 
 
-def test_runs_beyond_the_bound_are_other(servers):
-    """MAX_RUNS + 1 new distinct runs: the label set stops at MAX_RUNS, the rest count as 'other'."""
-    url = servers["reward"].url
+def test_runs_beyond_the_bound_are_other(tiny_models, tmp_path):
+    """MAX_RUNS + 1 new distinct runs: the label set stops at MAX_RUNS, the rest count as 'other'.
+    On a server of its own: a full label table would turn the other tests' runs into 'other'."""
+    reward = service("services.reward_pref", "--model-path", str(tiny_models["reward_pref"]), "--api-key", KEY,
+                     "--max-tracked-runs", str(MAX_RUNS), "--log-level", "warning", log_dir=tmp_path)
+    with running({"reward": reward}):
+        _fill_beyond_the_bound(reward.url)
+
+
+def _fill_beyond_the_bound(url: str) -> None:
     before = run_counters(url, AUTH)
     runs = [f"fill-{i}" for i in range(MAX_RUNS + 1)]
     sizes = {run: i + 1 for i, run in enumerate(runs)}
