@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # (two Ray clusters or vLLM servers would not fit 2 cores and the memory beside each other);
 # every other module is a group of its own, so its module-scoped services start once.
 HEAVY_GROUP = "ray-vllm"
-STARTS_RAY = {"test_demo", "test_sweep"}  # modules whose commands start a Ray cluster of their own
+STARTS_RAY = {"test_demo", "test_sweep", "test_rollout_actor_restart"}  # they start a Ray cluster of their own
 
 
 def _block(item) -> int:
