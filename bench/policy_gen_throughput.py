@@ -1,6 +1,9 @@
 """Generated tokens/s with 16 concurrent requests: hf backend vs one-at-a-time, vLLM vs hf.
 
-    python bench/policy_gen_throughput.py [--model-path DIR] [--requests 16] [--max-tokens 64]
+    python bench/policy_gen_throughput.py [--model-path DIR] [--requests 16] [--max-tokens 64] [--n 1]
+                                          [--repeats 3] [--skip-sequential] [--skip-vllm]
+    # the real model (crs-rlhf import-gguf smollm2-135m runs/smollm2 first):
+    python bench/policy_gen_throughput.py --model-path runs/smollm2 --max-tokens 128 --n 4 --skip-sequential
 
 Three measurements in one run, same prompts, every request generating exactly --max-tokens
 tokens (ignore_eos), so the ratios compare engines and not luck with EOS. On a shared CPU
@@ -61,10 +64,10 @@ def sequential_tokens_per_s(model_path: str, texts: list[str], max_tokens: int) 
     return statistics.median(rates)  # robust to other jobs on a shared CPU stealing a few requests' time
 
 
-async def _burst(url: str, texts: list[str], max_tokens: int) -> tuple[int, float]:
+async def _burst(url: str, texts: list[str], max_tokens: int, n: int = 1) -> tuple[int, float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(i: int, text: str) -> int:
-            body = {"model": "policy", "prompt": text, "max_tokens": max_tokens, "seed": i, "ignore_eos": True}
+            body = {"model": "policy", "prompt": text, "max_tokens": max_tokens, "seed": i, "ignore_eos": True, "n": n}
             r = await client.post("/v1/completions", json=body)
             r.raise_for_status()
             return r.json()["usage"]["completion_tokens"]
@@ -75,17 +78,18 @@ async def _burst(url: str, texts: list[str], max_tokens: int) -> tuple[int, floa
 
 
 def service_tokens_per_s(
-    backend: str, model_path: str, texts: list[str], max_tokens: int, log_dir: Path, repeats: int = 3
+    backend: str, model_path: str, texts: list[str], max_tokens: int, log_dir: Path, repeats: int = 3, n: int = 1,
+    gpu_memory_utilization: float = 0.15,
 ) -> float:
     port = free_port()
     argv = python_module(
         "services.policy_gen", "--backend", backend, "--model-path", model_path, "--port", str(port),
-        "--served-model-name", "policy", "--max-batch-size", str(len(texts)), "--max-wait-ms", "10",
-        "--gpu-memory-utilization", "0.15",
+        "--served-model-name", "policy", "--max-batch-size", str(len(texts) * n), "--max-wait-ms", "10",
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
     )  # fmt: skip
     with ServiceProcess(argv, port, log_path=log_dir / f"{backend}.log", startup_timeout=900, name=backend) as svc:
         asyncio.run(_burst(svc.url, texts[:2], 8))  # warm-up (vLLM compiles/caches on first use)
-        bursts = [asyncio.run(_burst(svc.url, texts, max_tokens)) for _ in range(repeats)]
+        bursts = [asyncio.run(_burst(svc.url, texts, max_tokens, n)) for _ in range(repeats)]
     return max(tokens / seconds for tokens, seconds in bursts)  # best of `repeats`: least disturbed by other jobs
 
 
@@ -94,7 +98,13 @@ def main() -> None:
     ap.add_argument("--model-path", help="a local causal LM folder; default: the tiny policy")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt (PPO's completions_per_prompt)")
+    ap.add_argument("--repeats", type=int, default=3, help="bursts per backend; the best one counts")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.15,
+                    help="vLLM's KV-cache share (on CPU: of NUMA node 0's memory, which must be free now)")
+    ap.add_argument("--skip-sequential", action="store_true",
+                    help="no one-at-a-time baseline (slow on a real model; hf_vs_sequential is then nan)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-policy-gen-"))
     model_path = args.model_path
@@ -104,17 +114,20 @@ def main() -> None:
         model_path = str(make_tiny_models(tmp / "models", seed=0)["policy"])
     texts = prompts(args.requests)
 
-    seq = sequential_tokens_per_s(model_path, texts, args.max_tokens)
-    shape = f"{args.requests} requests x {args.max_tokens} tokens"
-    print(f"sequential generate: {seq:9.1f} tokens/s ({shape}, one at a time)")
-    hf = service_tokens_per_s("hf", model_path, texts, args.max_tokens, tmp)
-    print(f"hf backend:          {hf:9.1f} tokens/s ({args.requests} concurrent requests over HTTP)")
+    shape = f"{args.requests} requests x n {args.n} x {args.max_tokens} tokens"
+    seq = math.nan
+    if not args.skip_sequential:
+        seq = sequential_tokens_per_s(model_path, texts, args.max_tokens)
+        print(f"sequential generate: {seq:9.1f} tokens/s ({args.requests} x {args.max_tokens} tokens, one at a time)")
+    hf = service_tokens_per_s("hf", model_path, texts, args.max_tokens, tmp, args.repeats, args.n)
+    print(f"hf backend:          {hf:9.1f} tokens/s ({shape}, concurrent requests over HTTP)")
     vllm = math.nan
     if args.skip_vllm or importlib.util.find_spec("vllm") is None:
         print("vllm backend:        skipped (vLLM not installed or --skip-vllm)")
     else:
-        vllm = service_tokens_per_s("vllm", model_path, texts, args.max_tokens, tmp)
-        print(f"vllm backend:        {vllm:9.1f} tokens/s ({args.requests} concurrent requests over HTTP)")
+        vllm = service_tokens_per_s("vllm", model_path, texts, args.max_tokens, tmp, args.repeats, args.n,
+                                    args.gpu_memory_utilization)
+        print(f"vllm backend:        {vllm:9.1f} tokens/s ({shape}, concurrent requests over HTTP)")
     print(f"RESULT hf_vs_sequential={hf / seq:.2f} vllm_vs_hf={vllm / hf:.2f}")
 
 

@@ -2,7 +2,11 @@
 
     python bench/ppo_step.py [--batch 16] [--new-tokens 32] [--concurrency 4] [--reps 3]
                              [--device cpu|cuda] [--precision auto|fp32|bf16] [--micro-batch-tokens N]
-                             [--gradient-checkpointing]
+                             [--gradient-checkpointing] [--model-path DIR]
+
+`--model-path`: a causal-LM folder (e.g. SmolLM2-135M from `crs-rlhf import-gguf`) as the policy
+and as the backbone of both reward models (fresh random score heads: the timing does not depend
+on what they say). Default: the tiny models.
 
 Starts policy_gen (hf backend) and both reward services as real processes on loopback, then
 in this process (no Ray, so only the rollout strategy differs):
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="learner.precision")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="learner.micro_batch_tokens")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="learner.gradient_checkpointing")
+    ap.add_argument("--model-path", help="causal LM folder for the policy and both RM backbones (default: tiny)")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from crs_rlhf.tiny_models import make_tiny_models
 
     root = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
-    models = make_tiny_models(root / "models", seed=0)
+    models = make_tiny_models(root / "models", seed=0) if args.model_path is None else real_models(args.model_path, root)
     run = root / "run"
     (run / "adapters").mkdir(parents=True)
     argv_ = {
@@ -119,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
 
         total = batch.time_total + t_learn + t_sync
-        print(f"tiny PPO step: batch {args.batch}, {args.new_tokens} new tokens, {args.concurrency} generation requests in flight")
+        print(f"{'tiny' if args.model_path is None else args.model_path} PPO step: batch {args.batch}, {args.new_tokens} new tokens, {args.concurrency} generation requests in flight")
         print(f"  generate {batch.time_generate:6.2f}s  score (not hidden) {batch.time_score:6.2f}s  "
-              f"learn {t_learn:6.2f}s  sync {t_sync:6.2f}s  total {total:6.2f}s")
+              f"learn {t_learn:6.2f}s  sync {t_sync:6.2f}s  total {total:6.2f}s  (sync share {t_sync / total:.1%})")
         print(f"  learner on {learner.device} ({args.precision} -> autocast {learner.autocast_dtype or 'off'}, "
               f"micro_batch_tokens {args.micro_batch_tokens}, checkpointing {args.gradient_checkpointing}){peak}")
         print(f"  learn split: experience {stats['time/experience']:.2f}s  update {stats['time/update']:.2f}s  "
@@ -138,6 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in svcs.values():
             s.stop()
+
+
+def real_models(model_path: str, root: Path) -> dict[str, Path]:
+    """The policy as given; two reward models = its backbone + a fresh num_labels=1 head each."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = {"policy": Path(model_path)}
+    for i, name in enumerate(("reward_pref", "reward_abs")):
+        torch.manual_seed(i)
+        rm = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        rm.config.pad_token_id = rm.config.eos_token_id
+        rm.save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(root / name)
+        out[name] = root / name
+    return out
 
 
 def _sync_device(device: str) -> None:
