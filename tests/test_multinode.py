@@ -193,9 +193,9 @@ from trainer.ppo.config import PPOConfig, RaySection
 from trainer.ppo.experience import RolloutSample
 from trainer.ppo.learner_group import LearnerGroup, LearnerFailed
 init_ray(RaySection())
-cfg = PPOConfig.model_validate({"model": {"policy_path": sys.argv[1]}, "ppo": {"batch_size": 4, "mini_batch_size": 2},
+cfg = PPOConfig.model_validate({"model": {"policy_path": sys.argv[1]}, "ppo": {"batch_size": 6, "mini_batch_size": 6},
                                 "ray": {"placement_wait_s": float(sys.argv[3])}, "run": {"output_dir": sys.argv[2]}})
-samples = [RolloutSample(i, [11, 12, 13], [14, 15], [-1.0, -1.0], "x", "length", r_pref=0.0, r_abs=0.0) for i in range(4)]
+samples = [RolloutSample(i, [11, 12, 13], [14, 15], [-1.0, -1.0], "x", "length", r_pref=0.0, r_abs=0.0) for i in range(6)]
 try:
     group = LearnerGroup(cfg, int(sys.argv[4]), collective_timeout_s=120)
 except LearnerFailed as e:
