@@ -244,5 +244,6 @@ def test_hung_node_names_the_rank_on_it(cluster, tiny_models, tmp_path):
         cluster.node_b.signal(signal.SIGCONT)
     assert p.returncode == 4, err[-3000:]
     assert f"learner worker rank {b_rank} (node {NODE_B_IP} / " in out and "died during train_step" in out, out
-    assert f"Ray reports its node {NODE_B_IP} dead" in out, out
+    # Which of Ray's signals comes first (the node table, or the actor failed with its node) varies.
+    assert "ActorDiedError" in out or f"Ray reports its node {NODE_B_IP} dead" in out, out
     print(f"\nmeasured: node B frozen -> {out.strip()}")
