@@ -45,6 +45,15 @@ def service(module: str, *args: str, log_dir: Path, name: str | None = None, por
                           log_path=Path(log_dir) / f"{name}.log", startup_timeout=startup_timeout, name=name)
 
 
+def score_messages(url: str, messages: list[dict], headers: Mapping[str, str] | None = None) -> float:
+    """`/v1/score` of one conversation (the reference the interop tests compare a client's score with)."""
+    import httpx
+
+    r = httpx.post(url + "/v1/score", json={"items": [{"messages": messages}]}, headers=dict(headers or {}), timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["scores"][0]
+
+
 @contextmanager
 def running(procs: Mapping[str, ServiceProcess]) -> Iterator[dict[str, ServiceProcess]]:
     """Start every process first, then wait for each (their start-ups overlap); stop all on the way out."""

@@ -19,8 +19,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
-from services.common.process import ServiceProcess, free_port, python_module
+from _support import score_messages, service
 
 KEY = "slime-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,21 +49,18 @@ def slime_remote_rm():
 
 @pytest.fixture(scope="module")
 def svc(tiny_models, tmp_path_factory):
-    port = free_port()
-    argv = python_module(
-        "services.reward_abs", "--model-path", str(tiny_models["reward_abs"]), "--port", str(port),
+    with service(
+        "services.reward_abs",
+        "--model-path", str(tiny_models["reward_abs"]),
         "--api-key", KEY, "--max-tokens", "128", "--min-prompt-tokens", "16", "--dtype", "float32",
         "--log-level", "warning",
-    )  # fmt: skip
-    log = tmp_path_factory.mktemp("logs") / "reward_abs_slime.log"
-    with ServiceProcess(argv, port, log_path=log, startup_timeout=180) as service:
-        yield service
+        log_dir=tmp_path_factory.mktemp("logs"), name="reward_abs_slime",
+    ) as proc:  # fmt: skip
+        yield proc
 
 
 def v1_score(svc, messages: list[dict]) -> float:
-    r = httpx.post(svc.url + "/v1/score", json={"items": [{"messages": messages}]}, headers=AUTH, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["scores"][0]
+    return score_messages(svc.url, messages, AUTH)
 
 
 def run_slime(rm_url: str, samples: list[SimpleNamespace], max_retries: int = 10) -> list:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _support import score_messages, service
 
 from services.common.keyless import client_in, parse_networks
-from services.common.process import ServiceProcess, free_port, python_module
 
 KEY = "verl-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -41,21 +41,18 @@ REPLY = "Two, the only even prime."
 @pytest.fixture(scope="module")
 def svc(tiny_models, tmp_path_factory):
     """reward_pref with a key, /classify open to loopback clients only (verl sends no key)."""
-    port = free_port()
-    argv = python_module(
-        "services.reward_pref", "--model-path", str(tiny_models["reward_pref"]), "--port", str(port),
+    with service(
+        "services.reward_pref",
+        "--model-path", str(tiny_models["reward_pref"]),
         "--api-key", KEY, "--keyless-routes", "/classify", "--keyless-networks", "127.0.0.0/8",
         "--max-tokens", str(MAX_TOKENS), "--min-prompt-tokens", "16", "--dtype", "float32", "--log-level", "info",
-    )  # fmt: skip
-    log = tmp_path_factory.mktemp("logs") / "reward_pref_verl.log"
-    with ServiceProcess(argv, port, log_path=log, startup_timeout=180) as service:
-        yield service
+        log_dir=tmp_path_factory.mktemp("logs"), name="reward_pref_verl",
+    ) as proc:  # fmt: skip
+        yield proc
 
 
 def v1_score(svc, messages: list[dict]) -> float:
-    r = httpx.post(svc.url + "/v1/score", json={"items": [{"messages": messages}]}, headers=AUTH, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["scores"][0]
+    return score_messages(svc.url, messages, AUTH)
 
 
 # ---------------------------------------------------------------- auth: the operator's named exception

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _support import make_score_adapter
+from _support import make_score_adapter, running, service
 
 from services.common.process import ServiceProcess, free_port, python_module
 from services.common.protocol import ModelList, ScoreResponse
@@ -57,19 +57,12 @@ def shared(tiny_models, adapters, tmp_path_factory):
 @pytest.fixture(scope="module")
 def singles(adapters, tmp_path_factory):
     """Each adapter served alone by its own single-model service (merged into the base)."""
-    procs = {}
-    for kind, module in (("preference", "services.reward_pref"), ("absolute", "services.reward_abs")):
-        port = free_port()
-        argv = python_module(module, "--model-path", str(adapters[kind]), "--port", str(port),
-                             "--dtype", "float32", "--log-level", "warning")
-        procs[kind] = ServiceProcess(argv, port, log_path=tmp_path_factory.mktemp("logs") / f"{module}.log").start()
-    try:
-        for p in procs.values():
-            p.wait_ready()
-        yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
+    log_dir = tmp_path_factory.mktemp("logs")
+    procs = {kind: service(module, "--model-path", str(adapters[kind]), "--dtype", "float32", "--log-level", "warning",
+                           log_dir=log_dir)
+             for kind, module in (("preference", "services.reward_pref"), ("absolute", "services.reward_abs"))}
+    with running(procs) as started:
+        yield started
 
 
 def score(url: str, items=ITEMS) -> ScoreResponse:
