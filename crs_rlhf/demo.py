@@ -221,8 +221,11 @@ def _run_demo(args: DemoArgs, clock) -> int:
             from crs_rlhf.demo_eval import heldout_eval
             from crs_rlhf.real_model import EVAL_MAX_TOKENS
 
+            # A 135M judge cannot write AlpacaEval's JSON leaderboard (0 valid verdicts in a full run);
+            # on the real-model path it answers the "A or B" prompt, which its logprobs can decide.
+            real_opts = {"max_tokens": EVAL_MAX_TOKENS, "judge_template": "crs"} if args.real else {}
             held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=judge_url, judge_model=judge_model,
-                                    **({"max_tokens": EVAL_MAX_TOKENS} if args.real else {}))
+                                    **real_opts)
         clock.start("services stop")
 
     _stage(6, n, "plots and summary")
