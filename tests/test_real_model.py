@@ -159,7 +159,7 @@ def test_sft_labels_keep_the_end_of_turn_although_it_is_the_pad_token(tok):
 def test_merged_lora_keeps_embeddings_tied(smollm2, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.rm.modeling import save_model, wrap_lora
+    from trainer.modeling import save_model, wrap_lora
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     peft_model = wrap_lora(model, 4, 8, 0.0, task="CAUSAL_LM")
