@@ -16,22 +16,13 @@ from itertools import combinations
 from pathlib import Path
 
 from evaluation.io import EvalInputError
-from evaluation.prompts import OASST_EVAL_LANGS
+from evaluation.prompts import held_out_eval_trees
 
 
 def held_out_pairs(data: str | Path, split_file: str | None = None) -> list[dict]:
     """RewardBench-format rows {id, subset: 'oasst-<lang>', prompt, chosen, rejected}."""
-    from trainer.data import filter_trees, fixture_path, load_oasst
-    from trainer.data.splits import HeldOutOptions, SplitMismatchError, held_out_split
-
-    path = fixture_path() if str(data) == "fixture" else data
-    trees = load_oasst(path)
-    try:
-        held = held_out_split(path, trees, HeldOutOptions(split_file=split_file))
-    except SplitMismatchError as e:
-        raise EvalInputError(str(e)) from None
     rows = []
-    for tree in filter_trees(held.held_out(trees), langs=list(OASST_EVAL_LANGS)).trees:
+    for tree in held_out_eval_trees(data, split_file):
         ranked = sorted((m for m in tree.root.replies if m.role == "assistant" and m.rank is not None),
                         key=lambda m: m.rank)
         for better, worse in combinations(ranked, 2):

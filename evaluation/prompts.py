@@ -140,6 +140,14 @@ def load_oasst_eval(path: str | Path, source: str, split_file: str | None = None
     in OASST_EVAL_LANGS. The held-out trees come from the export's split file (written on first
     use with the default fraction 0.1 and seed 0, the trainers' defaults); a file that belongs
     to other data is an error (trainer.data.splits)."""
+    kept = held_out_eval_trees(path, split_file)
+    return [Prompt(f"{source}/{t.tree_id}", source, [_user(t.root.text)], t.lang) for t in kept
+            if t.root.role == "prompter" and t.root.text.strip()]
+
+
+def held_out_eval_trees(path: str | Path, split_file: str | None = None) -> list:
+    """The export's held-out trees in OASST_EVAL_LANGS ("fixture" = the shipped fixture): what
+    every evaluation on OASST reads, so prompts and human-ranked pairs come from one split."""
     from trainer.data import filter_trees, fixture_path, load_oasst
     from trainer.data.splits import HeldOutOptions, SplitMismatchError, held_out_split
 
@@ -149,9 +157,7 @@ def load_oasst_eval(path: str | Path, source: str, split_file: str | None = None
         held = held_out_split(data, trees, HeldOutOptions(split_file=split_file))
     except SplitMismatchError as e:
         raise EvalInputError(str(e)) from None
-    kept = filter_trees(held.held_out(trees), langs=list(OASST_EVAL_LANGS)).trees
-    return [Prompt(f"{source}/{t.tree_id}", source, [_user(t.root.text)], t.lang) for t in kept
-            if t.root.role == "prompter" and t.root.text.strip()]
+    return filter_trees(held.held_out(trees), langs=list(OASST_EVAL_LANGS)).trees
 
 
 LOADERS = {"fastchat": load_fastchat, "alpaca": load_alpaca, "hh": load_hh, "plain": load_plain,
