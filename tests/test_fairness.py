@@ -151,7 +151,10 @@ async def _light_during_heavy(url: str, path: str, heavy: dict, light: dict, que
 
         heavies = asyncio.create_task(send("heavy", heavy, "heavy", path))
         deadline = time.monotonic() + 120
-        while (await asyncio.to_thread(metric, url, queued)) == 0 and time.monotonic() < deadline:
+        while (await asyncio.to_thread(metric, url, queued)) == 0:
+            # Sending the light request before the heavy one queues would test nothing (it once
+            # waited out this deadline on a metric FIFO mode never exports, and passed trivially).
+            assert time.monotonic() < deadline and not heavies.done(), f"{queued} never rose above 0"
             await asyncio.sleep(0.05)
         await send("light", light, "light", path if path != "/v1/chat/completions" else "/v1/completions")
         await heavies
@@ -192,7 +195,8 @@ def test_policy_gen_light_run_is_not_stuck_behind_a_heavy_run(tiny_models, fair)
     light = {"prompt": "hi", "max_tokens": 2, "ignore_eos": True}
     with ThreadServer(create_app(settings, HFBackend(settings)), settings) as srv:
         srv.wait_ready()
-        queued = 'crs_run_queue_items{run="heavy"}'
+        # By run when fair; FIFO queues every request under one label ("other"), so count them all.
+        queued = 'crs_run_queue_items{run="heavy"}' if fair else "crs_run_queue_items{"
         order = asyncio.run(_light_during_heavy(srv.url, "/v1/chat/completions", heavy, light, queued))
         waited = metric(srv.url, 'crs_run_queue_wait_seconds_count{run="light"}')
     if fair:
