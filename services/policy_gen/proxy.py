@@ -76,7 +76,12 @@ class VLLMProxyBackend:
         """A streamed request: vLLM's server-sent events passed through as they come. An error
         before the stream starts is vLLM's JSON reply, as for any request. When the client hangs
         up, the upstream connection is closed, and vLLM aborts the request (its own disconnect
-        handling)."""
+        handling). vLLM is always asked for the usage chunk, so the generated-tokens counter sees
+        every streamed reply; a client that did not ask for it does not get it."""
+        options = body.get("stream_options") or {}
+        asked = bool(options.get("include_usage"))
+        if not asked:  # continuous_usage_stats counts only with include_usage, in vLLM too
+            body = {**body, "stream_options": {**options, "include_usage": True, "continuous_usage_stats": False}}
         try:
             upstream = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
         except httpx.TimeoutException:
@@ -92,12 +97,22 @@ class VLLMProxyBackend:
         counted = {"completion": 0, "prompt": 0}
 
         async def relay():
-            tail = b""
+            pending = b""  # bytes of an event not yet complete
             try:
                 async for chunk in upstream.aiter_raw():
-                    tail = (tail + chunk)[-4096:]  # the usage chunk, when asked for, is the last event
-                    yield chunk
-                counted["completion"], counted["prompt"] = _stream_usage(tail)
+                    events, pending = _split_events(pending + chunk)
+                    out = []
+                    for event in events:
+                        usage = _usage_event(event)
+                        if usage is not None:
+                            counted["completion"], counted["prompt"] = usage
+                            if not asked:
+                                continue
+                        out.append(event)
+                    if out:
+                        yield b"".join(out)
+                if pending:
+                    yield pending
             finally:
                 await upstream.aclose()
                 self.on_generated(counted["completion"])
@@ -158,18 +173,32 @@ class VLLMProxyBackend:
         return Served(Response(listing.model_dump_json(), media_type="application/json"))
 
 
-def _stream_usage(tail: bytes) -> tuple[int, int]:
-    """(completion_tokens, prompt_tokens) of the last usage chunk in an SSE stream's tail; zeros
-    when the client did not ask for usage (stream_options.include_usage).
+def _split_events(data: bytes) -> tuple[list[bytes], bytes]:
+    """Server-sent events: (the complete events, each with its blank line, and the rest). Pure.
 
-    >>> _stream_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\\n\\ndata: [DONE]\\n\\n')
-    (5, 3)
+    >>> _split_events(b'data: {"a": 1}\\n\\ndata: [DO')
+    ([b'data: {"a": 1}\\n\\n'], b'data: [DO')
     """
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            try:
-                usage = json.loads(line[6:]).get("usage") or {}
-                return int(usage.get("completion_tokens") or 0), int(usage.get("prompt_tokens") or 0)
-            except (ValueError, AttributeError, TypeError):
-                return 0, 0
-    return 0, 0
+    parts = data.split(b"\n\n")
+    return [p + b"\n\n" for p in parts[:-1]], parts[-1]
+
+
+def _usage_event(event: bytes) -> tuple[int, int] | None:
+    """(completion_tokens, prompt_tokens) if `event` is the stream's usage chunk (no choices, a
+    usage object: what include_usage adds before [DONE]), else None. Pure.
+
+    >>> _usage_event(b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\\n\\n')
+    (5, 3)
+    >>> _usage_event(b'data: {"choices": [{"text": "usage"}], "usage": null}\\n\\n') is None
+    True
+    """
+    if not event.startswith(b"data: {") or b'"usage"' not in event:
+        return None
+    try:
+        chunk = json.loads(event[6:])
+        usage = chunk.get("usage")
+        if chunk.get("choices") or not isinstance(usage, dict):
+            return None
+        return int(usage.get("completion_tokens") or 0), int(usage.get("prompt_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return None
