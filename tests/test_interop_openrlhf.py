@@ -18,7 +18,8 @@ OpenRLHF's own reward server strips pad/EOS strings from both ends of a query an
 EOS; /get_reward does the same with the chat end marker, so each equals /v1/score's reward for
 the same conversation. Two versions of one package cannot be installed side by side, hence the
 pinned files (README there; the test checks each file's sha256 against the wheel's RECORD).
-The session's shared reward services (no key) serve every test: nothing new is started.
+The session's shared reward services (no key) serve the tests; the `?api_key=` one runs a keyed
+service in-process.
 """
 
 from __future__ import annotations
@@ -160,6 +161,29 @@ def test_openrlhf_remote_rm_fn_with_right_padded_queries(urls, tok):
     want = [v1_score(urls["abs"], r) for r in replies]
     assert rewards.tolist() == pytest.approx(want, abs=1e-5)
     assert len({round(w, 4) for w in want}) == 3  # distinct, so an answer in the wrong order fails
+
+
+def test_the_key_in_the_url_as_the_docs_write_it(tiny_models, tok):
+    """docs/reward_services.md: `--reward.remote_url "http://host:port/get_reward?api_key=$KEY"`,
+    with both client shapes (aiohttp, requests), against a service with --api-key."""
+    from _serving_support import ThreadServer
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    from services.reward.app import build_app
+    from services.reward_pref.settings import RewardPrefSettings
+
+    settings = RewardPrefSettings(model_path=str(tiny_models["reward_pref"]), api_key="orl-key")
+    with ThreadServer(build_app(settings, "preference"), settings) as srv:
+        srv.wait_ready()
+        want = score_messages(srv.url, [*CONVERSATION, {"role": "assistant", "content": REPLY}],
+                              {"Authorization": "Bearer orl-key"})
+        url = f"{srv.url}/get_reward?api_key=orl-key"
+        out = execute(SingleTurnAgentExecutor([url]), tok, reply_ids(tok, REPLY))
+        assert out["reward"] == pytest.approx([want], abs=1e-5)
+        query = tok.apply_chat_template([*CONVERSATION, {"role": "assistant", "content": REPLY}], tokenize=False)
+        rewards = pinned("remote_rm_utils_0_8_2.py").remote_rm_fn(url, [query], ["p"], [None])
+        assert rewards.tolist() == pytest.approx([want], abs=1e-5)
+        assert httpx.post(f"{srv.url}/get_reward", json={"query": [query]}).status_code == 401
 
 
 def test_empty_batch_is_an_empty_reply_and_bad_queries_still_400(urls):
