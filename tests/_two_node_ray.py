@@ -1,10 +1,10 @@
 """A real two-node Ray cluster on one machine: a head and a second raylet on 127.0.0.2.
 
 Each node is a `ray start --block` process in its own session (own process group) with its
-own temp dir and one CPU, so a test can lose node B for real: SIGKILL its process group (the
-machine died) or SIGSTOP it (the machine hangs). `RAY_AUTH_MODE=disabled` on every process of
-the cluster and on its drivers, so the second raylet is admitted without a token. Drivers
-reach it through `RAY_ADDRESS` (`env()`); every port is chosen free here, so two clusters (or
+own temp dir and one CPU, so a test can lose node B for real: SIGKILL every process of it (the
+machine died), SIGSTOP them (the machine hangs), or SIGKILL its raylet alone.
+`RAY_AUTH_MODE=disabled` on every process of the cluster and on its drivers, so the second
+raylet is admitted without a token. Drivers reach it through `RAY_ADDRESS` (`env()`); every port is chosen free here, so two clusters (or
 other tests' local Ray) on the same machine never collide. Never `ray stop`: it would stop
 every Ray on the machine.
 """
@@ -46,11 +46,39 @@ class RayNode:
         raise TimeoutError(f"ray start not up in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def signal(self, sig: int) -> None:
-        """To the whole node: `ray start`, its raylet and every worker process it started."""
+        """To the whole node: `ray start`, its raylet, agents and every worker process it started.
+        Ray starts each worker in a process group of its own, so the node's group alone would
+        miss the workers: they are signalled one by one (found before any parent dies and
+        orphans them)."""
+        import psutil
+
+        procs = self.processes()
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def processes(self) -> list:
+        """Every live process of the node (psutil): `ray start`, its raylet, agents and workers."""
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_raylet(self) -> int:
+        """SIGKILL the node's raylet process alone (as a crash or the OOM killer would); returns its pid.
+        What follows is Ray's own doing: its workers lose their raylet and exit, and `ray start
+        --block` sees a child die and kills the rest of the node."""
+        (raylet,) = [p for p in self.processes() if p.name() == "raylet"]
+        raylet.kill()
+        return raylet.pid
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -127,3 +155,55 @@ class TwoNodeCluster:
                 node.stop()
         for t in self._tmp:
             shutil.rmtree(t, ignore_errors=True)
+
+
+# A driver of the cluster holding a LearnerGroup (argv: policy path, output dir, ray.placement_wait_s,
+# workers[, an IP]): with an IP it first waits until Ray reports that node dead (a `--resume`
+# while a node is lost). Prints NODES (rank, IP) and STEP after one train_step; on a line on
+# stdin it sends a second step, prints SENT, and waits for it. A LearnerFailed is printed as
+# `ERROR <seconds it took> <message>`, exit 4 (as the CLI's).
+LEARNER_DRIVER = """
+import json, sys, time, logging
+logging.basicConfig(level=logging.INFO)
+import ray
+from trainer.ppo.actors import init_ray
+from trainer.ppo.config import PPOConfig, RaySection
+from trainer.ppo.experience import RolloutSample
+from trainer.ppo.learner_group import LearnerGroup, LearnerFailed
+init_ray(RaySection())
+if len(sys.argv) > 5:
+    deadline = time.monotonic() + 120
+    while any(n["Alive"] and n["NodeManagerAddress"] == sys.argv[5] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the node was never reported dead"
+        time.sleep(0.5)
+cfg = PPOConfig.model_validate({"model": {"policy_path": sys.argv[1]}, "ppo": {"batch_size": 6, "mini_batch_size": 6},
+                                "ray": {"placement_wait_s": float(sys.argv[3])}, "run": {"output_dir": sys.argv[2]}})
+samples = [RolloutSample(i, [11, 12, 13], [14, 15], [-1.0, -1.0], "x", "length", r_pref=0.0, r_abs=0.0) for i in range(6)]
+t0 = time.monotonic()
+try:
+    group = LearnerGroup(cfg, int(sys.argv[4]), collective_timeout_s=120)
+except LearnerFailed as e:
+    print("ERROR", round(time.monotonic() - t0, 1), e, flush=True); sys.exit(4)
+print("NODES", json.dumps([[n["rank"], n["ip"]] for n in group.nodes]), flush=True)
+group.train_step(samples)
+print("STEP", flush=True)
+sys.stdin.readline()  # the test is ready to lose node B
+t0 = time.monotonic()
+call = group.train_step_async(samples)
+print("SENT", flush=True)
+try:
+    group.train_step_result(call)
+except LearnerFailed as e:
+    print("ERROR", round(time.monotonic() - t0, 1), e, flush=True); sys.exit(4)
+"""
+
+
+def learner_driver(cluster: TwoNodeCluster, repo: Path, policy: Path, out: Path, wait_s: float, workers: int,
+                   lost_ip: str | None = None) -> subprocess.Popen:
+    """LEARNER_DRIVER as a subprocess on `cluster` (stdin/stdout/stderr are pipes, text)."""
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", LEARNER_DRIVER, str(policy), str(out), str(wait_s), str(workers),
+                             *([lost_ip] if lost_ip else [])],
+                            cwd=repo, env=cluster.env(PYTHONPATH=str(repo)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,7 @@
 """What a second node changes, in small pieces: paths pinned before workers see the config,
 the full-adapter-table failure classified, gloo bound to the node's interface, errors read
 without terminal colours, a collective's error told from a rank's own, loopback URLs noticed,
-and the services checked from each rollout worker's node (real local Ray). The two-node runs: tests/test_multinode.py."""
+the cluster's nodes described (each lost address once), and the services checked from each rollout worker's node (real local Ray). The two-node runs: tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -113,3 +113,15 @@ def test_rollout_workers_check_the_services_from_their_node(local_ray, tmp_path)
     nobody = Target("reward_pref", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(ServicesNotReady, match=r"rollout worker 0 on node [0-9.]+ cannot reach .*reward_pref at "):
         check_rollout_nodes(workers, [nobody], wait_s=1.0)
+
+
+def test_cluster_described_with_each_lost_address_once_and_a_rejoined_one_alive():
+    from trainer.ppo.learner_group import describe_nodes
+
+    node = lambda ip, alive: {"NodeManagerAddress": ip, "Alive": alive}  # ray.nodes() rows
+    # 10.0.0.2 died twice (two dead entries); 10.0.0.3 died and rejoined at the same address.
+    nodes = [node("10.0.0.1", True), node("10.0.0.2", False), node("10.0.0.2", False), node("10.0.0.3", False),
+             node("10.0.0.3", True)]
+    assert describe_nodes(nodes, {"CPU": 1.0}, {"CPU": 2.0}) == (
+        "2 alive node(s) (10.0.0.1, 10.0.0.3), lost: 10.0.0.2; free {'CPU': 1.0} of {'CPU': 2.0}")
+    assert describe_nodes(nodes[:1], {}, {}) == "1 alive node(s) (10.0.0.1); free {} of {}"

@@ -37,7 +37,7 @@ from trainer.ppo.checkpoint import checkpoint_dir, latest_checkpoint
 from trainer.ppo.config import PPOConfig, pin_paths, run_tag  # run_tag: re-exported here too
 from trainer.ppo.deadline import StepDeadline
 from trainer.ppo.experience import RolloutBatch, drop_stale
-from trainer.ppo.learner_group import start_learner
+from trainer.ppo.learner_group import cluster_view, start_learner
 from trainer.ppo.metrics import MetricsLogger
 from trainer.ppo.policy_sync import (
     NoReplicaHoldsAdapter,
@@ -143,7 +143,9 @@ def _rollout(cfg: PPOConfig, workers: list, items: list[PromptItem], adapter: st
         except RolloutRefused as e:
             raise StepFailed(f"step {step}: a service refused the rollout (redoing it would not help): {e}") from None
         except ray.exceptions.RayError as e:  # a worker's error (RayTaskError) or a lost worker
-            failure = _clean_error(str(e))  # a lost worker restarts (max_restarts) on a node that is alive
+            failure = _clean_error(str(e))
+            if isinstance(e, ray.exceptions.RayActorError):  # Ray's text names an actor id, not where it was
+                failure += f"; the cluster has {cluster_view()}: a lost rollout worker restarts on a node that is alive"
         else:
             failure, dropped = _stale_samples(parts, adapter)
             if failure is None:

@@ -137,12 +137,18 @@ def _free_port() -> int:
 
 def cluster_view() -> str:
     """What Ray has now, in words: alive nodes, lost ones, free and total resources."""
-    nodes = ray.nodes()
-    alive = sorted(n["NodeManagerAddress"] for n in nodes if n["Alive"])
-    lost = sorted(n["NodeManagerAddress"] for n in nodes if not n["Alive"])
     keep = ("CPU", "GPU")
     free = {k: v for k, v in ray.available_resources().items() if k in keep}
     total = {k: v for k, v in ray.cluster_resources().items() if k in keep}
+    return describe_nodes(ray.nodes(), free, total)
+
+
+def describe_nodes(nodes: list[dict], free: dict, total: dict) -> str:
+    """`nodes` as `ray.nodes()` gives them (NodeManagerAddress, Alive) in words. Ray keeps a dead
+    node's entry after a node rejoins at the same address: only addresses with no alive node
+    are lost, each named once."""
+    alive = sorted({n["NodeManagerAddress"] for n in nodes if n["Alive"]})
+    lost = sorted({n["NodeManagerAddress"] for n in nodes if not n["Alive"]} - set(alive))
     return (f"{len(alive)} alive node(s) ({', '.join(alive)})" + (f", lost: {', '.join(lost)}" if lost else "")
             + f"; free {free} of {total}")
 
