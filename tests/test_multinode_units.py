@@ -125,3 +125,23 @@ def test_cluster_described_with_each_lost_address_once_and_a_rejoined_one_alive(
     assert describe_nodes(nodes, {"CPU": 1.0}, {"CPU": 2.0}) == (
         "2 alive node(s) (10.0.0.1, 10.0.0.3), lost: 10.0.0.2; free {'CPU': 1.0} of {'CPU': 2.0}")
     assert describe_nodes(nodes[:1], {}, {}) == "1 alive node(s) (10.0.0.1); free {} of {}"
+
+
+def test_placement_wait_logs_once_per_period_to_its_deadline(local_ray, caplog):
+    """Ray's placement wait counts whole seconds (a fraction is 0: it returns at once), so the
+    last part of the wait must not become a busy loop logging "0 s left" hundreds of times."""
+    import re
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from trainer.ppo.learner_group import wait_placed
+
+    pg = placement_group([{"CPU": 64}])  # more than the local cluster has: never placed
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="crs_rlhf.ppo.learner_group"):
+        placed = wait_placed(pg, "2 learner workers", wait_s=1.5, first_log_s=1.0, log_every_s=15.0)
+    remove_placement_group(pg)
+    assert not placed and 1.5 <= time.monotonic() - t0 < 4
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting to place 2 learner workers")]
+    assert len(waits) == 1 and re.search(r"; [01] s left \(ray\.placement_wait_s\)$", waits[0]), waits

@@ -39,6 +39,7 @@ import datetime
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import re
 import socket
@@ -159,7 +160,9 @@ def wait_placed(pg, what: str, wait_s: float, first_log_s: float = 2.0, log_ever
     deadline, chunk = time.monotonic() + wait_s, first_log_s
     while True:
         left = deadline - time.monotonic()
-        if pg.wait(timeout_seconds=max(0.0, min(chunk, left))):
+        # Ray waits whole seconds (a fraction is 0, an instant return): round up, or the end
+        # of the wait would spin, logging on every turn. The deadline may pass by < 1 s.
+        if pg.wait(timeout_seconds=max(1, math.ceil(min(chunk, left)))):
             return True
         left, chunk = deadline - time.monotonic(), log_every_s
         if left <= 0:
