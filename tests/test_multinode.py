@@ -7,7 +7,14 @@
   `--max-loras 1`) trains instead of waiting for the slot and failing;
 - gloo binds to the interface that holds each node's Ray IP (not what the hostname says);
 - `RAY_ADDRESS` alone joins the cluster; a placement that cannot happen is logged and bounded;
-- a hung node (SIGSTOP): the rank on it is named, not the healthy rank blocked in the all-reduce.
+- a hung node (SIGSTOP): the rank on it is named, not the healthy rank blocked in the all-reduce;
+- node B's raylet killed mid-step: the rank on it is named; a `--resume` placement while it is
+  still lost waits, logging the lost node, and fails naming it;
+- a node with a rollout worker lost mid-rollout: the worker restarts on the head, the step's
+  rollout is redone and the run goes on (exit 0).
+
+Node B is lost for good by the hung-node test; each test after it joins a new node B.
+`-s` prints the measured seconds (docs/scaling.md, failure table).
 
 The drivers are subprocesses: the cluster runs without token auth (so node B is admitted),
 and a driver must agree with it on RAY_AUTH_MODE, which Ray reads when it is imported.
