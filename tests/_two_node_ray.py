@@ -81,14 +81,25 @@ class RayNode:
         return raylet.pid
 
     def stop(self) -> None:
+        import psutil
+
+        procs = self.processes()  # found now: once `ray start` exits they are orphans, out of reach
         if self.proc.poll() is None:
             self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
+            # SIGTERM to `ray start` alone: it drains the node through the GCS, then stops its
+            # processes. Sent to the whole group, it would stop the head's GCS first, and the
+            # drain would wait 30 s for it.
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
-        self.signal(signal.SIGKILL)  # workers left behind in the group
+        self.signal(signal.SIGKILL)  # whatever is left: the group, and workers in groups of their own
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         self._out.close()
 
 
