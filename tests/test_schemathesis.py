@@ -19,6 +19,8 @@ import pytest
 
 from services.common.process import ServiceProcess, free_port, python_module
 
+pytestmark = pytest.mark.slow  # a few hundred generated requests per service: ~30 s each
+
 KEY = "schemathesis-key"
 SEED = os.environ.get("CRS_SCHEMATHESIS_SEED", "20261202")  # fixed: a CI failure reproduces
 # positive_data_acceptance expects 2xx for any schema-valid request. A JSON schema cannot say
