@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,20 +48,19 @@ class Workload:
     path: str
     heavy: dict
     light: dict
-    heavy_units: object  # response json -> work units done (items scored, tokens generated)
-    light_units: int  # work units of one light request
+    counter: str  # the server's /metrics counter of work done (items scored, tokens generated)
 
 
 def reward_workload(rng: random.Random, heavy_items: int) -> Workload:
     heavy_items = [{"prompt": text(rng, 40), "response": text(rng, 800)} for _ in range(heavy_items)]
     light_items = [{"prompt": text(rng, 10), "response": text(rng, 40)}]
-    return Workload("/v1/score", {"items": heavy_items}, {"items": light_items}, lambda r: len(r["scores"]), 1)
+    return Workload("/v1/score", {"items": heavy_items}, {"items": light_items}, "crs_items_scored_total")
 
 
 def policy_workload(rng: random.Random) -> Workload:
     heavy = {"messages": [{"role": "user", "content": text(rng, 20)}], "n": 16, "max_tokens": 96, "ignore_eos": True}
     light = {"prompt": text(rng, 8), "max_tokens": 4, "ignore_eos": True}
-    return Workload("/v1/chat/completions", heavy, light, lambda r: r["usage"]["completion_tokens"], 4)
+    return Workload("/v1/chat/completions", heavy, light, "policy_gen_generated_tokens_total")
 
 
 async def light_latencies(client: httpx.AsyncClient, w: Workload, count: int) -> list[float]:
@@ -77,34 +75,39 @@ async def light_latencies(client: httpx.AsyncClient, w: Workload, count: int) ->
     return out
 
 
-async def measure(url: str, w: Workload, light: int, heavy_clients: int) -> tuple[float, float, float]:
-    """(light p95 alone, light p95 under load, units/s of all work under load)."""
+async def work_done(client: httpx.AsyncClient, counter: str) -> float:
+    text = (await client.get("/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(counter))
+
+
+async def measure(url: str, w: Workload, light: int, heavy_clients: int, seconds: float) -> tuple[float, float, float]:
+    """(light p95 alone, light p95 under load, units/s of all work under load).
+
+    Throughput is the server's own counter of work done over a fixed window of `seconds` from
+    when the light run starts, the same in both modes. (Counting the heavy requests that
+    finished inside the light run's span instead was skewed by whole requests: fair mode's
+    span is a few seconds, about one heavy request, and read as 0.8 of FIFO's.)"""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await light_latencies(client, w, 3)  # warm-up
         alone = p95(await light_latencies(client, w, light))
-        done, stop = [0], asyncio.Event()
+        stop = asyncio.Event()
 
         async def heavy() -> None:
             while not stop.is_set():
                 r = await client.post(w.path, json=w.heavy, headers={"X-CRS-Run": "heavy"})
                 r.raise_for_status()
-                if not stop.is_set():
-                    done[0] += w.heavy_units(r.json())
 
         tasks = [asyncio.create_task(heavy()) for _ in range(heavy_clients)]
         await asyncio.sleep(3.0)  # let the heavy run fill the queue first
-        t0 = time.perf_counter()
-        done[0] = 0
-        latencies = await light_latencies(client, w, light)
-        loaded = p95(latencies)
-        # Total throughput (heavy + light work) over the window the light run's requests span.
-        seconds = time.perf_counter() - t0
-        done[0] += light * w.light_units
+        t0, done0 = time.perf_counter(), await work_done(client, w.counter)
+        loaded = p95(await light_latencies(client, w, light))
+        await asyncio.sleep(max(0.0, t0 + seconds - time.perf_counter()))
+        rate = (await work_done(client, w.counter) - done0) / (time.perf_counter() - t0)
         stop.set()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        return alone, loaded, done[0] / seconds
+        return alone, loaded, rate
 
 
 def serve_argv(service: str, models: dict[str, Path], port: int, fair: bool) -> list[str]:
@@ -117,7 +120,7 @@ def serve_argv(service: str, models: dict[str, Path], port: int, fair: bool) -> 
 
 
 def run_service(service: str, models: dict[str, Path], log_dir: Path, light: int, heavy_clients: int,
-                heavy_items: int) -> dict:
+                heavy_items: int, seconds: float) -> dict:
     rng = random.Random(0)
     w = reward_workload(rng, heavy_items) if service == "reward_abs" else policy_workload(rng)
     figures = {}
@@ -125,7 +128,7 @@ def run_service(service: str, models: dict[str, Path], log_dir: Path, light: int
         port = free_port()
         argv = serve_argv(service, models, port, fair=mode == "fair")
         with ServiceProcess(argv, port, log_path=log_dir / f"{service}-{mode}.log", startup_timeout=600, name=service) as svc:
-            alone, loaded, rate = asyncio.run(measure(svc.url, w, light, heavy_clients))
+            alone, loaded, rate = asyncio.run(measure(svc.url, w, light, heavy_clients, seconds))
         figures[mode] = (alone, loaded, rate)
         unit = "items/s" if service == "reward_abs" else "tokens/s"
         print(f"{service:10s} {mode}: light p95 alone {alone * 1000:8.1f} ms, under load {loaded * 1000:9.1f} ms, "
@@ -139,6 +142,7 @@ def main() -> None:
     ap.add_argument("--light", type=int, default=40, help="light requests per measurement")
     ap.add_argument("--heavy-clients", type=int, default=2)
     ap.add_argument("--heavy-items", type=int, default=128, help="reward_abs: items per heavy request")
+    ap.add_argument("--seconds", type=float, default=20.0, help="throughput window (at least the light run's span)")
     args = ap.parse_args()
     from crs_rlhf.tiny_models import make_tiny_models
 
@@ -147,7 +151,7 @@ def main() -> None:
         services = ["reward_abs", "policy_gen"] if args.service == "both" else [args.service]
         result = []
         for service in services:
-            f = run_service(service, models, Path(tmp), args.light, args.heavy_clients, args.heavy_items)
+            f = run_service(service, models, Path(tmp), args.light, args.heavy_clients, args.heavy_items, args.seconds)
             ratio = {m: f[m][1] / f[m][0] for m in f}
             result += [f"{service}_p95_ratio_fair={ratio['fair']:.2f}", f"{service}_p95_ratio_fifo={ratio['fifo']:.2f}",
                        f"{service}_throughput_fair_vs_fifo={f['fair'][2] / f['fifo'][2]:.2f}"]
