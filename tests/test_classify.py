@@ -230,6 +230,9 @@ def test_auth_and_openapi(svc):
     spec = httpx.get(svc.url + "/openapi.json", headers=AUTH).json()
     op = spec["paths"]["/classify"]["post"]
     assert {"400", "401", "404", "413", "503"} <= set(op["responses"]) and op["security"] == [{"bearer": []}]
+    # Its own successful call: the counter must not depend on another test having run first
+    # (a random-order run caught that).
+    assert httpx.post(svc.url + "/classify", json={"input": "hi"}, headers=AUTH).status_code == 200
     metrics = httpx.get(svc.url + "/metrics", headers=AUTH).text
     assert 'crs_requests_total{endpoint="/classify",status="200"}' in metrics
 
