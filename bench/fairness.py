@@ -20,12 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from _serving_support import metric  # the /metrics reader the tests use
 
 from services.common.process import ServiceProcess, free_port, python_module
 
@@ -75,11 +81,6 @@ async def light_latencies(client: httpx.AsyncClient, w: Workload, count: int) ->
     return out
 
 
-async def work_done(client: httpx.AsyncClient, counter: str) -> float:
-    text = (await client.get("/metrics")).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(counter))
-
-
 async def measure(url: str, w: Workload, light: int, heavy_clients: int, seconds: float) -> tuple[float, float, float]:
     """(light p95 alone, light p95 under load, units/s of all work under load).
 
@@ -99,10 +100,10 @@ async def measure(url: str, w: Workload, light: int, heavy_clients: int, seconds
 
         tasks = [asyncio.create_task(heavy()) for _ in range(heavy_clients)]
         await asyncio.sleep(3.0)  # let the heavy run fill the queue first
-        t0, done0 = time.perf_counter(), await work_done(client, w.counter)
+        t0, done0 = time.perf_counter(), await asyncio.to_thread(metric, url, w.counter)
         loaded = p95(await light_latencies(client, w, light))
         await asyncio.sleep(max(0.0, t0 + seconds - time.perf_counter()))
-        rate = (await work_done(client, w.counter) - done0) / (time.perf_counter() - t0)
+        rate = (await asyncio.to_thread(metric, url, w.counter) - done0) / (time.perf_counter() - t0)
         stop.set()
         for t in tasks:
             t.cancel()

@@ -40,21 +40,13 @@ def _error_line(out: str) -> str:
 
 
 def measure(root: Path, policy: Path, health: str, placement_wait: float) -> dict:
-    import json
-
-    from _two_node_ray import NODE_B_IP, TwoNodeCluster, learner_driver
+    from _two_node_ray import NODE_B_IP, TwoNodeCluster, learner_driver, rank_on_node_b, send_second_step
 
     cluster = TwoNodeCluster(root / "cluster", extra_env=FAST if health == "fast" else None)
     try:
         p = learner_driver(cluster, REPO, policy, root / "out", 120, 2)
-        nodes = p.stdout.readline()
-        if not nodes.startswith("NODES"):
-            raise RuntimeError(nodes + p.stderr.read()[-3000:])
-        (b_rank,) = [r for r, ip in json.loads(nodes[len("NODES"):]) if ip == NODE_B_IP]
-        assert p.stdout.readline().startswith("STEP")
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        assert p.stdout.readline().startswith("SENT")
+        b_rank = rank_on_node_b(p)
+        send_second_step(p)
         t0 = time.monotonic()
         cluster.node_b.kill_raylet()
         out, err = p.communicate(timeout=300)

@@ -11,6 +11,7 @@ every Ray on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,3 +219,20 @@ def learner_driver(cluster: TwoNodeCluster, repo: Path, policy: Path, out: Path,
                              *([lost_ip] if lost_ip else [])],
                             cwd=repo, env=cluster.env(PYTHONPATH=str(repo)), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_on_node_b(driver: subprocess.Popen) -> int:
+    """After LEARNER_DRIVER's first step (its NODES and STEP lines): the rank it placed on node B."""
+    nodes = driver.stdout.readline()
+    assert nodes.startswith("NODES"), nodes + (driver.stderr.read()[-3000:] if driver.poll() is not None else "")
+    (b_rank,) = [r for r, ip in json.loads(nodes[len("NODES"):]) if ip == NODE_B_IP]
+    assert driver.stdout.readline().startswith("STEP")
+    return b_rank
+
+
+def send_second_step(driver: subprocess.Popen, *, wait_sent: bool = True) -> None:
+    """Let LEARNER_DRIVER send its second train_step; with `wait_sent`, return once it is in flight."""
+    driver.stdin.write("go\n")
+    driver.stdin.flush()
+    if wait_sent:
+        assert driver.stdout.readline().startswith("SENT")

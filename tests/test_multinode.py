@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _two_node_ray import NODE_B_IP, TwoNodeCluster, learner_driver
+from _two_node_ray import NODE_B_IP, TwoNodeCluster, learner_driver, rank_on_node_b, send_second_step
 
 from services.common.process import ServiceProcess, free_port, python_module
 
@@ -195,15 +195,6 @@ def _driver(cluster, tiny_models, tmp_path, wait_s: float, workers: int, lost_ip
     return learner_driver(cluster, REPO, tiny_models["policy"], tmp_path, wait_s, workers, lost_ip)
 
 
-def _b_rank(p: subprocess.Popen) -> int:
-    """After the driver's first step: the rank it placed on node B."""
-    nodes = p.stdout.readline()
-    assert nodes.startswith("NODES"), nodes + (p.stderr.read()[-3000:] if p.poll() is not None else "")
-    (b_rank,) = [r for r, ip in json.loads(nodes[len("NODES"):]) if ip == NODE_B_IP]
-    assert p.stdout.readline().startswith("STEP")
-    return b_rank
-
-
 def _new_node_b(cluster, cpus: int = 1) -> None:
     """Node B as a machine that (re)joins: whatever is left of the last one is stopped first."""
     cluster.node_b.stop()
@@ -223,11 +214,10 @@ def test_hung_node_names_the_rank_on_it(cluster, tiny_models, tmp_path):
     all-reduce and cannot answer anything; Ray's node table says which node is gone. Node B
     does not come back: the tests after it join a new one."""
     p = _driver(cluster, tiny_models, tmp_path, 120, 2)
-    b_rank = _b_rank(p)
+    b_rank = rank_on_node_b(p)
     cluster.node_b.signal(signal.SIGSTOP)
     try:
-        p.stdin.write("go\n")
-        p.stdin.flush()
+        send_second_step(p, wait_sent=False)  # node B is frozen: the reply may never come
         out, err = p.communicate(timeout=120)
     finally:
         cluster.node_b.signal(signal.SIGCONT)
@@ -245,10 +235,8 @@ def test_lost_raylet_names_the_rank_then_resume_without_the_node_is_bounded(clus
     and fails naming the lost node instead of waiting in silence."""
     _new_node_b(cluster)
     p = _driver(cluster, tiny_models, tmp_path, 120, 2)
-    b_rank = _b_rank(p)
-    p.stdin.write("go\n")
-    p.stdin.flush()
-    assert p.stdout.readline().startswith("SENT")
+    b_rank = rank_on_node_b(p)
+    send_second_step(p)
     t0 = time.monotonic()
     cluster.node_b.kill_raylet()
     out, err = p.communicate(timeout=120)
