@@ -284,6 +284,15 @@ def test_adapter_paths_confined_and_checked(served, adapters):
     assert not set(cases) & set(listed)
 
 
+def test_models_list_the_context_length_the_trainer_checks(served):
+    """`crs-rlhf train` refuses a generation budget over this before step 1 (test_context_window.py)."""
+    async def read() -> int | None:
+        async with PolicyClient(served.url, model="", api_key=served.key) as client:
+            return await client.max_model_len()
+
+    assert asyncio.run(read()) == 512  # both servers run with --max-model-len 512
+
+
 def test_auth_probes_and_metrics(served):
     served.complete(max_tokens=2)  # something generated, whatever ran before
     assert httpx.post(served.url + "/v1/completions", json={"prompt": "x"}).status_code == 401

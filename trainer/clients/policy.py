@@ -179,3 +179,10 @@ class PolicyClient:
     async def models(self) -> list[str]:
         page = await self._retry(self._api.models.list, extra_headers=self.headers)
         return [m.id for m in page.data]
+
+    async def max_model_len(self) -> int | None:
+        """The server's context (prompt + completion tokens) as /v1/models lists it on the base
+        model's card (policy_gen and vLLM both do; adapter cards leave it out); None if unlisted."""
+        page = await self._retry(self._api.models.list, extra_headers=self.headers)
+        lengths = [n for m in page.data if isinstance(n := getattr(m, "max_model_len", None), int)]
+        return min(lengths) if lengths else None

@@ -4,7 +4,8 @@ The services should run (see configs/tiny/ppo.yaml for the fields that point at 
 trainer waits up to `run.step_timeout_s` for their `/ready`. policy_gen needs
 `--adapter-root` at (or above) RUN/adapters so it may load each step's adapter.
 
-Exit codes: 0 finished; 2 bad config or a request a service refused (e.g. an adapter outside
+Exit codes: 0 finished; 2 bad config (e.g. generation.max_prompt_tokens + max_new_tokens over
+policy_gen's max_model_len) or a request a service refused (e.g. an adapter outside
 policy_gen's --adapter-root, or a full adapter table after run.adapter_slot_wait_s); 3 a service unreachable, not ready in time, or failing after
 retries; 4 the learner failed (a learner worker died, a collective timed out, or the update
 raised: the message names the worker's rank and node; `--resume` continues from the last
@@ -33,6 +34,8 @@ def classify_failure(exc: BaseException) -> tuple[int, str]:
     from trainer.ppo.driver import StepFailed
     from trainer.ppo.learner_group import LearnerFailed
 
+    if isinstance(exc, ConfigError):  # found once the services answered, e.g. a context too short
+        return EXIT_CONFIG, str(exc)
     if isinstance(exc, ServicesNotReady):
         return EXIT_SERVICE, str(exc)
     if isinstance(exc, LearnerFailed):

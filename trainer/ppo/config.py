@@ -69,7 +69,8 @@ class KLSection(Section):
 
 class GenerationSection(Section):
     max_prompt_tokens: int = Field(1024, gt=0, description="Longer prompts are dropped (and counted).")
-    max_new_tokens: int = Field(512, gt=0, description="Longest completion (thesis 512).")
+    max_new_tokens: int = Field(512, gt=0, description="Longest completion (thesis 512). max_prompt_tokens + "
+                                "max_new_tokens must fit policy_gen's --max-model-len (checked before step 1).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; keep 1, where the sampled policy is π itself.")
     top_k: int = Field(0, ge=0, description="0 = off (vLLM spells it -1; the client translates).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 = off (TRL's default).")

@@ -41,6 +41,7 @@ from trainer.ppo.learner_group import cluster_view, start_learner
 from trainer.ppo.metrics import MetricsLogger
 from trainer.ppo.policy_sync import (
     NoReplicaHoldsAdapter,
+    check_context_window,
     release_adapter_slots,
     sync_adapter,
     unload_stale_adapters,
@@ -223,6 +224,7 @@ def train(cfg: PPOConfig, resume: bool = False, on_step: Callable[[dict], None] 
 
     resume = resume or cfg.run.resume == "auto"
     wait_ready(service_targets(cfg), cfg.run.step_timeout_s)  # a fresh cluster starts the trainer first
+    check_context_window(cfg)  # before Ray and the learner: a budget policy_gen would refuse fails now
     started_ray = init_ray(cfg.ray)
     metrics: MetricsLogger | None = None
     summary = RunSummary(str(run_dir), 1, 0, False, len(data.prompts), data.dropped)

@@ -31,6 +31,7 @@ import openai
 from services.common.identity import run_headers
 from trainer.clients.policy import AdapterTableFull, PolicyClient
 from trainer.clients.wait import ServicesNotReady, is_ready
+from trainer.config_io import ConfigError
 from trainer.ppo.config import PPOConfig
 from trainer.ppo.deadline import StepDeadline
 
@@ -196,6 +197,36 @@ def unload_stale_adapters(cfg: PPOConfig, prefix: str, *, timeout_s: float | Non
         return [name for got in found if not isinstance(got, BaseException) for name in got]
 
     return asyncio.run(every())
+
+
+def context_overflow(prompt_tokens: int, new_tokens: int, contexts: dict[str, int | None]) -> str | None:
+    """Why a prompt of `prompt_tokens` plus a `new_tokens` completion does not fit every replica's
+    context (url -> max_model_len, None when the server does not say), or None when it fits."""
+    short = {url: n for url, n in contexts.items() if n is not None and prompt_tokens + new_tokens > n}
+    if not short:
+        return None
+    where = ", ".join(f"{url} (max_model_len {n})" for url, n in short.items())
+    return (f"generation.max_prompt_tokens {prompt_tokens} + generation.max_new_tokens {new_tokens} = "
+            f"{prompt_tokens + new_tokens} tokens do not fit policy_gen at {where}: it would refuse the first "
+            f"step that draws a prompt that long. Start policy_gen with --max-model-len >= "
+            f"{prompt_tokens + new_tokens}, or lower generation.max_prompt_tokens / generation.max_new_tokens")
+
+
+def check_context_window(cfg: PPOConfig) -> None:
+    """Refuse, before step 1, a generation budget some replica cannot serve (ConfigError: exit 2).
+    A replica that does not answer is left to the rollout's own retries."""
+    async def one(url: str) -> int | None:
+        async with _client(cfg, url, 0, None, attempts=1) as client:
+            return await client.max_model_len()
+
+    async def every() -> dict[str, int | None]:
+        found = await asyncio.gather(*(one(u) for u in cfg.services.policy_urls), return_exceptions=True)
+        return {url: None if isinstance(n, BaseException) else n for url, n in zip(cfg.services.policy_urls, found)}
+
+    g = cfg.generation
+    problem = context_overflow(g.max_prompt_tokens, g.max_new_tokens, asyncio.run(every()))
+    if problem:
+        raise ConfigError(problem)
 
 
 def release_adapter_slots(cfg: PPOConfig, prefix: str) -> None:
