@@ -130,7 +130,9 @@ def test_compose_trainer_job_matches_the_services(files, tmp_path, monkeypatch):
     assert as_argv(trainer["entrypoint"])[:5] == ["ray", "job", "submit", "--address", "http://ray-head:8265"]
     assert all(trainer["depends_on"][n]["condition"] == "service_healthy" for n in (*MODEL_SERVICES, "policy-gen-1", "ray-head"))
     head = as_argv(services["ray-head"]["entrypoint"])
-    assert head[:3] == ["ray", "start", "--head"] and "--dashboard-port=8265" in head
+    # crs-ray-head runs `ray start --head --block` with these options (tests/test_deploy_ray_head.py).
+    assert head[0] == "crs-ray-head" and "--dashboard-port=8265" in head and "--port=6379" in head
+    assert "/tmp/crs-ray-head.ready" in " ".join(as_argv(services["ray-head"]["healthcheck"]["test"]))
     assert set(services["ray-head"]["environment"]) == {"CRS_API_KEY"}
     command = as_argv(trainer["command"])
     cfg = trainer_config(command)
