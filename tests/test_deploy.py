@@ -314,14 +314,27 @@ def test_trainer_image_puts_ray_on_a_login_shell_path():
 
 @pytest.mark.parametrize("name", ["Dockerfile.reward", "Dockerfile.trainer", "Dockerfile.policy-gen"])
 def test_dockerfiles_install_dependencies_before_copying_sources(name):
-    """Layer caching: a code change must not reinstall torch & co."""
-    # The stage that installs dependencies (reward/trainer: build; policy-gen: runtime).
-    (lines,) = [st for st in dockerfile_stages(REPO / "docker" / name) if any(" -r " in line for line in st)]
-    first_source = next(i for i, line in enumerate(lines) if line.startswith("COPY") and (" services " in line or "--from=wheel" in line))
+    """Layer caching: a code change must not reinstall torch & co, nor re-copy the venv.
+
+    The dependencies (-r) are installed before any source is copied; the sources go into a
+    `wheel` stage of their own (reward/trainer: FROM build, whose venv the runtime copies, so
+    that copy stays cached); after them only our wheel, --no-deps."""
+    stages = dockerfile_stages(REPO / "docker" / name)
+    # policy-gen installs its dependencies in the runtime stage (on vLLM's image), its wheel
+    # stage stands apart: that one stage is what matters there.
+    lines = ([line for st in stages for line in st] if name != "Dockerfile.policy-gen"
+             else next(st for st in stages if any(" -r " in line for line in st)))
+    first_source = next(i for i, line in enumerate(lines)
+                        if (line.startswith("COPY") and " services " in line) or "from=wheel" in line)
     installs = [i for i, line in enumerate(lines) if "pip install" in line and " -r " in line]
-    assert installs and installs[0] < first_source, "install the dependencies (-r) before COPY of the sources"
+    assert installs and installs[-1] < first_source, "install the dependencies (-r) before COPY of the sources"
     after = [line for line in lines[first_source:] if "pip install" in line]
     assert after and all("--no-deps" in line for line in after), "after the sources only our package, --no-deps"
+    if name != "Dockerfile.policy-gen":
+        names = {st[0].split()[-1]: st for st in stages}
+        assert not any(line.startswith("COPY") and " services " in line for line in names["build"]), \
+            "sources in the build stage would change the venv the runtime copies"
+        assert names["wheel"][0].startswith("FROM build "), names["wheel"][0]
 
 
 def test_policy_gen_image_serves_without_the_trainer_dependencies():
