@@ -174,6 +174,7 @@ def test_cpu_cluster_builds_runs_ppo_survives_a_kill_resumes_and_cleans_up(clust
             if steps:
                 killed_after = steps[-1]["step"]
                 target = c.container("reward-abs")
+                started_before = c.run("inspect", "-f", "{{.State.StartedAt}}", target).stdout.strip()
                 t_kill = time.monotonic()
                 # SIGKILL to every process of the service's user (the service dies as under an
                 # OOM kill). Not `docker kill`: Docker records that as a manual stop, which no
@@ -182,13 +183,14 @@ def test_cpu_cluster_builds_runs_ppo_survives_a_kill_resumes_and_cleans_up(clust
                 break
             time.sleep(1)
         assert killed_after is not None, f"no step finished before the job ended:\n{job_log.read_text()[-4000:]}"
-        # The restart policy brings it back: running again, then healthy (model reloaded).
+        # The restart policy brings it back: started again (a new StartedAt; the health status
+        # read before that is the dead process's), then healthy (model reloaded).
         restarted_s = healthy_s = None
         while time.monotonic() - t_kill < 600:
-            state = c.health(target)
-            if restarted_s is None and state in ("starting", "healthy"):
-                restarted_s = time.monotonic() - t_kill
-            if state == "healthy":
+            if restarted_s is None:
+                if c.run("inspect", "-f", "{{.State.StartedAt}}", target).stdout.strip() != started_before:
+                    restarted_s = time.monotonic() - t_kill
+            elif c.health(target) == "healthy":
                 healthy_s = time.monotonic() - t_kill
                 break
             time.sleep(0.5)
