@@ -240,6 +240,7 @@ class RewardService:
             on_batch=self.metrics.observe_batch, worker_init=engine.init_thread,
             packed=engine.packed,  # set when --packing is on (engine.enable_packing): packed rows
             fair=s.fair_scheduling, run_weights=s.run_weight_map(), on_wait=self.metrics.runs.observe_wait,
+            contended_batch_tokens=s.contended_batch_tokens,
         )
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.queued_items)

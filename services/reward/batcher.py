@@ -10,10 +10,16 @@ the next pass. Forward passes run on ONE dedicated worker thread so the event lo
 blocks; a request's rows may land in different micro-batches and are reassembled in order.
 
 Fair between runs: rows queue per run (`submit(rows, run=...)`, the X-CRS-Run id; requests
-without one share a queue), and a window is filled by deficit round-robin in tokens across the
-runs that have rows waiting (optionally weighted per run), so one run's 4,096-item request
-cannot put another run's one item behind all of it. A caller that goes away (its `submit` is
-cancelled) takes its rows out of the queue: only a window already running scores them.
+without one share a queue). Whose turn the next pass is follows start-time fair queueing in
+tokens (`FairClock`, optionally weighted per run): the run that has been served the fewest
+tokens goes next, and a run that was idle starts level with the pass in flight, so a light
+run's row waits for at most the pass that is running, never for a heavy run's backlog. The rest
+of the look-ahead window is filled by deficit round-robin across the runs with rows waiting.
+While more than one run has sent work within the last CONTENTION_S, a padded pass takes at most
+`contended_batch_tokens` (default half the budget): a newcomer's wait for the pass in flight is
+what bounds its latency, and on CPU a smaller pass costs the same per token. A caller that goes
+away (its `submit` is cancelled) takes its rows out of the queue: only a pass already running
+scores them.
 
 Packed mode (`packed=` a scorer of packed rows, `--packing on`): the window holds up to
 WINDOW_BATCHES rows' worth of tokens (row length x rows), planned into packed rows by first-fit
@@ -53,6 +59,7 @@ class RowScorer(Protocol):
 
 
 WINDOW_BATCHES = 4  # a collector window holds up to this many budgets of real tokens
+CONTENTION_S = 1.0  # runs that sent work within this many seconds count as competing for passes
 
 
 class QueueFullError(Exception):
@@ -137,6 +144,50 @@ def deficit_round_robin(
     return taken
 
 
+class FairClock:
+    """Start-time fair queueing over passes: which run's row leads the next pass.
+
+    Each run has a tag, the tokens it has been served divided by its weight, on a virtual clock
+    `now` (the tag of the run that led the latest pass). The run with the smallest tag goes next;
+    a run that becomes active starts at `now` at the earliest, so an idle run banks no credit,
+    and a newcomer (tag `now`) is ahead of the run whose pass is in flight (tag `now` + that
+    pass). Pure bookkeeping, no clock or I/O, so the policy is testable:
+
+    >>> c = FairClock()
+    >>> c.join("heavy"); c.served("heavy", {"heavy": 2048})  # heavy's pass is in flight
+    >>> c.join("light"); c.pick(["heavy", "light"])
+    'light'
+    >>> c.served("light", {"light": 60}); c.pick(["heavy", "light"])
+    'light'
+    """
+
+    def __init__(self, weights: dict[str, float] | None = None):
+        self.weights = dict(weights or {})
+        self.now = 0.0
+        self.tags: dict[str, float] = {}
+
+    def join(self, run: str) -> None:
+        """`run` has work again (was idle or new)."""
+        self.tags[run] = max(self.tags.get(run, self.now), self.now)
+
+    def pick(self, runs: list[str]) -> str:
+        """The run whose turn it is among `runs` (non-empty); ties go to the earlier in `runs`."""
+        return min(runs, key=lambda r: self.tags.get(r, self.now))
+
+    def served(self, leader: str, tokens_by_run: dict[str, int]) -> None:
+        """A pass led by `leader` took `tokens_by_run`: the clock moves to the leader's tag."""
+        self.now = max(self.now, self.tags.get(leader, self.now))
+        for run, tokens in tokens_by_run.items():
+            start = max(self.tags.get(run, self.now), self.now)
+            self.tags[run] = start + tokens / self.weights.get(run, 1.0)
+
+    def forget_idle(self, active: set[str]) -> None:
+        """Drop the tags of idle runs that no longer matter (at or behind the clock): the map
+        stays as small as the runs served lately, however many run ids come and go."""
+        for run in [r for r, t in self.tags.items() if r not in active and t <= self.now]:
+            del self.tags[run]
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """Reported once per forward pass (for metrics)."""
@@ -195,6 +246,7 @@ class DynamicBatcher:
         fair: bool = True,
         run_weights: dict[str, float] | None = None,
         on_wait: Callable[[str, float], None] | None = None,
+        contended_batch_tokens: int | None = None,
     ):
         self.score_fn = score_fn
         self.packed = packed  # packed rows instead of padded micro-batches (score_fn then unused)
@@ -215,6 +267,10 @@ class DynamicBatcher:
         self._queued_tokens = 0
         self.fair = fair  # False: one FIFO queue whatever the run (a benchmark baseline)
         self.run_weights = dict(run_weights or {})
+        self._clock = FairClock(self.run_weights)
+        # A padded pass's budget while several runs compete (None: half of max_batch_tokens).
+        self.contended_batch_tokens = contended_batch_tokens or max(max_batch_tokens // 2, 1)
+        self._last_seen: dict[str, float] = {}  # run -> when it last submitted (contention)
         self.on_wait = on_wait  # (run, seconds a request waited before its first row was taken)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -269,8 +325,10 @@ class DynamicBatcher:
         queue = self._runs.get(key)
         if queue is None:
             queue = self._runs[key] = _RunQueue()
+            self._clock.join(key)
         if key not in self._order:
             self._order.append(key)
+        self._last_seen[key] = now
         queue.rows.extend(_Row(request, i, now) for i in range(len(rows)))
         queue.tokens += tokens
         self._queued_items += len(rows)
@@ -308,17 +366,32 @@ class DynamicBatcher:
     def _oldest_arrival(self) -> float:
         return min(q.rows[0].arrival for q in self._runs.values() if q.rows)
 
+    def _contended(self, now: float, window: list[tuple[str, _Row]]) -> bool:
+        """More than one run has rows waiting (in the queues or this window) or sent work within
+        CONTENTION_S: a heavy run's one big request may have been sent long ago."""
+        for run in [r for r, t in self._last_seen.items() if now - t > CONTENTION_S]:
+            del self._last_seen[run]
+        active = set(self._last_seen) | {k for k, q in self._runs.items() if q.rows} | {k for k, _ in window}
+        return len(active) > 1
+
     # ------------------------------------------------------------------ collector
 
-    def _take_window(self) -> list[_Row]:
-        """Rows up to the window's token budget, by deficit round-robin across runs (naive mode:
-        one request's rows, runs taking turns)."""
+    def _take_window(self) -> list[tuple[str, _Row]]:
+        """Rows up to the window's token budget: first the head row of the run whose turn it is
+        (FairClock), then the rest by deficit round-robin across runs (naive mode: one request's
+        rows, runs taking turns)."""
         queues = {k: q.rows for k, q in self._runs.items()}
         if self.cross_request:
+            waiting = [k for k in self._order if queues[k]]
+            if not waiting:
+                return []
+            leader = self._clock.pick(waiting)
+            head = queues[leader].popleft()
             deficits = {k: q.deficit for k, q in self._runs.items()}
             quantum = max(self.max_batch_tokens // max(len(self._order), 1), 1)
-            taken = deficit_round_robin(queues, deficits, self.run_weights, quantum, self.window_tokens,
-                                        lambda row: len(row.ids), self._order)
+            taken = [(leader, head)] + deficit_round_robin(
+                queues, deficits, self.run_weights, quantum, self.window_tokens - len(head.ids),
+                lambda row: len(row.ids), self._order)
             for key, value in deficits.items():
                 self._runs[key].deficit = value
         elif not self._order:
@@ -352,6 +425,7 @@ class DynamicBatcher:
             queue = self._runs.get(key)
             if queue is None:
                 queue = self._runs[key] = _RunQueue()
+                self._clock.join(key)
             if key not in self._order:
                 self._order.insert(0, key)
             queue.rows.extendleft(reversed(mine))
@@ -367,20 +441,27 @@ class DynamicBatcher:
         The look-ahead spans several passes so rows of similar length can share one (less
         padding), but only one pass is handed to the worker at a time: a light run's row that
         arrives meanwhile waits for at most the pass that is running, not for a whole window.
-        The pass chosen is the one holding the window's first row (the run whose turn it is).
+        The pass chosen is the one holding the window's first row (the run whose turn it is);
+        while runs compete it is planned under the smaller contended budget.
         """
         rows = [r for _, r in window]
         lengths = [len(r.ids) for r in rows]
+        now = time.monotonic()
         if self.packed is not None:
             groups = [[s.index for s in row.items]
                       for row in plan_packed_rows(lengths, self.packed.row_tokens, self.packed.buckets).rows]
         else:
-            groups = plan_micro_batches(lengths, self.max_batch_tokens, self.max_padding)
+            budget = self.contended_batch_tokens if self.fair and self._contended(now, window) else self.max_batch_tokens
+            groups = plan_micro_batches(lengths, min(budget, self.max_batch_tokens), self.max_padding)
         chosen = next(g for g in groups if 0 in g)
         keep = set(chosen)
         self._put_back([w for i, w in enumerate(window) if i not in keep])
         batch = [rows[i] for i in sorted(chosen)]
-        now = time.monotonic()
+        served: dict[str, int] = {}
+        for i in chosen:
+            served[window[i][0]] = served.get(window[i][0], 0) + lengths[i]
+        self._clock.served(window[0][0], served)
+        self._clock.forget_idle(set(self._runs))
         for i in sorted(chosen):
             row = rows[i]
             if not row.request.started:

@@ -63,6 +63,11 @@ class RewardServiceSettings(ServiceSettings):
     max_wait_ms: float = Field(
         4.0, ge=0, description="How long the collector waits for more requests before running a batch."
     )
+    contended_batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one padded forward pass while more than one run has sent work "
+        "within the last second (fair scheduling): a run that arrives waits for the pass in flight, so a smaller "
+        "pass bounds its latency. Default: half of max_batch_tokens. Packed rows keep their lengths.",
+    )
     max_queue_items: int = Field(
         16384, gt=0, description="Items waiting to be scored; beyond this requests get 503 + Retry-After."
     )
