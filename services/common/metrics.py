@@ -170,7 +170,8 @@ class MetricsMiddleware:
 
     `requests` is a Counter labelled (endpoint, status), `latency` a Histogram labelled
     (endpoint); `endpoint(path)` maps a path to a bounded label set. A client that went away
-    before any reply is counted as "499", not as a server error. With `runs` (default:
+    before the whole reply was sent (a stream left after its headers too) is counted as "499",
+    not as a server error nor as a 200 nobody received. With `runs` (default:
     `metrics.runs`) it also counts requests by run and makes the run current for
     `count_run_usage`; only a request that passed the key check may claim a run label (no key,
     no say in the label set: a keyless 401 or 500 is counted under an existing label or 'other').
@@ -193,17 +194,24 @@ class MetricsMiddleware:
         run = request_identity(scope).run
         current = _CURRENT_RUN.set((self.runs, run)) if self.runs is not None else None
 
+        completed = False
+
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, completed
             if message["type"] == "http.response.start":
                 status = str(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            gone = scope.get("state", {}).get("disconnected")
             if status is None:
-                status = DISCONNECTED if scope.get("state", {}).get("disconnected") else "500"
+                status = DISCONNECTED if gone else "500"
+            elif gone and not completed:  # a stream left after its headers: nobody got the reply
+                status = DISCONNECTED
             self.requests.labels(endpoint, status).inc()
             self.latency.labels(endpoint).observe(time.perf_counter() - start)
             if current is not None:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from services.common.chat import CHATML
 from services.common.http import APIError, error_body, scrub_paths
@@ -28,6 +28,7 @@ from services.policy_gen.hf_engine import HFEngine, SeqResult, SeqSpec, StepEven
 from services.policy_gen.text import Detokenizer
 from services.policy_gen.limits import too_long_for_context
 from services.policy_gen.settings import PolicyGenSettings
+from services.policy_gen.streaming import ClosingStreamingResponse
 
 _FLOOR = -9999.0  # vLLM clamps -inf to this so the JSON stays valid
 log = logging.getLogger(__name__)
@@ -335,8 +336,9 @@ class HFBackend:
                 self.on_generated(done)
                 count_run_usage(len(specs), prompt_tokens + done)
 
-        return Served(StreamingResponse(body(), media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"}), 0, prompt_tokens)
+        # The job runs from now: a client gone before body() starts must cancel it too.
+        return Served(ClosingStreamingResponse(body(), on_close=job.cancel, media_type="text/event-stream",
+                                               headers={"Cache-Control": "no-cache"}), 0, prompt_tokens)
 
     def _completion_token_logprobs(self, event: StepEvent, detok: Detokenizer) -> dict:
         tok, lp, alts = event.token, event.logprob, event.alts
