@@ -63,6 +63,7 @@ def create_app(settings: PolicyGenSettings, backend: Backend) -> FastAPI:
     metrics = Metrics(settings.backend, settings.max_tracked_runs)
     if hasattr(backend, "observe_batches"):  # only the hf backend batches itself
         backend.observe_batches(lambda sequences, _seconds: metrics.batch_sequences.observe(sequences))
+    if hasattr(backend, "observe_queues"):  # hf: its batcher's queues; vllm: the front door's (admission.py)
         backend.observe_queues(metrics.runs)
     backend.on_generated = metrics.tokens.inc  # streamed replies count their tokens when they end
 

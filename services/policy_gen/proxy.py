@@ -6,6 +6,8 @@ clients see vLLM's own replies and errors. vLLM unreachable -> 503 with Retry-Af
 trainer's client retries on it). vLLM's chat endpoint parses special-token strings inside
 message contents as the real tokens and has no switch to stop it, so chat messages that hold
 such strings are refused here (400) instead of forging turns; the hf backend keeps them as text.
+Generation requests pass a fair admission gate first (admission.py): vLLM schedules first come
+first served, so the front door keeps one run from holding all of vLLM's sequence slots.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import asyncio
 import json
 
 import httpx
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from services.common.http import APIError
+from services.common.metrics import RunMetrics, current_run
 from services.policy_gen import protocol as P
+from services.policy_gen.admission import FairAdmission
 from services.policy_gen.adapters import AdapterInfo
 from services.policy_gen.backend import Served
 from services.common.tokenize import ThreadTokenizer
-from services.policy_gen.limits import too_long_for_context
+from services.policy_gen.limits import prompt_count, too_long_for_context
 from services.policy_gen.settings import PolicyGenSettings
+from services.policy_gen.streaming import ClosingStreamingResponse
+from services.policy_gen.vllm_launcher import max_num_seqs
 
 
 class VLLMProxyBackend:
@@ -34,6 +40,9 @@ class VLLMProxyBackend:
         self.tok: ThreadTokenizer | None = None
         self._ready = False
         self.on_generated = lambda tokens: None  # completion tokens of a streamed reply, when it ends
+        # None with --fair-scheduling false: requests go straight to vLLM's own FIFO.
+        self.gate = FairAdmission(max_num_seqs(settings), settings.max_run_sequences, settings.run_weight_map()) \
+            if settings.fair_scheduling else None
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -60,6 +69,38 @@ class VLLMProxyBackend:
                 return False
         return self._ready
 
+    def observe_queues(self, runs: RunMetrics) -> None:
+        """Per-run front-door queue depth and wait in /metrics (crs_run_queue_items, crs_run_queue_wait_seconds)."""
+        if self.gate is not None:
+            self.gate.on_wait = runs.observe_wait
+            runs.watch_queues(self.gate.queued_by_run)
+
+    async def _generate(self, path: str, body: dict, sequences: int, stream: bool) -> Served:
+        """Forward one generation request once the gate admits it. Its `sequences` hold slots
+        until the reply has arrived, or for a stream until the stream ends, however it ends."""
+        run = current_run() or ""
+        if self.gate is not None:
+            await self.gate.acquire(run, sequences)  # a client gone meanwhile: out of the queue
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if self.gate is not None and not released:
+                released = True
+                self.gate.release(run, sequences)
+
+        streaming = False
+        try:
+            if stream:
+                served = await self._forward_stream(path, body, on_end=release)
+                streaming = isinstance(served.response, ClosingStreamingResponse)  # else vLLM's error reply
+                return served
+            resp = await self._forward("POST", path, body)
+            return Served(resp, *self._usage(resp))
+        finally:
+            if not streaming:
+                release()
+
     async def _forward(self, method: str, path: str, body: dict | None = None) -> Response:
         try:
             upstream = await self.client.request(method, path, json=body)
@@ -72,12 +113,13 @@ class VLLMProxyBackend:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
         return Response(content=upstream.content, status_code=upstream.status_code, headers=headers)
 
-    async def _forward_stream(self, path: str, body: dict) -> Served:
+    async def _forward_stream(self, path: str, body: dict, on_end=lambda: None) -> Served:
         """A streamed request: vLLM's server-sent events passed through as they come. An error
         before the stream starts is vLLM's JSON reply, as for any request. When the client hangs
         up, the upstream connection is closed, and vLLM aborts the request (its own disconnect
         handling). vLLM is always asked for the usage chunk, so the generated-tokens counter sees
-        every streamed reply; a client that did not ask for it does not get it."""
+        every streamed reply; a client that did not ask for it does not get it. `on_end()` runs
+        once the stream is over, however it ended."""
         options = body.get("stream_options") or {}
         asked = bool(options.get("include_usage"))
         if not asked:  # continuous_usage_stats counts only with include_usage, in vLLM too
@@ -118,7 +160,16 @@ class VLLMProxyBackend:
                 self.on_generated(counted["completion"])
 
         headers = {"Cache-Control": "no-cache"}
-        return Served(StreamingResponse(relay(), media_type="text/event-stream", headers=headers))
+
+        async def close() -> None:
+            try:
+                await upstream.aclose()
+            finally:
+                on_end()
+
+        # vLLM generates from now: a client gone before relay() starts must close the upstream too.
+        return Served(ClosingStreamingResponse(relay(), on_close=close, media_type="text/event-stream",
+                                               headers=headers))
 
     @staticmethod
     def _usage(resp: Response) -> tuple[int, int]:
@@ -135,10 +186,8 @@ class VLLMProxyBackend:
         for text in [req.prompt] if isinstance(req.prompt, str) else req.prompt:
             if isinstance(text, str):
                 too_long_for_context(self.settings, self.tok, text, "prompt")
-        if req.stream:
-            return await self._forward_stream("/v1/completions", req.model_dump(exclude_unset=True))
-        resp = await self._forward("POST", "/v1/completions", req.model_dump(exclude_unset=True))
-        return Served(resp, *self._usage(resp))
+        sequences = prompt_count(req.prompt) * req.n
+        return await self._generate("/v1/completions", req.model_dump(exclude_unset=True), sequences, req.stream)
 
     async def chat(self, req: P.ChatCompletionRequest) -> Served:
         for i, m in enumerate(req.messages):
@@ -149,10 +198,7 @@ class VLLMProxyBackend:
                     "would read it as a real token, so it is refused. Remove it, or use the hf backend, which "
                     "keeps it as plain text", param=f"messages.{i}.content",
                 )
-        if req.stream:
-            return await self._forward_stream("/v1/chat/completions", req.model_dump(exclude_unset=True))
-        resp = await self._forward("POST", "/v1/chat/completions", req.model_dump(exclude_unset=True))
-        return Served(resp, *self._usage(resp))
+        return await self._generate("/v1/chat/completions", req.model_dump(exclude_unset=True), req.n, req.stream)
 
     async def load_adapter(self, req: P.LoadLoRAAdapterRequest, info: AdapterInfo) -> Served:
         # vLLM gets the path we checked (resolved), never the caller's spelling of it.

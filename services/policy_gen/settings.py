@@ -47,6 +47,16 @@ class PolicyGenSettings(ServiceSettings):
     vllm_extra_args: str = Field("", description="Extra flags appended to vLLM's command line (shell-split).")
     vllm_startup_timeout_s: float = Field(600.0, gt=0, description="How long to wait for vLLM's /health.")
     vllm_request_timeout_s: float = Field(600.0, gt=0, description="Upstream timeout for one forwarded request.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="vllm backend: sequences vLLM runs at once (passed as its --max-num-seqs); the front "
+        "door admits at most this many into vLLM, fairly across runs. Default: vLLM 0.32's own default for the machine "
+        "(128 on CPU, 1024 on GPUs of 70 GB or more other than A100, else 256). A --max-num-seqs in "
+        "--vllm-extra-args wins.",
+    )
+    max_run_sequences: int | None = Field(
+        None, ge=1, description="vllm backend: most sequences one run may have in vLLM at once, so that another run "
+        "finds free slots (vLLM cannot preempt a run's requests for it). Default: max_num_seqs less an eighth.",
+    )
 
     # --- hf backend batching
     max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one batch.")

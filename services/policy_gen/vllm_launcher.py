@@ -63,6 +63,30 @@ def vllm_environment(settings: PolicyGenSettings, base: dict[str, str] | None = 
     return env
 
 
+def default_max_num_seqs() -> int:
+    """vLLM 0.32's default max_num_seqs for its OpenAI server on this machine (EngineArgs'
+    hardware rule): 128 on CPU, 1024 on a GPU of >= 70 GiB that is not an A100, else 256."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 128
+    props = torch.cuda.get_device_properties(0)
+    big = props.total_memory >= 160 * 2**30 or (props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower())
+    return 1024 if big else 256
+
+
+def max_num_seqs(settings: PolicyGenSettings) -> int:
+    """The sequences vLLM runs at once: --max-num-seqs in --vllm-extra-args, else the setting,
+    else vLLM's default (passed to vLLM explicitly, so the front door and vLLM agree)."""
+    extra = shlex.split(settings.vllm_extra_args)
+    for i, arg in enumerate(extra):
+        if arg == "--max-num-seqs" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--max-num-seqs="):
+            return int(arg.split("=", 1)[1])
+    return settings.max_num_seqs or default_max_num_seqs()
+
+
 def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys.executable) -> list[str]:
     """vLLM's argv for `settings`, serving on 127.0.0.1:`port`."""
     argv = [
@@ -82,6 +106,8 @@ def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys
     ]  # fmt: skip
     if settings.dtype != "auto":
         argv += ["--dtype", settings.dtype]
+    if "--max-num-seqs" not in settings.vllm_extra_args:
+        argv += ["--max-num-seqs", str(max_num_seqs(settings))]  # the front door admits as many (admission.py)
     # No --api-key here: vLLM gets the same key we check through vllm_environment().
     argv += shlex.split(settings.vllm_extra_args)
     return argv
