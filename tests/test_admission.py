@@ -11,8 +11,8 @@ import asyncio
 import time
 
 import httpx
-
 from _serving_support import metric
+
 from services.policy_gen.admission import FairAdmission, admit_next
 
 # ------------------------------------------------------------------ the policy

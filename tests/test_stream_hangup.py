@@ -12,7 +12,6 @@ import asyncio
 import time
 
 import httpx
-
 from _serving_support import ThreadServer, metric
 
 BODY = {"prompt": "go on", "n": 8, "max_tokens": 400, "ignore_eos": True, "stream": True}
