@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         if os.path.exists(ready):
             os.unlink(ready)
+        # Unbuffered: the marker must not wait for a pipe buffer to fill.
         child = subprocess.Popen([ray, "start", "--head", "--block", *args], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         started = False
         for line in child.stdout:
             sys.stdout.write(line)

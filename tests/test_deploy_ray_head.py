@@ -79,6 +79,8 @@ def test_spent_attempts_return_rays_exit_code_and_never_mark_ready(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert not ready.exists()
+    assert out.count("timed out during startup") == 3, "Ray's own output reaches the container log"
+    assert err.count("cleaning up and starting again") == 2 and "attempt 2/3" in err
     calls = log.read_text().splitlines()
     assert calls.count("start --head --block --port=6379 --dashboard-port=8265") == 3
     assert calls.count("stop --force") == 2, "no cleanup after the last attempt: the container exits anyway"
