@@ -50,6 +50,7 @@ class DemoArgs:
     train_models: bool
     judge_url: str | None = None
     judge_model: str | None = None
+    reuse: bool = False
     model: str | None = None  # a real model by name (crs_rlhf/real_model.py), or
     base: str | None = None  # any Hugging Face causal-LM folder; both None: the tiny models
 
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None) -> DemoArgs:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-train", dest="train_models", action="store_false",
                    help="skip SFT and RM training; serve the untrained tiny models")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the SFT and reward models an earlier run left in OUT/models when they were trained "
+                        "with the same settings (each one checked against its config.yaml); train the others")
     p.add_argument("--judge-url", help="OpenAI-compatible judge for the held-out eval (API key: OPENAI_API_KEY)")
     p.add_argument("--judge-model", help="the judge's model id (default: the first one it serves)")
     real = p.add_mutually_exclusive_group()
@@ -83,7 +87,7 @@ def parse_args(argv: list[str] | None) -> DemoArgs:
     if a.steps < 1:
         p.error("--steps must be at least 1")
     return DemoArgs(Path(a.out), a.steps, a.crs_weight, a.policy_backend, a.seed, a.train_models,
-                    a.judge_url, a.judge_model, a.model, a.base)
+                    a.judge_url, a.judge_model, a.reuse, a.model, a.base)
 
 
 def _stage(i: int, n: int, text: str) -> float:
@@ -91,24 +95,45 @@ def _stage(i: int, n: int, text: str) -> float:
     return time.monotonic()
 
 
-def train_models(models: dict[str, Path], out: Path, seed: int, real: bool = False, clock=None) -> dict[str, Path]:
-    """SFT the policy, then train both reward models from the SFT model (as the thesis)."""
+def train_models(models: dict[str, Path], out: Path, seed: int, real: bool = False, clock=None,
+                 reuse: bool = False) -> dict[str, Path]:
+    """SFT the policy, then train both reward models from the SFT model (as the thesis).
+
+    reuse: a model whose folder holds a finished training with exactly this config (its
+    README.md is written last, its config.yaml must equal the one built here) is kept."""
     from crs_rlhf.real_model import REAL_RM, REAL_SFT, merged
     from trainer.rm import AbsoluteRMConfig, PreferenceRMConfig, train_absolute_rm, train_preference_rm
     from trainer.sft import SFTConfig, train_sft
 
     sft_over, rm_over = (REAL_SFT, REAL_RM) if real else ({}, {})
     mark = clock.start if clock is not None else (lambda name: None)
-    mark("2a SFT")
-    sft = train_sft(SFTConfig.model_validate(merged(
-        {"output_dir": str(out / "sft"), "model": {"base": str(models["policy"])}, "train": {"seed": seed}}, sft_over)))
-    mark("2b preference RM")
-    pref = train_preference_rm(PreferenceRMConfig.model_validate(merged(
-        {"output_dir": str(out / "rm_preference"), "model": {"base": str(sft)}, "train": {"seed": seed}}, rm_over)))
-    mark("2c absolute RM")
-    abs_ = train_absolute_rm(AbsoluteRMConfig.model_validate(merged(
-        {"output_dir": str(out / "rm_absolute"), "model": {"base": str(sft)}, "train": {"seed": seed}}, rm_over)))
-    return {"policy": Path(sft), "reward_pref": Path(pref), "reward_abs": Path(abs_)}
+
+    def run(stage: str, cls, train, sub: str, base: Path, over: dict) -> Path:
+        cfg = cls.model_validate(merged(
+            {"output_dir": str(out / sub), "model": {"base": str(base)}, "train": {"seed": seed}}, over))
+        mark(stage)
+        if reuse and finished_with(Path(cfg.output_dir), cfg):
+            print(f"  --reuse: {cfg.output_dir} was trained with this config, kept", flush=True)
+            return Path(cfg.output_dir)
+        return Path(train(cfg))
+
+    sft = run("2a SFT", SFTConfig, train_sft, "sft", models["policy"], sft_over)
+    pref = run("2b preference RM", PreferenceRMConfig, train_preference_rm, "rm_preference", sft, rm_over)
+    abs_ = run("2c absolute RM", AbsoluteRMConfig, train_absolute_rm, "rm_absolute", sft, rm_over)
+    return {"policy": sft, "reward_pref": pref, "reward_abs": abs_}
+
+
+def finished_with(folder: Path, cfg) -> bool:
+    """True when `folder` holds a finished training run of exactly `cfg` (its saved config.yaml)."""
+    from trainer.config_io import load_config
+
+    if not (folder / "README.md").is_file() or not (folder / "config.yaml").is_file():
+        return False
+    try:
+        saved = load_config(type(cfg), folder / "config.yaml")
+    except Exception:  # noqa: BLE001 - an unreadable or outdated config is simply not a match
+        return False
+    return saved.model_dump() == cfg.model_dump()
 
 
 def start_services(stack: contextlib.ExitStack, models: dict[str, Path], run_dir: Path, backend: str,
@@ -185,7 +210,7 @@ def _run_demo(args: DemoArgs, clock) -> int:
 
     _stage(2, n, "training SFT, preference RM and absolute RM on the shipped Open Assistant fixture")
     if args.train_models:
-        models = train_models(models, out / "models", args.seed, real=args.real, clock=clock)
+        models = train_models(models, out / "models", args.seed, real=args.real, clock=clock, reuse=args.reuse)
     else:
         print("  --no-train: serving the UNTRAINED models (rewards are noise)")
 
@@ -212,12 +237,16 @@ def _run_demo(args: DemoArgs, clock) -> int:
                 bar.set_postfix({"crs": f"{row['reward/crs']:.3f}", "kl": f"{row['kl/objective']:.2f}",
                                  "len": f"{row['response_length/mean']:.1f}"})
 
-            summary = train(ppo_config(args, models, urls, run_dir), on_step=on_step)
+            cfg = ppo_config(args, models, urls, run_dir)
+            summary = train(cfg, on_step=on_step)
 
-        held_out = None
+        held_out, learning = None, None
+        if not summary.interrupted and args.real:
+            clock.start("5a learning measure")
+            learning = heldout_learning(cfg, run_dir, urls["policy_gen"])
         if not summary.interrupted:
             _stage(5, n, "held-out evaluation: PPO policy vs SFT on eval-tree prompts")
-            clock.start("5 held-out eval")
+            clock.start("5b held-out eval")
             from crs_rlhf.demo_eval import heldout_eval
             from crs_rlhf.real_model import EVAL_MAX_TOKENS
 
@@ -234,15 +263,21 @@ def _run_demo(args: DemoArgs, clock) -> int:
 
     pngs = plot_run(run_dir)
     clock.end()
-    learning = learning_measure(summary.metrics)
+    trend = learning_measure(summary.metrics)
     print(summary_table(summary.metrics))
-    if learning["crs_gain"] is not None:
-        print(f"learning: mean CRS reward of the last {learning['quarter_steps']} steps minus the first "
-              f"{learning['quarter_steps']}: {learning['crs_gain']:+.4f}")
+    if trend["crs_gain"] is not None:
+        print(f"training reward: mean CRS of the last {trend['quarter_steps']} steps minus the first "
+              f"{trend['quarter_steps']}: {trend['crs_gain']:+.4f} (other prompts each step: a trend, not a test)")
+    if learning is not None:
+        from crs_rlhf.learning import describe
+
+        print(describe(learning))
     if held_out is not None:
         print("\n".join(held_out.lines()))
     print("\n" + clock.table())
-    clock.write(out / "stages.json", learning=learning, verdict=held_out.verdict if held_out else None,
+    if learning is not None:
+        learning = {k: v for k, v in learning.items() if k not in ("after", "before")}  # per-sample rewards: eval/
+    clock.write(out / "stages.json", learning=learning, training_reward_trend=trend, verdict=held_out.verdict if held_out else None,
                 model=args.model or args.base or "tiny", steps=args.steps)
     print(f"\nrun folder: {run_dir}\n  metrics:  {run_dir / 'metrics.jsonl'}\n  plots:    "
           + ", ".join(str(p) for p in pngs) + f"\n  tensorboard --logdir {run_dir / 'tensorboard'}"
@@ -252,6 +287,30 @@ def _run_demo(args: DemoArgs, clock) -> int:
         print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
               f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
     return summary.exit_code if summary.interrupted else 0  # 143 for SIGTERM, 130 for Ctrl-C
+
+
+def heldout_learning(cfg, run_dir: Path, policy_url: str) -> dict | None:
+    """The learning measure (crs_rlhf/learning.py) on the running services; its samples' rewards
+    go to run_dir/learning.json. None, with the reason printed, when it cannot be taken."""
+    from crs_rlhf.demo_eval import _last_adapter, _served_base
+    from crs_rlhf.learning import measure_learning
+    import httpx
+    import openai
+
+    from crs_rlhf.real_model import LEARNING_SAMPLES
+
+    adapter = _last_adapter(run_dir)
+    if adapter is None:
+        print("  learning measure: PPO saved no adapter", flush=True)
+        return None
+    print(f"  learning measure: held-out prompts x {LEARNING_SAMPLES} samples, SFT vs {adapter.name}", flush=True)
+    try:
+        m = measure_learning(cfg, adapter, _served_base(policy_url), k=LEARNING_SAMPLES)
+    except (ValueError, RuntimeError, OSError, openai.OpenAIError, httpx.HTTPError) as e:
+        print(f"  learning measure not taken: {e}", flush=True)
+        return None
+    (run_dir / "learning.json").write_text(json.dumps(m, indent=2) + "\n")
+    return m
 
 
 def start_judge(stack: contextlib.ExitStack, base: Path, run_dir: Path) -> str:

@@ -41,6 +41,7 @@ REAL_PPO = {
 }
 REAL_STEPS = 12
 EVAL_MAX_TOKENS = 48
+LEARNING_SAMPLES = 8  # completions per held-out prompt and policy in the learning measure
 
 
 def prepare_base(model: str | None, base: str | None, out: Path) -> Path:

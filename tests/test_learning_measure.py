@@ -1,0 +1,74 @@
+"""The demo's learning measure (crs_rlhf/learning.py) on hand-worked numbers, and `--reuse`'s
+check that a model folder was trained with exactly the config the demo would use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from crs_rlhf.demo import finished_with, parse_args
+from crs_rlhf.learning import describe, reward_gain, sample_stats
+from trainer.config_io import dump_config
+from trainer.sft import SFTConfig
+
+
+def test_sample_stats_hand_worked():
+    assert sample_stats([1.0, 3.0]) == (2.0, 2.0)
+    assert sample_stats([0.0, 0.0, 3.0]) == (1.0, 3.0)  # deviations -1, -1, 2: (1 + 1 + 4) / 2
+    with pytest.raises(ValueError, match="at least two"):
+        sample_stats([1.0])
+
+
+def test_reward_gain_hand_worked_within_noise():
+    # a: after mean 2 var 2, before mean 1 var 2; b: after 2 var 0, before 1 var 0
+    m = reward_gain({"a": [1.0, 3.0], "b": [2.0, 2.0]}, {"a": [0.0, 2.0], "b": [1.0, 1.0]})
+    assert m["crs_gain"] == pytest.approx(1.0)
+    assert m["se"] == pytest.approx(math.sqrt(0.5))  # (2/2 + 2/2) / 2²
+    assert m["z"] == pytest.approx(1.0 / math.sqrt(0.5))
+    assert (m["crs_before"], m["crs_after"]) == (pytest.approx(1.0), pytest.approx(2.0))
+    assert m["prompts"] == 2 and m["prompts_improved"] == 2 and m["samples_per_prompt"] == 2
+    assert not m["beyond_noise"]
+    assert "within noise" in describe(m)
+
+
+def test_reward_gain_beyond_noise_both_ways():
+    up = reward_gain({"a": [1.0, 1.2], "b": [0.9, 1.1]}, {"a": [0.0, 0.2], "b": [0.1, -0.1]})
+    assert up["crs_gain"] == pytest.approx(1.0)  # (1.1 − 0.1 + 1.0 − 0.0) / 2
+    assert up["se"] == pytest.approx(math.sqrt(4 * 0.02 / 2) / 2)  # every variance 0.02
+    assert up["beyond_noise"] and "raised" in describe(up)
+    down = reward_gain({"a": [0.0, 0.2], "b": [0.1, -0.1]}, {"a": [1.0, 1.2], "b": [0.9, 1.1]})
+    assert down["crs_gain"] == pytest.approx(-1.0) and down["beyond_noise"]
+    assert "LOWERED" in describe(down)
+
+
+def test_reward_gain_refuses_mismatched_prompts():
+    with pytest.raises(ValueError, match="same"):
+        reward_gain({"a": [1.0, 2.0]}, {"b": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="same"):
+        reward_gain({}, {})
+
+
+def _finished(folder, cfg) -> None:
+    folder.mkdir(parents=True)
+    dump_config(cfg, folder / "config.yaml")
+    (folder / "README.md").write_text("card")  # the trainers write it last
+
+
+def test_finished_with_needs_the_same_config_and_a_finished_folder(tmp_path):
+    cfg = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": {"base": "some/base"},
+                                    "train": {"lr": 2e-4, "seed": 0}})
+    assert not finished_with(tmp_path / "sft", cfg)  # nothing there
+    _finished(tmp_path / "sft", cfg)
+    assert finished_with(tmp_path / "sft", cfg)
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-4})})
+    assert not finished_with(tmp_path / "sft", other)  # trained with another learning rate
+    (tmp_path / "sft" / "README.md").unlink()
+    assert not finished_with(tmp_path / "sft", cfg)  # died before the end
+    (tmp_path / "sft" / "README.md").write_text("card")
+    (tmp_path / "sft" / "config.yaml").write_text("train: [not, a, section]\n")
+    assert not finished_with(tmp_path / "sft", cfg)  # unreadable: trained again, not an error
+
+
+def test_reuse_flag_parses():
+    assert parse_args(["--reuse"]).reuse and not parse_args([]).reuse
