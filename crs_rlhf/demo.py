@@ -99,6 +99,9 @@ def train_models(models: dict[str, Path], out: Path, seed: int, real: bool = Fal
                  reuse: bool = False) -> dict[str, Path]:
     """SFT the policy, then train both reward models from the SFT model (as the thesis).
 
+    On a real model the two reward models train at once, the absolute one in a child process
+    (`crs-rlhf train-rm absolute`): each trainer uses one thread, so on two cores they overlap
+    instead of queueing (they are independent: both start from the SFT model).
     reuse: a model whose folder holds a finished training with exactly this config (its
     README.md is written last, its config.yaml must equal the one built here) is kept."""
     from crs_rlhf.real_model import REAL_RM, REAL_SFT, merged
@@ -108,19 +111,63 @@ def train_models(models: dict[str, Path], out: Path, seed: int, real: bool = Fal
     sft_over, rm_over = (REAL_SFT, REAL_RM) if real else ({}, {})
     mark = clock.start if clock is not None else (lambda name: None)
 
-    def run(stage: str, cls, train, sub: str, base: Path, over: dict) -> Path:
-        cfg = cls.model_validate(merged(
+    def config(cls, sub: str, base: Path, over: dict):
+        return cls.model_validate(merged(
             {"output_dir": str(out / sub), "model": {"base": str(base)}, "train": {"seed": seed}}, over))
-        mark(stage)
+
+    def kept(cfg) -> bool:
         if reuse and finished_with(Path(cfg.output_dir), cfg):
             print(f"  --reuse: {cfg.output_dir} was trained with this config, kept", flush=True)
-            return Path(cfg.output_dir)
-        return Path(train(cfg))
+            return True
+        return False
 
-    sft = run("2a SFT", SFTConfig, train_sft, "sft", models["policy"], sft_over)
-    pref = run("2b preference RM", PreferenceRMConfig, train_preference_rm, "rm_preference", sft, rm_over)
-    abs_ = run("2c absolute RM", AbsoluteRMConfig, train_absolute_rm, "rm_absolute", sft, rm_over)
-    return {"policy": sft, "reward_pref": pref, "reward_abs": abs_}
+    mark("2a SFT")
+    sft_cfg = config(SFTConfig, "sft", models["policy"], sft_over)
+    sft = Path(sft_cfg.output_dir) if kept(sft_cfg) else Path(train_sft(sft_cfg))
+    pref_cfg = config(PreferenceRMConfig, "rm_preference", sft, rm_over)
+    abs_cfg = config(AbsoluteRMConfig, "rm_absolute", sft, rm_over)
+    if not real:
+        mark("2b preference RM")
+        pref = Path(pref_cfg.output_dir) if kept(pref_cfg) else Path(train_preference_rm(pref_cfg))
+        mark("2c absolute RM")
+        abs_ = Path(abs_cfg.output_dir) if kept(abs_cfg) else Path(train_absolute_rm(abs_cfg))
+        return {"policy": sft, "reward_pref": pref, "reward_abs": abs_}
+    mark("2b both reward models (in parallel)")
+    child = None if kept(abs_cfg) else start_rm_child(abs_cfg, "absolute", out)
+    try:
+        pref = Path(pref_cfg.output_dir) if kept(pref_cfg) else Path(train_preference_rm(pref_cfg))
+        if child is not None:
+            wait_rm_child(child)
+            child = None
+    finally:
+        if child is not None:  # an error or Ctrl-C in the preference RM: never leave the child training
+            child[0].terminate()
+            child[0].wait(30)
+    return {"policy": sft, "reward_pref": pref, "reward_abs": Path(abs_cfg.output_dir)}
+
+
+def start_rm_child(cfg, kind: str, out: Path):
+    """`crs-rlhf train-rm KIND` on `cfg` in a child process; (process, its log path)."""
+    import subprocess
+    import sys
+
+    from trainer.config_io import dump_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, log_path = out / f"rm_{kind}.config.yaml", out / f"rm_{kind}.log"
+    dump_config(cfg, cfg_path)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "crs_rlhf.cli", "train-rm", kind, "--config", str(cfg_path)],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    print(f"  {kind} RM training in a child process (pid {proc.pid}, log: {log_path})", flush=True)
+    return proc, log_path
+
+
+def wait_rm_child(child) -> None:
+    proc, log_path = child
+    if proc.wait() != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise SystemExit(f"reward model training failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
 
 
 def finished_with(folder: Path, cfg) -> bool:

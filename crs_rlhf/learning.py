@@ -90,8 +90,9 @@ def held_out_prompts(cfg) -> dict[str, list[dict]]:
     return {f"held-out-{i}": list(conv) for i, conv in enumerate(split.held_out)}
 
 
-async def _crs_samples(cfg, prompts: Mapping[str, list[dict]], model: str, k: int) -> dict[str, list[float]]:
-    """k samples per prompt from `model` at PPO's sampling, scored and mixed as PPO does."""
+async def _crs_samples(cfg, prompts: Mapping[str, list[dict]], model: str, k: int) -> dict[str, list[dict]]:
+    """k samples per prompt from `model` at PPO's sampling, scored and mixed as PPO does:
+    {prompt id: [{"text", "pref", "abs", "crs"}, ...]}."""
     import torch
 
     from trainer.clients.policy import PolicyClient, SamplingParams
@@ -113,9 +114,10 @@ async def _crs_samples(cfg, prompts: Mapping[str, list[dict]], model: str, k: in
     # normalise "none" is stateless; a running normaliser's state lives in the learner, so mix raw here
     mix = CombinedReward(weight=c.weight, abs_output=c.abs_output, normalise="none", clip=c.score_clip)
     reward = mix(scores.get("pref"), scores.get("abs")).reward.tolist()
-    out: dict[str, list[float]] = {i: [] for i in ids}
-    for r, x in zip(rollouts, reward):
-        out[ids[r.prompt_index]].append(float(x))
+    out: dict[str, list[dict]] = {i: [] for i in ids}
+    for j, (r, x) in enumerate(zip(rollouts, reward)):
+        out[ids[r.prompt_index]].append({"text": r.text, "crs": float(x),
+                                         **{name: float(v[j]) for name, v in scores.items()}})
     return out
 
 
@@ -130,7 +132,8 @@ async def _measure(cfg, adapter: Path, base_model: str, k: int, prompts: Mapping
         finally:
             await client.unload_adapter(name)
     before = await _crs_samples(cfg, prompts, base_model, k)
-    return {**reward_gain(after, before), "after": after, "before": before}
+    crs = lambda samples: {pid: [x["crs"] for x in xs] for pid, xs in samples.items()}  # noqa: E731
+    return {**reward_gain(crs(after), crs(before)), "after": after, "before": before}
 
 
 def measure_learning(cfg, adapter: Path, base_model: str, k: int = 8) -> dict:

@@ -246,3 +246,39 @@ def test_demo_heldout_eval_ppo_vs_sft(services, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     res = heldout_eval(urls, run_dir, tmp_path / "eval2", judge_url=dead, judge_model="j", progress=False)
     assert [r["judge"] for r in res.rows] == ["rm:abs", "rm:pref"] and "failed" in res.verdict
+
+
+def test_learning_measure_samples_scores_and_mixes_as_ppo(services, tiny_models):
+    """crs_rlhf/learning.py on real services: k samples per held-out prompt from the base and an
+    adapter, each one's CRS reward the PPO mix of what the reward services say of its text."""
+    import asyncio
+
+    from crs_rlhf.demo_eval import _served_base
+    from crs_rlhf.learning import held_out_prompts, measure_learning, reward_gain
+    from trainer.clients.reward import RewardClient, messages_item
+    from trainer.ppo.config import PPOConfig
+
+    cfg = PPOConfig.model_validate({
+        "model": {"policy_path": str(tiny_models["policy"])},
+        "generation": {"max_new_tokens": 8},
+        "crs": {"weight": 0.25, "abs_output": "logit"},
+        "services": {"policy_url": services["policy_gen"], "reward_pref_urls": [services["pref"]],
+                     "reward_abs_urls": [services["abs"]]},
+        "run": {"output_dir": str(services["root"] / "learning-run")}})
+    prompts = held_out_prompts(cfg)
+    m = measure_learning(cfg, services["trained"], _served_base(services["policy_gen"]), k=2)
+    assert m["prompts"] == len(prompts) > 0 and m["samples_per_prompt"] == 2
+    assert set(m["after"]) == set(m["before"]) == set(prompts)
+    crs = {side: {p: [x["crs"] for x in xs] for p, xs in m[side].items()} for side in ("after", "before")}
+    assert m["crs_gain"] == pytest.approx(reward_gain(crs["after"], crs["before"])["crs_gain"])
+    # Re-score one prompt's samples: the stored rewards are w·pref + (1−w)·abs of these texts.
+    pid = sorted(prompts)[0]
+    items = [messages_item(prompts[pid], x["text"]) for x in m["after"][pid]]
+
+    async def score(url):
+        async with RewardClient([url]) as c:
+            return (await c.score(items)).scores
+
+    pref, abs_ = asyncio.run(score(services["pref"])), asyncio.run(score(services["abs"]))
+    expected = [0.25 * p + 0.75 * a for p, a in zip(pref, abs_)]
+    assert [x["crs"] for x in m["after"][pid]] == pytest.approx(expected, abs=1e-4)

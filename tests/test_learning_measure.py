@@ -72,3 +72,16 @@ def test_finished_with_needs_the_same_config_and_a_finished_folder(tmp_path):
 
 def test_reuse_flag_parses():
     assert parse_args(["--reuse"]).reuse and not parse_args([]).reuse
+
+
+def test_a_failing_reward_model_child_is_reported_with_its_log(tmp_path):
+    from crs_rlhf.demo import start_rm_child, wait_rm_child
+    from trainer.rm import AbsoluteRMConfig
+
+    cfg = AbsoluteRMConfig.model_validate({"output_dir": str(tmp_path / "rm_absolute"),
+                                           "model": {"base": str(tmp_path / "no-such-model")}})
+    child = start_rm_child(cfg, "absolute", tmp_path)
+    with pytest.raises(SystemExit, match="reward model training failed") as e:
+        wait_rm_child(child)
+    assert "no-such-model" in str(e.value)  # the child's own error, from its log
+    assert (tmp_path / "rm_absolute.config.yaml").is_file()

@@ -170,10 +170,6 @@ class LearnerSection(Section):
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="Split forwards into micro-batches of at most this many rows × padded length tokens "
         "(gradients accumulated with token weights: the same step); null = one pass per minibatch.")
-    cpu_threads: int | None = Field(
-        None, gt=0, description="torch threads of each learner worker on CPU. null = what Ray sets, its num_cpus 1: "
-        "right when rollouts overlap learning on shared cores. The real-model demo sets 2: its learner runs alone "
-        "while the services wait (docs/real-model.md).")
 
 
 class RunSection(Section):

@@ -89,8 +89,6 @@ class Learner:
 
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.learner.cpu_threads and self.device.type == "cpu":
-            torch.set_num_threads(cfg.learner.cpu_threads)  # Ray's worker env says OMP_NUM_THREADS=1
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path)
         base = AutoModelForCausalLM.from_pretrained(cfg.model.policy_path, dtype=torch.float32)
