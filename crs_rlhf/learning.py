@@ -126,7 +126,7 @@ async def _measure(cfg, adapter: Path, base_model: str, k: int, prompts: Mapping
 
     name = "learning-after"
     async with PolicyClient(cfg.services.policy_urls[0], model=base_model) as client:
-        await client.load_adapter(str(adapter), name)
+        await client.load_adapter(str(Path(adapter).resolve()), name)  # policy_gen resolves paths itself
         try:
             after = await _crs_samples(cfg, prompts, name, k)
         finally:

@@ -8,7 +8,13 @@ What differs from the tiny run, and why:
   head on the SFT backbone, all at the learning rates a pretrained model wants (the tiny
   run's 1e-3 .. 3e-3 would wreck it) and one pass over the fixture, so the whole demo fits
   the CPU budget;
-* PPO takes small batches of short answers, with a learning rate of 1e-4 on the LoRA;
+* the two reward models train at the same time (the absolute one in a child process): each
+  trainer uses one thread, so on two cores they overlap instead of queueing;
+* PPO takes small batches of short answers on the LoRA, with two data-parallel learner
+  workers of one thread each (the learner is the largest share of a step, and it runs while
+  the services wait); its learning rate and step count are the measured choice in
+  docs/real-model.md ("Choosing PPO's settings");
+* "learning" is measured on held-out prompts, before vs after PPO (crs_rlhf/learning.py);
 * the imported base also runs as a second policy_gen and judges PPO against SFT by
   logprobs: a weak judge (135M parameters) whose verdicts are still a real model's.
 
