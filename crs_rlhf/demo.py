@@ -339,11 +339,11 @@ def _run_demo(args: DemoArgs, clock) -> int:
 def heldout_learning(cfg, run_dir: Path, policy_url: str) -> dict | None:
     """The learning measure (crs_rlhf/learning.py) on the running services; its samples' rewards
     go to run_dir/learning.json. None, with the reason printed, when it cannot be taken."""
-    from crs_rlhf.demo_eval import _last_adapter, _served_base
-    from crs_rlhf.learning import measure_learning
     import httpx
     import openai
 
+    from crs_rlhf.demo_eval import _last_adapter, _served_base
+    from crs_rlhf.learning import measure_learning
     from crs_rlhf.real_model import LEARNING_SAMPLES
 
     adapter = _last_adapter(run_dir)

@@ -132,7 +132,7 @@ async def _measure(cfg, adapter: Path, base_model: str, k: int, prompts: Mapping
         finally:
             await client.unload_adapter(name)
     before = await _crs_samples(cfg, prompts, base_model, k)
-    crs = lambda samples: {pid: [x["crs"] for x in xs] for pid, xs in samples.items()}  # noqa: E731
+    crs = lambda samples: {pid: [x["crs"] for x in xs] for pid, xs in samples.items()}
     return {**reward_gain(crs(after), crs(before)), "after": after, "before": before}
 
 

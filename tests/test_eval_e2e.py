@@ -272,7 +272,7 @@ def test_learning_measure_samples_scores_and_mixes_as_ppo(services, tiny_models)
     crs = {side: {p: [x["crs"] for x in xs] for p, xs in m[side].items()} for side in ("after", "before")}
     assert m["crs_gain"] == pytest.approx(reward_gain(crs["after"], crs["before"])["crs_gain"])
     # Re-score one prompt's samples: the stored rewards are w·pref + (1−w)·abs of these texts.
-    pid = sorted(prompts)[0]
+    pid = min(prompts)
     items = [messages_item(prompts[pid], x["text"]) for x in m["after"][pid]]
 
     async def score(url):
