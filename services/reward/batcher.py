@@ -15,11 +15,11 @@ tokens (`FairClock`, optionally weighted per run): the run that has been served 
 tokens goes next, and a run that was idle starts level with the pass in flight, so a light
 run's row waits for at most the pass that is running, never for a heavy run's backlog. The rest
 of the look-ahead window is filled by deficit round-robin across the runs with rows waiting.
-While more than one run has sent work within the last CONTENTION_S, a padded pass takes at most
-`contended_batch_tokens` (default half the budget): a newcomer's wait for the pass in flight is
-what bounds its latency, and on CPU a smaller pass costs the same per token. A caller that goes
-away (its `submit` is cancelled) takes its rows out of the queue: only a pass already running
-scores them.
+While more than one run has rows waiting or sent work within CONTENTION_S, a padded pass takes
+at most `contended_batch_tokens` (default half the budget): a newcomer's wait for the pass in
+flight is what bounds its latency, and on CPU a smaller pass costs the same per token. A caller
+that goes away (its `submit` is cancelled) takes its rows out of the queue: only a pass already
+running scores them.
 
 Packed mode (`packed=` a scorer of packed rows, `--packing on`): the window holds up to
 WINDOW_BATCHES rows' worth of tokens (row length x rows), planned into packed rows by first-fit
