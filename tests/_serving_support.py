@@ -55,3 +55,13 @@ def metric(url: str, prefix: str, headers=None) -> float:
     """Sum of the /metrics samples whose line starts with `prefix`."""
     text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def until(check, timeout: float = 30.0, poll_s: float = 0.05) -> bool:
+    """True as soon as `check()` is, False if it never is within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(poll_s)
+    return False

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 import torch
+from _serving_support import ThreadServer, metric, until
 
-from _serving_support import ThreadServer, metric
 from services.policy_gen.batcher import fair_plan
 from services.policy_gen.text import Detokenizer, find_stop, stop_window
 from services.reward.batcher import deficit_round_robin
@@ -215,15 +215,6 @@ def _hang_up_after(url: str, path: str, body: dict, seconds: float) -> None:
             client.post(path, json=body)
 
 
-def _until(check, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_reward_drops_the_work_of_a_client_that_hung_up(tiny_models):
     from services.reward.app import build_app
     from services.reward_abs.settings import RewardAbsSettings
@@ -234,9 +225,9 @@ def test_reward_drops_the_work_of_a_client_that_hung_up(tiny_models):
     with ThreadServer(build_app(settings, "absolute"), settings) as srv:
         srv.wait_ready()
         _hang_up_after(srv.url, "/v1/score", body, 1.0)
-        assert _until(lambda: metric(srv.url, 'crs_requests_total{endpoint="/v1/score",status="499"}') == 1)
+        assert until(lambda: metric(srv.url, 'crs_requests_total{endpoint="/v1/score",status="499"}') == 1)
         # Only the window already on the worker finishes: the count stops well short of 300.
-        assert _until(lambda: metric(srv.url, "crs_queue_items") == 0)
+        assert until(lambda: metric(srv.url, "crs_queue_items") == 0)
         time.sleep(1.0)
         scored = metric(srv.url, "crs_items_scored_total")
         time.sleep(1.5)
@@ -255,10 +246,10 @@ def test_policy_gen_aborts_the_sequences_of_a_client_that_hung_up(tiny_models):
     with ThreadServer(create_app(settings, backend), settings) as srv:
         srv.wait_ready()
         _hang_up_after(srv.url, "/v1/chat/completions", body, 1.0)
-        assert _until(lambda: metric(srv.url, 'policy_gen_requests_total{endpoint="/v1/chat/completions",'
+        assert until(lambda: metric(srv.url, 'policy_gen_requests_total{endpoint="/v1/chat/completions",'
                                               'status="499"}') == 1)
         # The engine drops the sequences at its next step: nothing left running, far from 16 x 400.
-        assert _until(lambda: backend.engine.running == 0 and not backend.engine.groups, timeout=5)
+        assert until(lambda: backend.engine.running == 0 and not backend.engine.groups, timeout=5)
         rounds = backend.batcher.batches
         time.sleep(0.5)
         assert backend.batcher.batches == rounds  # idle: no decode steps for nobody

@@ -12,7 +12,7 @@ import asyncio
 import time
 
 import httpx
-from _serving_support import ThreadServer, metric
+from _serving_support import ThreadServer, metric, until
 
 BODY = {"prompt": "go on", "n": 8, "max_tokens": 400, "ignore_eos": True, "stream": True}
 
@@ -22,15 +22,6 @@ def _hang_up_after_the_headers(url: str, headers: dict | None = None) -> None:
             client.stream("POST", "/v1/completions", json=BODY) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     # Leaving the block unread closed the connection: the client is gone.
-
-
-def _until(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_hf_stream_hung_up_after_the_headers_stops_and_counts_499(tiny_models):
@@ -51,7 +42,7 @@ def test_hf_stream_hung_up_after_the_headers_stops_and_counts_499(tiny_models):
             f"still decoding for a client that left: {steps} -> {backend.batcher.batches} steps"
         ok = 'policy_gen_requests_total{endpoint="/v1/completions",status="200"}'
         gone = 'policy_gen_requests_total{endpoint="/v1/completions",status="499"}'
-        assert _until(lambda: metric(srv.url, gone) == 1, timeout=5) and metric(srv.url, ok) == 0
+        assert until(lambda: metric(srv.url, gone) == 1, timeout=5) and metric(srv.url, ok) == 0
         assert metric(srv.url, "policy_gen_generated_tokens_total") < 8 * 400
 
 
@@ -123,5 +114,5 @@ def test_proxy_stream_hung_up_after_the_headers_closes_the_upstream_and_counts_4
                 f"the upstream still decodes for a client that left: {steps} -> {upstream.batcher.batches} steps"
             gone = 'policy_gen_requests_total{endpoint="/v1/completions",status="499"}'
             ok = 'policy_gen_requests_total{endpoint="/v1/completions",status="200"}'
-            assert _until(lambda: metric(srv.url, gone) == 1, timeout=5) and metric(srv.url, ok) == 0
-            assert _until(lambda: metric(up.url, gone) == 1, timeout=5)  # the upstream saw the hang-up too
+            assert until(lambda: metric(srv.url, gone) == 1, timeout=5) and metric(srv.url, ok) == 0
+            assert until(lambda: metric(up.url, gone) == 1, timeout=5)  # the upstream saw the hang-up too
