@@ -182,19 +182,29 @@ def wait_for_a_replica(cfg: PPOConfig, deadline: StepDeadline | None = None, pol
 def unload_stale_adapters(cfg: PPOConfig, prefix: str, *, timeout_s: float | None = None, attempts: int = 6) -> list[str]:
     """Unload adapters named `prefix*` that an earlier (interrupted) invocation of this run left
     in any replica. A replica that does not answer is skipped: a restarted one holds nothing."""
-    async def one(url: str) -> list[str]:
-        async with _client(cfg, url, 0, None, timeout_s=timeout_s, attempts=attempts) as client:
-            stale = [m for m in await client.models() if m.startswith(prefix)]
-            for name in stale:
-                await client.unload_adapter(name)
-            return stale
+    async def unload(client: PolicyClient) -> list[str]:
+        stale = [m for m in await client.models() if m.startswith(prefix)]
+        for name in stale:
+            await client.unload_adapter(name)
+        return stale
 
-    async def every() -> list[str]:
+    found = _on_every_replica(cfg, unload, timeout_s=timeout_s, attempts=attempts)
+    for url, got in found.items():
+        if isinstance(got, BaseException):
+            log.warning("could not unload this run's old adapters from policy_gen %s: %s", url, got)
+    return [name for got in found.values() if not isinstance(got, BaseException) for name in got]
+
+
+def _on_every_replica(cfg: PPOConfig, fn, **client_kw) -> dict:
+    """`await fn(client)` on every replica of services.policy_urls at once: url -> its result, or
+    the exception it raised (each caller decides what a replica that failed means)."""
+    async def one(url: str):
+        async with _client(cfg, url, 0, None, **client_kw) as client:
+            return await fn(client)
+
+    async def every() -> dict:
         found = await asyncio.gather(*(one(u) for u in cfg.services.policy_urls), return_exceptions=True)
-        for url, got in zip(cfg.services.policy_urls, found):
-            if isinstance(got, BaseException):
-                log.warning("could not unload this run's old adapters from policy_gen %s: %s", url, got)
-        return [name for got in found if not isinstance(got, BaseException) for name in got]
+        return dict(zip(cfg.services.policy_urls, found))
 
     return asyncio.run(every())
 
@@ -215,16 +225,10 @@ def context_overflow(prompt_tokens: int, new_tokens: int, contexts: dict[str, in
 def check_context_window(cfg: PPOConfig) -> None:
     """Refuse, before step 1, a generation budget some replica cannot serve (ConfigError: exit 2).
     A replica that does not answer is left to the rollout's own retries."""
-    async def one(url: str) -> int | None:
-        async with _client(cfg, url, 0, None, attempts=1) as client:
-            return await client.max_model_len()
-
-    async def every() -> dict[str, int | None]:
-        found = await asyncio.gather(*(one(u) for u in cfg.services.policy_urls), return_exceptions=True)
-        return {url: None if isinstance(n, BaseException) else n for url, n in zip(cfg.services.policy_urls, found)}
-
+    found = _on_every_replica(cfg, PolicyClient.max_model_len, attempts=1)
+    contexts = {url: None if isinstance(n, BaseException) else n for url, n in found.items()}
     g = cfg.generation
-    problem = context_overflow(g.max_prompt_tokens, g.max_new_tokens, asyncio.run(every()))
+    problem = context_overflow(g.max_prompt_tokens, g.max_new_tokens, contexts)
     if problem:
         raise ConfigError(problem)
 
