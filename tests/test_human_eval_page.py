@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -197,6 +198,10 @@ def test_page_in_a_real_browser(eval_dir):
                 text = page.text_content("#instruction")
                 return text.split(":")[0].removeprefix("question ")
 
+            def slow_item(route):
+                time.sleep(0.5)
+                route.continue_()
+
             def click_rank(key: str, rank: int):
                 page.click(f'.card[data-key="{key}"] button[data-rank="{rank}"]')
 
@@ -243,6 +248,9 @@ def test_page_in_a_real_browser(eval_dir):
             # A server restart and a reload: still logged in, still on prompt 3, answers kept.
             svc.stop()
             svc = server(eval_dir, port).__enter__()
+            # Items answer slowly now, so a page that showed the task before its item had loaded
+            # would be caught with an empty progress line (it once was, on a loaded CI machine).
+            page.route("**/api/items/**", slow_item)
             page.reload()
             page.wait_for_selector("#task:not([hidden])")
             assert page.text_content("#progress") == "3 of 3" and shown_prompt() == seq[2]

@@ -83,26 +83,31 @@ async function start(annotator, group, key, resumeIndex) {
     showLogin(e.message);
     return;
   }
+  remember();
+  // The task appears only with its item in place: a page shown first and filled later would
+  // leave an empty progress line and board for as long as the item takes to arrive.
+  if (!(await load(index))) return;
   $("login").hidden = true;
   $("task").hidden = false;
   $("logout").hidden = false;
   $("who").textContent = `${who.annotator} · group ${who.group}`;
-  remember();
-  await load(index);
 }
 
+// Fetches and shows item i; false (with the reason shown) when it could not.
 async function load(i) {
   try {
     item = await api(`/api/items/${i}?${query()}`);
   } catch (e) {
-    if (e.status === 401) return showLogin(e.message);
-    return say(e.message);
+    if (e.status === 401) showLogin(e.message);
+    else say(e.message);
+    return false;
   }
   index = item.index;
   remember();
   ranks = {};
   for (const r of item.responses) ranks[r.key] = item.ranking ? (item.ranking[r.key] || 0) : 0;
   render();
+  return true;
 }
 
 function setProgress() {
