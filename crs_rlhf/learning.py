@@ -9,12 +9,16 @@ The measure the demo prints ("learning: ...") and writes to `stages.json`:
     reward    both reward services, mixed exactly as PPO mixes them (trainer.crs)
     gain      mean over prompts of (mean after − mean before), with its standard error
 
-The standard error treats the prompts as fixed and the samples as the noise: each prompt
-contributes the variance of its two sample means, SE² = Σ_p (s²_after,p + s²_before,p) / k / P².
-It therefore says whether PPO moved the reward on *these* prompts beyond sampling noise, not
-how far the gain generalises to other prompts. Both policies are sampled with the same seeds,
-which can only correlate their samples positively; the formula ignores that, so it is
-conservative. A gain is called "beyond noise" when it is at least 2 SE from zero (|z| ≥ 2).
+Sample j of a prompt is drawn with the same seed under both policies (policy_gen derives each
+sequence's generator from the request seed, the prompt and the sample index), so the two
+samples are a pair: where the policies agree they draw the same tokens and the pair's
+difference cancels (common random numbers). The standard error is therefore taken from the
+pairs' differences d_pj = after_pj − before_pj, treating the prompts as fixed and the seeds as
+the noise: SE² = Σ_p s²(d_p·) / k / P². It is valid whatever the pairs' correlation (it is
+estimated, not assumed), and it says whether PPO moved the reward on *these* prompts beyond
+sampling noise, not how far the gain generalises to other prompts. The unpaired SE (each
+policy's variance, added) is reported beside it as `se_unpaired`. A gain is called "beyond
+noise" when it is at least 2 paired SE from zero (|z| ≥ 2).
 
 This is the reward PPO optimised, judged by the reward models PPO optimised: it shows that
 the optimisation works at this size, not that the answers got better; the held-out judge
@@ -41,27 +45,34 @@ def sample_stats(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def reward_gain(after: Mapping[str, Sequence[float]], before: Mapping[str, Sequence[float]]) -> dict:
-    """Mean over prompts of (mean after − mean before), its SE, z = gain / SE and the verdict.
+    """Mean over prompts of (mean after − mean before), its paired SE, z = gain / SE and the verdict.
 
-    `after` and `before` map each prompt id to its samples' rewards (the same prompts in both).
-    Hand example: prompt a after [1, 3] (mean 2, var 2), before [0, 2] (1, 2); prompt b after
-    [2, 2] (2, 0), before [1, 1] (1, 0): gain ((2−1) + (2−1)) / 2 = 1, SE² = (2/2 + 2/2 + 0 + 0)
-    / 2² = 0.5, SE 0.7071, z 1.414: within noise.
+    `after` and `before` map each prompt id to its samples' rewards in sample order, so that
+    after[p][j] and before[p][j] were drawn with the same seed (the same prompts and the same
+    number of samples in both). Hand example: prompt a after [1, 3], before [0, 3] (differences
+    [1, 0]: mean 0.5, var 0.5); prompt b after [2, 2], before [1, 2] (differences [1, 0]): gain
+    (0.5 + 0.5) / 2 = 0.5, SE² = (0.5/2 + 0.5/2) / 2² = 0.125, SE 0.3536, z 1.414: within noise.
+    Unpaired, the same numbers give SE² = (2/2 + 4.5/2 + 0/2 + 0.5/2) / 2² = 0.875.
     """
     if set(after) != set(before) or not after:
         raise ValueError("after and before need the same, non-empty set of prompts")
-    diffs, var = [], 0.0
+    diffs, var, var_unpaired = [], 0.0, 0.0
     for pid in sorted(after):
-        (ma, va), (mb, vb) = sample_stats(after[pid]), sample_stats(before[pid])
-        diffs.append(ma - mb)
-        var += va / len(after[pid]) + vb / len(before[pid])
+        a, b = after[pid], before[pid]
+        if len(a) != len(b):
+            raise ValueError(f"prompt {pid}: {len(a)} samples after, {len(b)} before; the pairs need the same number")
+        md, vd = sample_stats([x - y for x, y in zip(a, b)])
+        (_, va), (_, vb) = sample_stats(a), sample_stats(b)
+        diffs.append(md)
+        var += vd / len(a)
+        var_unpaired += va / len(a) + vb / len(b)
     n = len(diffs)
     gain, se = sum(diffs) / n, math.sqrt(var) / n
     z = gain / se if se > 0 else (math.inf if gain > 0 else -math.inf if gain < 0 else 0.0)
     mean_after = sum(sum(v) / len(v) for v in after.values()) / n
     mean_before = sum(sum(v) / len(v) for v in before.values()) / n
     return {"crs_before": mean_before, "crs_after": mean_after, "crs_gain": gain, "se": se, "z": z,
-            "prompts": n, "prompts_improved": sum(d > 0 for d in diffs),
+            "se_unpaired": math.sqrt(var_unpaired) / n, "prompts": n, "prompts_improved": sum(d > 0 for d in diffs),
             "samples_per_prompt": min(len(v) for v in after.values()), "beyond_noise": abs(z) >= Z_BEYOND_NOISE}
 
 
@@ -69,7 +80,7 @@ def describe(m: Mapping) -> str:
     """The one line the demo prints."""
     head = (f"learning (held-out CRS reward, after PPO − before, {m['prompts']} prompts × "
             f"{m['samples_per_prompt']} samples): {m['crs_before']:+.3f} -> {m['crs_after']:+.3f}, "
-            f"gain {m['crs_gain']:+.3f} ± {m['se']:.3f} SE (z = {m['z']:+.1f}; {m['prompts_improved']} of "
+            f"gain {m['crs_gain']:+.3f} ± {m['se']:.3f} paired SE (z = {m['z']:+.1f}; {m['prompts_improved']} of "
             f"{m['prompts']} prompts up)")
     if not m["beyond_noise"]:
         return head + f": within noise (|z| < {Z_BEYOND_NOISE:g}), no learning shown"
@@ -105,6 +116,7 @@ async def _crs_samples(cfg, prompts: Mapping[str, list[dict]], model: str, k: in
     ids = sorted(prompts)
     async with PolicyClient(s.policy_urls[0], model=model) as policy:
         rollouts = await policy.generate([prompts[i] for i in ids], n=k, sampling=sampling)
+    rollouts = sorted(rollouts, key=lambda r: (r.prompt_index, r.sample_index))  # sample order: the pairs line up
     items = [messages_item(prompts[ids[r.prompt_index]], r.text) for r in rollouts]
     scores = {}
     for name, urls in (("pref", s.reward_pref_urls), ("abs", s.reward_abs_urls)):
@@ -116,7 +128,7 @@ async def _crs_samples(cfg, prompts: Mapping[str, list[dict]], model: str, k: in
     reward = mix(scores.get("pref"), scores.get("abs")).reward.tolist()
     out: dict[str, list[dict]] = {i: [] for i in ids}
     for j, (r, x) in enumerate(zip(rollouts, reward)):
-        out[ids[r.prompt_index]].append({"text": r.text, "crs": float(x),
+        out[ids[r.prompt_index]].append({"sample": r.sample_index, "text": r.text, "crs": float(x),
                                          **{name: float(v[j]) for name, v in scores.items()}})
     return out
 

@@ -282,3 +282,14 @@ def test_learning_measure_samples_scores_and_mixes_as_ppo(services, tiny_models)
     pref, abs_ = asyncio.run(score(services["pref"])), asyncio.run(score(services["abs"]))
     expected = [0.25 * p + 0.75 * a for p, a in zip(pref, abs_)]
     assert [x["crs"] for x in m["after"][pid]] == pytest.approx(expected, abs=1e-4)
+    # The pairs: sample j of a prompt has the same seed under both policies, so one policy
+    # measured against itself draws the same texts pair by pair, and the paired SE is 0.
+    from crs_rlhf.learning import _crs_samples
+
+    base = _served_base(services["policy_gen"])
+    one, two = (asyncio.run(_crs_samples(cfg, prompts, base, 2)) for _ in range(2))
+    assert all([x["sample"] for x in one[p]] == [0, 1] for p in prompts)
+    assert {p: [x["text"] for x in xs] for p, xs in one.items()} == {p: [x["text"] for x in xs] for p, xs in two.items()}
+    same = reward_gain(*({p: [x["crs"] for x in xs] for p, xs in side.items()} for side in (one, two)))
+    assert same["crs_gain"] == pytest.approx(0.0, abs=1e-5) and same["se"] == pytest.approx(0.0, abs=1e-5)
+    assert same["se_unpaired"] > 0.0  # the samples do differ from one another

@@ -21,12 +21,13 @@ def test_sample_stats_hand_worked():
 
 
 def test_reward_gain_hand_worked_within_noise():
-    # a: after mean 2 var 2, before mean 1 var 2; b: after 2 var 0, before 1 var 0
-    m = reward_gain({"a": [1.0, 3.0], "b": [2.0, 2.0]}, {"a": [0.0, 2.0], "b": [1.0, 1.0]})
-    assert m["crs_gain"] == pytest.approx(1.0)
-    assert m["se"] == pytest.approx(math.sqrt(0.5))  # (2/2 + 2/2) / 2²
-    assert m["z"] == pytest.approx(1.0 / math.sqrt(0.5))
-    assert (m["crs_before"], m["crs_after"]) == (pytest.approx(1.0), pytest.approx(2.0))
+    # differences a: [1, 0] (mean 0.5, var 0.5), b: [1, 0] (mean 0.5, var 0.5)
+    m = reward_gain({"a": [1.0, 3.0], "b": [2.0, 2.0]}, {"a": [0.0, 3.0], "b": [1.0, 2.0]})
+    assert m["crs_gain"] == pytest.approx(0.5)
+    assert m["se"] == pytest.approx(math.sqrt(0.125))  # (0.5/2 + 0.5/2) / 2²
+    assert m["se_unpaired"] == pytest.approx(math.sqrt(0.875))  # (2/2 + 4.5/2 + 0/2 + 0.5/2) / 2²
+    assert m["z"] == pytest.approx(0.5 / math.sqrt(0.125))
+    assert (m["crs_before"], m["crs_after"]) == (pytest.approx(1.5), pytest.approx(2.0))
     assert m["prompts"] == 2 and m["prompts_improved"] == 2 and m["samples_per_prompt"] == 2
     assert not m["beyond_noise"]
     assert "within noise" in describe(m)
@@ -34,12 +35,25 @@ def test_reward_gain_hand_worked_within_noise():
 
 def test_reward_gain_beyond_noise_both_ways():
     up = reward_gain({"a": [1.0, 1.2], "b": [0.9, 1.1]}, {"a": [0.0, 0.2], "b": [0.1, -0.1]})
-    assert up["crs_gain"] == pytest.approx(1.0)  # (1.1 − 0.1 + 1.0 − 0.0) / 2
-    assert up["se"] == pytest.approx(math.sqrt(4 * 0.02 / 2) / 2)  # every variance 0.02
+    assert up["crs_gain"] == pytest.approx(1.0)  # differences a [1, 1], b [0.8, 1.2]
+    assert up["se"] == pytest.approx(math.sqrt(0.08 / 2) / 2)  # only b's differences vary (var 0.08)
     assert up["beyond_noise"] and "raised" in describe(up)
     down = reward_gain({"a": [0.0, 0.2], "b": [0.1, -0.1]}, {"a": [1.0, 1.2], "b": [0.9, 1.1]})
     assert down["crs_gain"] == pytest.approx(-1.0) and down["beyond_noise"]
     assert "LOWERED" in describe(down)
+
+
+def test_pairing_is_what_resolves_a_gain_the_unpaired_se_cannot():
+    # Samples spread widely (the seed decides most of the reward) but each pair moves by +0.1:
+    # unpaired the spread hides the gain, paired it is plain.
+    before = {"a": [0.0, 1.0, 2.0, 3.0], "b": [3.0, 0.0, 1.0, 2.0]}
+    after = {p: [x + 0.1 + 0.01 * j for j, x in enumerate(xs)] for p, xs in before.items()}
+    m = reward_gain(after, before)
+    assert m["crs_gain"] == pytest.approx(0.115)
+    assert m["se_unpaired"] > 0.5 and m["se"] < 0.01 and m["beyond_noise"]
+    # Shuffling one side's samples breaks the pairs: the same means, no longer resolved.
+    shuffled = {p: xs[1:] + xs[:1] for p, xs in after.items()}
+    assert not reward_gain(shuffled, before)["beyond_noise"]
 
 
 def test_reward_gain_refuses_mismatched_prompts():
@@ -47,6 +61,8 @@ def test_reward_gain_refuses_mismatched_prompts():
         reward_gain({"a": [1.0, 2.0]}, {"b": [1.0, 2.0]})
     with pytest.raises(ValueError, match="same"):
         reward_gain({}, {})
+    with pytest.raises(ValueError, match="pairs"):
+        reward_gain({"a": [1.0, 2.0, 3.0]}, {"a": [1.0, 2.0]})
 
 
 def _finished(folder, cfg) -> None:
