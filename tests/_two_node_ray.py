@@ -35,6 +35,7 @@ class RayNode:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - open for the life of the node, closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.disturbed = False  # a test signalled it or killed its raylet: Ray may hold it dead
 
     def wait_started(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -53,6 +54,7 @@ class RayNode:
         orphans them)."""
         import psutil
 
+        self.disturbed = True
         procs = self.processes()
         try:
             os.killpg(self.proc.pid, sig)
@@ -78,6 +80,7 @@ class RayNode:
         What follows is Ray's own doing: its workers lose their raylet and exit, and `ray start
         --block` sees a child die and kills the rest of the node."""
         (raylet,) = [p for p in self.processes() if p.name() == "raylet"]
+        self.disturbed = True
         raylet.kill()
         return raylet.pid
 
@@ -119,6 +122,7 @@ class TwoNodeCluster:
         # /tmp, not pytest's deep tmp_path: Ray's socket paths must stay under 107 characters.
         self._tmp = [Path(f"/tmp/crs-ray-{self.port}-{x}") for x in ("head", "b")]
         self.node_b: RayNode | None = None
+        self.node_b_cpus = cpus[1]
         self.head = self._start("head", cpus[0], timeout)
         try:
             self.start_node_b(cpus[1], timeout)
@@ -155,7 +159,13 @@ class TwoNodeCluster:
     def start_node_b(self, cpus: int = 1, timeout: float = 240.0) -> RayNode:
         """(Re)join node B, as a machine coming back after it was lost."""
         self.node_b = self._start("b", cpus, timeout)
+        self.node_b_cpus = cpus
         return self.node_b
+
+    def node_b_intact(self, cpus: int) -> bool:
+        """Node B runs with `cpus` CPUs and no test has signalled it since it started."""
+        b = self.node_b
+        return b is not None and not b.disturbed and b.proc.poll() is None and self.node_b_cpus == cpus
 
     def env(self, **extra: str) -> dict:
         """Environment for a driver of this cluster (the `crs-rlhf train` CLI, a python -c)."""

@@ -133,10 +133,14 @@ def test_judge_interrupted_resumes_without_repeating_a_call(services, generated,
     assert int(everything["n_total"]) == 8 and int(everything["n_invalid"]) == 0
 
 
-def test_rm_score_agreement_length_and_report(services, generated, capsys):
-    d = generated
-    if not (d / "judgments.jsonl").is_file():  # run alone: judge first (one order)
-        assert cli.main(judge_argv(d, services["policy_gen"])) == 0
+def test_rm_score_agreement_length_and_report(services, generated, tmp_path, capsys):
+    # Its own copy, judged in one order, whatever the other tests left in `generated`: judged in
+    # both orders (as the resume test does), the tiny judge's orders disagree and every pair is a
+    # draw, which leaves agreement with no pair to count.
+    d = tmp_path / "copy"
+    shutil.copytree(generated / "outputs", d / "outputs")
+    shutil.copy(generated / "prompts.jsonl", d)
+    assert cli.main(judge_argv(d, services["policy_gen"])) == 0
     assert cli.main(["rm-score", "--dir", str(d), "--pref-url", services["pref"], "--abs-url", services["abs"],
                      "--batch-size", "5"]) == 0
     scores = [json.loads(line) for line in (d / "rm_scores.jsonl").read_text().splitlines()]
@@ -144,10 +148,16 @@ def test_rm_score_agreement_length_and_report(services, generated, capsys):
     assert all(s["probability"] is not None for s in scores if s["rm"] == "abs")
     agreement = rows(d / "agreement.csv")
     for rm in ("pref", "abs"):
-        per_source = [r for r in agreement if r["rm"] == rm and r["source"] != "all"]
-        total = next(r for r in agreement if r["rm"] == rm and r["source"] == "all")
-        assert sum(int(r["pairs"]) for r in per_source) == int(total["pairs"]) <= 8
-        assert 0 <= int(total["agreements"]) <= int(total["pairs"])
+        # the one judged pair (trained vs policy), then the pooled rows (all vs all): the same counts
+        cells = {}
+        for model in ("trained", "all"):
+            per_source = [r for r in agreement if r["rm"] == rm and r["model"] == model and r["source"] != "all"]
+            (total,) = [r for r in agreement if r["rm"] == rm and r["model"] == model and r["source"] == "all"]
+            assert sum(int(r["pairs"]) for r in per_source) == int(total["pairs"])
+            assert 0 <= int(total["agreements"]) <= int(total["pairs"])
+            cells[model] = [(r["source"], r["pairs"], r["agreements"]) for r in per_source + [total]]
+        assert cells["trained"] == cells["all"]
+        assert 0 < int(total["pairs"]) <= 8  # one order: verdicts, not draws
     length = rows(d / "length.csv")
     assert {(r["model"], r["rm"]) for r in length} == {(m, rm) for m in ("policy", "trained", "all") for rm in ("pref", "abs")}
     assert all(int(r["n"]) == (16 if r["model"] == "all" else 8) for r in length)

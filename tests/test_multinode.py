@@ -148,6 +148,7 @@ def _listening(pid: int) -> set[str]:
 
 
 def test_kill_a_learner_on_node_b_frees_the_adapter_slot(cluster, services, tiny_models, tmp_path):
+    _node_b(cluster)
     import psutil
 
     run_a = _config(tiny_models, services, "run-a")
@@ -183,6 +184,7 @@ def test_kill_a_learner_on_node_b_frees_the_adapter_slot(cluster, services, tiny
 
 
 def test_ray_address_from_the_environment_joins_the_cluster(cluster):
+    _node_b(cluster)
     code = ("from trainer.ppo.actors import init_ray; from trainer.ppo.config import RaySection; import ray; "
             "assert init_ray(RaySection(num_cpus=2)); print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))")
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=cluster.env(PYTHONPATH=str(REPO)),
@@ -201,7 +203,16 @@ def _new_node_b(cluster, cpus: int = 1) -> None:
     cluster.start_node_b(cpus)
 
 
+def _node_b(cluster, cpus: int = 1) -> None:
+    """Node B up with `cpus` CPUs, whatever the tests before this one did to it (the tests run in
+    any order, and several leave node B frozen, killed or CPU-less): a new one unless the one
+    there is untouched and has that many."""
+    if not cluster.node_b_intact(cpus):
+        _new_node_b(cluster, cpus)
+
+
 def test_placement_that_cannot_happen_is_logged_and_bounded(cluster, tiny_models, tmp_path):
+    _node_b(cluster)
     p = _driver(cluster, tiny_models, tmp_path, 4, 3)  # 3 workers of one CPU on 2 CPUs
     out, err = p.communicate(timeout=180)
     assert p.returncode == 4, err[-3000:]
@@ -213,6 +224,7 @@ def test_hung_node_names_the_rank_on_it(cluster, tiny_models, tmp_path):
     """SIGSTOP node B (raylet and workers) mid-update: the rank on the head is blocked in the
     all-reduce and cannot answer anything; Ray's node table says which node is gone. Node B
     does not come back: the tests after it join a new one."""
+    _node_b(cluster)
     p = _driver(cluster, tiny_models, tmp_path, 120, 2)
     b_rank = rank_on_node_b(p)
     cluster.node_b.signal(signal.SIGSTOP)
@@ -294,7 +306,10 @@ def test_node_with_a_rollout_worker_lost_mid_rollout_the_run_goes_on(cluster, se
     try:
         deadline = time.monotonic() + 120
         while (worker := _on_node_b_talking_to(cluster, pref_port)) is None:
-            assert time.monotonic() < deadline and t.proc.poll() is None, "no rollout worker of node B reached the reward service"
+            assert time.monotonic() < deadline and t.proc.poll() is None, (
+                "no rollout worker of node B reached the reward service; node B runs "
+                + repr([(p.pid, p.name(), p.cmdline()[:2]) for p in cluster.node_b.processes()]) + "\n"
+                + "".join(t.lines[-60:]))
             time.sleep(0.2)
         t0 = time.monotonic()
         cluster.node_b.signal(signal.SIGKILL)  # the machine is gone: raylet, agents and the rollout worker
