@@ -34,18 +34,25 @@ class RayNode:
     def __init__(self, argv: list[str], log: Path, env: dict):
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - open for the life of the node, closed in stop()
+        # A node started again appends to its predecessor's log: only what this one writes counts.
+        self._log_start = self._out.tell()
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.disturbed = False  # a test signalled it or killed its raylet: Ray may hold it dead
 
     def wait_started(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "Ray runtime started" in self.log.read_text(errors="replace"):
+            if "Ray runtime started" in self._own_log():
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self._own_log()[-3000:]}")
             time.sleep(0.5)
-        raise TimeoutError(f"ray start not up in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(f"ray start not up in {timeout:.0f} s:\n{self._own_log()[-3000:]}")
+
+    def _own_log(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
     def signal(self, sig: int) -> None:
         """To the whole node: `ray start`, its raylet, agents and every worker process it started.

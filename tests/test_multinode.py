@@ -170,8 +170,11 @@ def test_kill_a_learner_on_node_b_frees_the_adapter_slot(cluster, services, tiny
     assert a.wait() == 4
     seconds = time.monotonic() - t0
     line = a.cli_line()
+    # The phase it died in is timing: rank 0 (which writes the checkpoint) may be on node B and
+    # still returning from save_checkpoint when the checkpoint's state.json appears.
     assert (f"learner worker rank {b_rank} (node {NODE_B_IP} / " in line and f"pid {ranks[b_rank]['pid']})" in line
-            and "died during train_step" in line and line.endswith("(--resume)")), line
+            and re.search(r"died during (train_step|save_checkpoint|save_adapter):", line)
+            and line.endswith("(--resume)")), line
     assert "\x1b[" not in line
     assert seconds < 30, seconds
     print(f"\nmeasured: SIGKILL of rank {b_rank} on node B -> exit 4 in {seconds:.1f} s")
