@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.process import ServiceProcess, free_port, python_module
 from evaluation.human.tasks import prompt_sequence, response_order
+from services.common.process import ServiceProcess, free_port, python_module
 
 MODELS = ["abs", "crs", "pref"]
 KEY = "s3cret-key"
