@@ -31,8 +31,9 @@ def ray_bin() -> str:
 
 
 class RayNode:
-    def __init__(self, argv: list[str], log: Path, env: dict):
+    def __init__(self, argv: list[str], log: Path, env: dict, cpus: int):
         self.log = log
+        self.cpus = cpus
         self._out = open(log, "ab")  # noqa: SIM115 - open for the life of the node, closed in stop()
         # A node started again appends to its predecessor's log: only what this one writes counts.
         self._log_start = self._out.tell()
@@ -129,7 +130,6 @@ class TwoNodeCluster:
         # /tmp, not pytest's deep tmp_path: Ray's socket paths must stay under 107 characters.
         self._tmp = [Path(f"/tmp/crs-ray-{self.port}-{x}") for x in ("head", "b")]
         self.node_b: RayNode | None = None
-        self.node_b_cpus = cpus[1]
         self.head = self._start("head", cpus[0], timeout)
         try:
             self.start_node_b(cpus[1], timeout)
@@ -141,7 +141,7 @@ class TwoNodeCluster:
         # On a loaded machine the raylet may give up waiting (30 s) for its dashboard agent to
         # start ("Timed out waiting for file ..."); a second try usually makes it.
         for attempt in range(tries):
-            node = RayNode(self._argv(cpus, which), self.root / f"ray-{which}.log", self.base_env)
+            node = RayNode(self._argv(cpus, which), self.root / f"ray-{which}.log", self.base_env, cpus)
             try:
                 node.wait_started(timeout)
                 return node
@@ -166,13 +166,12 @@ class TwoNodeCluster:
     def start_node_b(self, cpus: int = 1, timeout: float = 240.0) -> RayNode:
         """(Re)join node B, as a machine coming back after it was lost."""
         self.node_b = self._start("b", cpus, timeout)
-        self.node_b_cpus = cpus
         return self.node_b
 
     def node_b_intact(self, cpus: int) -> bool:
         """Node B runs with `cpus` CPUs and no test has signalled it since it started."""
         b = self.node_b
-        return b is not None and not b.disturbed and b.proc.poll() is None and self.node_b_cpus == cpus
+        return b is not None and not b.disturbed and b.proc.poll() is None and b.cpus == cpus
 
     def env(self, **extra: str) -> dict:
         """Environment for a driver of this cluster (the `crs-rlhf train` CLI, a python -c)."""

@@ -71,6 +71,13 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def unjudged_copy(generated: Path, d: Path) -> Path:
+    """`generated`'s prompts and outputs in folder d, without the judgments other tests wrote there."""
+    shutil.copytree(generated / "outputs", d / "outputs")
+    shutil.copy(generated / "prompts.jsonl", d)
+    return d
+
+
 def judge_argv(d: Path, url: str, model: str = "judge", *extra: str) -> list[str]:
     # The tiny judge answers one letter: the crs template (the default, the thesis's, wants a ranking).
     return ["judge", "--dir", str(d), "--judge-url", url, "--judge-model", model, "--baseline", "policy",
@@ -137,9 +144,7 @@ def test_rm_score_agreement_length_and_report(services, generated, tmp_path, cap
     # Its own copy, judged in one order, whatever the other tests left in `generated`: judged in
     # both orders (as the resume test does), the tiny judge's orders disagree and every pair is a
     # draw, which leaves agreement with no pair to count.
-    d = tmp_path / "copy"
-    shutil.copytree(generated / "outputs", d / "outputs")
-    shutil.copy(generated / "prompts.jsonl", d)
+    d = unjudged_copy(generated, tmp_path / "copy")
     assert cli.main(judge_argv(d, services["policy_gen"])) == 0
     assert cli.main(["rm-score", "--dir", str(d), "--pref-url", services["pref"], "--abs-url", services["abs"],
                      "--batch-size", "5"]) == 0
@@ -172,9 +177,7 @@ def test_rm_score_agreement_length_and_report(services, generated, tmp_path, cap
 
 
 def test_garbage_and_dead_judges_are_counted_or_reported(services, generated, tmp_path, capsys):
-    d = tmp_path / "copy"
-    shutil.copytree(generated / "outputs", d / "outputs")
-    shutil.copy(generated / "prompts.jsonl", d)
+    d = unjudged_copy(generated, tmp_path / "copy")
     # The untrained tiny policy never answers A or B: every verdict invalid, counted, none a draw.
     assert cli.main(judge_argv(d, services["policy_gen"], "policy", "--invalid-retries", "1")) == 0
     records = [json.loads(line) for line in (d / "judgments.jsonl").read_text().splitlines()]
