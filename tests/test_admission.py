@@ -11,7 +11,7 @@ import asyncio
 import time
 
 import httpx
-from _serving_support import metric
+from _serving_support import metric, until
 
 from services.policy_gen.admission import FairAdmission, admit_next
 
@@ -81,19 +81,26 @@ def test_vllm_front_door_lets_a_light_run_in_while_a_heavy_run_fills_vllm(vllm_p
     """Heavy: 10 concurrent requests of n=16 (160 sequences; vLLM runs 128). Without the gate vLLM
     takes 8 of them and queues the rest, the light request behind them, until a heavy request
     finishes. With it, heavy holds at most 112 (7 requests) and the light request goes into
-    vLLM at once."""
-    url, headers = vllm_policy_gen.url, {"Authorization": f"Bearer {vllm_policy_gen.key}"}
-    heavy = {"prompt": "tell me a long story", "n": 16, "max_tokens": 48, "ignore_eos": True}
-    light = {"prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+    vLLM at once.
 
-    async def main() -> tuple[list[str], float]:
-        done: list[str] = []
+    The heavy requests are long (400 tokens; the first seven take 7.5 s here) so that the gate
+    decides the light request's turn, not how fast a busy machine passes requests along: at 48
+    tokens (~1 s) a loaded CI machine once sent it as the heavy wave was ending. Once the light
+    reply is in, the heavy clients hang up, and vLLM must drop their work."""
+    url, headers = vllm_policy_gen.url, {"Authorization": f"Bearer {vllm_policy_gen.key}"}
+    heavy = {"prompt": "tell me a long story", "n": 16, "max_tokens": 400, "ignore_eos": True}
+    light = {"prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+    t0 = time.monotonic()
+    log: list[str] = []  # when each request was sent and came back, for the failure message
+
+    async def main() -> tuple[int, float]:
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
 
             async def send(name: str, body: dict) -> None:
+                sent = time.monotonic() - t0
                 r = await client.post("/v1/completions", json=body, headers={"X-CRS-Run": name})
                 assert r.status_code == 200, r.text
-                done.append(name)
+                log.append(f"{name} {sent:.2f}->{time.monotonic() - t0:.2f}s")
 
             heavies = [asyncio.ensure_future(send("heavy", heavy)) for _ in range(10)]
             deadline = time.monotonic() + 120
@@ -105,13 +112,21 @@ def test_vllm_front_door_lets_a_light_run_in_while_a_heavy_run_fills_vllm(vllm_p
                 assert time.monotonic() < deadline and not any(h.done() for h in heavies), "heavy never filled vLLM"
                 await asyncio.sleep(0.02)
             await send("light", light)
-            await asyncio.gather(*heavies)
-        return done, at_door
+            heavy_done_first = sum(h.done() for h in heavies)
+            for h in heavies:  # hang up: the front door closes its upstream calls, vLLM aborts them
+                h.cancel()
+            await asyncio.gather(*heavies, return_exceptions=True)
+        return heavy_done_first, at_door
 
-    done, queued = asyncio.run(main())
+    heavy_done_first, queued = asyncio.run(main())
     assert queued > 0  # the heavy run's requests beyond its share waited at the front door
-    # Light is in vLLM at once: done within a few decode steps, before the heavy requests (48
-    # steps each; one that had vLLM to itself for a moment may finish first). Without the gate it
-    # waited in vLLM's queue for a heavy request's slots: measured, 8 heavy requests finished first.
-    assert done.index("light") <= 2, done
+    # Light is in vLLM at once: done within a few decode steps, long before the heavy requests
+    # (400 steps each). With the run cap at vLLM's capacity it waited in vLLM's queue for the
+    # heavy requests' slots: measured, all of the first wave finished first (7.5 s, not 0.1 s).
+    assert heavy_done_first == 0, log
     assert metric(url, 'crs_run_queue_wait_seconds_count{run="light"}', headers) >= 1
+    # The hung-up heavy work leaves vLLM and the front door (the next test finds the server idle).
+    vllm_idle = until(lambda: metric(vllm_policy_gen.vllm_url, "vllm:num_requests_running") == 0
+                      and metric(vllm_policy_gen.vllm_url, "vllm:num_requests_waiting") == 0, timeout=60)
+    assert vllm_idle, "vLLM kept generating for clients that hung up"
+    assert until(lambda: metric(url, 'crs_run_queue_items{run="heavy"}', headers) == 0, timeout=10)
