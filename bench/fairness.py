@@ -160,4 +160,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from crs_rlhf.local_services import run_stoppable
+
+    run_stoppable(main)  # SIGTERM stops the servers started here, as Ctrl-C does

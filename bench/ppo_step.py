@@ -170,4 +170,6 @@ def _sync_device(device: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crs_rlhf.local_services import run_stoppable
+
+    run_stoppable(main)  # SIGTERM stops the servers started here, as Ctrl-C does

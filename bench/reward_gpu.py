@@ -430,4 +430,6 @@ def plot(path: Path, modes: list[Mode], roofline: float | None, title: str) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crs_rlhf.local_services import run_stoppable
+
+    run_stoppable(main)  # SIGTERM stops the servers started here, as Ctrl-C does

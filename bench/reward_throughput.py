@@ -20,7 +20,6 @@ import asyncio
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -216,4 +215,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crs_rlhf.local_services import run_stoppable
+
+    run_stoppable(main)  # SIGTERM stops the servers started here, as Ctrl-C does

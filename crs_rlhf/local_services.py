@@ -11,8 +11,9 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import NoReturn, Self
 
 from services.common.process import ServiceProcess, free_port, python_module
 from trainer.ppo.signals import Interrupted
@@ -108,3 +109,14 @@ class SignalStop:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def run_stoppable(main: Callable[[], int | None]) -> NoReturn:
+    """Run a script's `main()` (a benchmark's) under `SignalStop` and exit with its code, or with
+    143 / 130 when SIGTERM / Ctrl-C stopped it after its services were stopped."""
+    with SignalStop() as stop:
+        try:
+            code = main()
+        except KeyboardInterrupt:
+            code = stop.exit_code(130)
+    sys.exit(code)

@@ -1,7 +1,7 @@
 """Processes we start are processes we stop: SIGTERM (as `timeout`, a CI runner or Kubernetes
 sends it, to the command alone) and SIGINT stop everything a command started, then it exits
-143 / 130. The end-to-end tests signal a real `crs-rlhf sweep --start-services` and a real
-`crs-rlhf demo` mid-run and then look for every process either had started."""
+143 / 130. The end-to-end tests signal a real `crs-rlhf sweep --start-services`, a real
+`crs-rlhf demo` and a benchmark mid-run and then look for every process each had started."""
 
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ def gone(p: psutil.Process) -> bool:
         return True
 
 
-def terminate_and_check(proc: subprocess.Popen, log: Path, started: list[psutil.Process], urls: list[str]) -> None:
-    assert len(started) >= 3, started  # at least the services
+def terminate_and_check(proc: subprocess.Popen, log: Path, started: list[psutil.Process], urls: list[str],
+                        at_least: int = 3) -> None:
+    assert len(started) >= at_least, started  # at least the services
     proc.send_signal(signal.SIGTERM)
     try:
         rc = proc.wait(timeout=300)
@@ -82,7 +83,6 @@ def terminate_and_check(proc: subprocess.Popen, log: Path, started: list[psutil.
         if proc.poll() is None:  # never leave a stray tree behind a failed test
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert rc == 143, f"exit {rc}:\n{text[-4000:]}"
     deadline = time.monotonic() + 20  # Ray's processes may take a moment after ray.shutdown
     while time.monotonic() < deadline and not all(gone(p) for p in started):
         time.sleep(0.5)
@@ -90,6 +90,7 @@ def terminate_and_check(proc: subprocess.Popen, log: Path, started: list[psutil.
     for p in started:  # clean up before failing, so one failure does not starve the suite
         if not gone(p):
             p.kill()
+    assert rc == 143, f"exit {rc}, left running: {left}\n{text[-4000:]}"
     assert not left, f"left running after SIGTERM: {left}\n{text[-3000:]}"
     for url in urls:
         with pytest.raises(httpx.HTTPError):
@@ -145,3 +146,13 @@ def test_sigterm_while_the_services_start_stops_them(tiny_models, tmp_path):
     started = descendants(proc.pid)
     terminate_and_check(proc, log, started, [])
     assert "the services started here are stopped" in log.read_text()
+
+
+def test_sigterm_to_a_benchmark_stops_the_servers_it_started(tmp_path):
+    """A benchmark killed by `timeout` or a CI runner once left its server running (bench/fairness.py)."""
+    log = tmp_path / "bench.log"
+    argv = [sys.executable, str(ROOT / "bench" / "fairness.py"), "--service", "reward_abs", "--light", "2000"]
+    proc = start(argv, log)
+    wait_for("the reward_abs server", lambda: any("services.reward_abs" in " ".join(p.cmdline())
+                                                  for p in descendants(proc.pid) if not gone(p)), proc, log, timeout=300)
+    terminate_and_check(proc, log, descendants(proc.pid), [], at_least=1)
