@@ -115,6 +115,18 @@ def test_rollout_workers_check_the_services_from_their_node(local_ray, tmp_path)
         check_rollout_nodes(workers, [nobody], wait_s=1.0)
 
 
+def test_rollout_workers_go_round_robin_over_the_alive_nodes_from_the_drivers_own():
+    from trainer.ppo.actors import spread_over_nodes
+
+    node = lambda nid, ip, alive=True: {"NodeID": nid, "NodeManagerAddress": ip, "Alive": alive}  # ray.nodes() rows
+    nodes = [node("c", "10.0.0.3"), node("dead", "10.0.0.2", alive=False), node("b", "10.0.0.2"), node("h", "10.0.0.1")]
+    assert spread_over_nodes(2, nodes, here="h") == ["h", "b"]  # never two on one node while another is idle
+    assert spread_over_nodes(5, nodes, here="c") == ["c", "h", "b", "c", "h"]  # then by address
+    assert spread_over_nodes(1, nodes[:1], here="elsewhere") == ["c"]  # a driver outside the cluster
+    with pytest.raises(RuntimeError, match="no alive node"):
+        spread_over_nodes(1, [node("dead", "10.0.0.2", alive=False)], here="h")
+
+
 def test_cluster_described_with_each_lost_address_once_and_a_rejoined_one_alive():
     from trainer.ppo.learner_group import describe_nodes
 

@@ -95,10 +95,37 @@ def is_refusal(e: BaseException) -> bool:
 
 
 def make_rollout_workers(cfg: PPOConfig) -> list:
-    """`ray.num_rollout_workers` actors, SPREAD over the cluster's nodes: each holds its own HTTP
-    connections and event loop, so spreading them spreads the client-side work (tokenizing,
-    JSON, scoring requests) instead of piling it onto the driver's node."""
-    return [RolloutActor.options(scheduling_strategy="SPREAD").remote(cfg, i) for i in range(cfg.ray.num_rollout_workers)]
+    """`ray.num_rollout_workers` actors, round robin over the cluster's alive nodes: each holds its
+    own HTTP connections and event loop, so spreading them spreads the client-side work
+    (tokenizing, JSON, scoring requests) instead of piling it onto the driver's node.
+
+    Each is pinned to its node softly: Ray's SPREAD strategy is best effort, and was seen putting
+    both of two workers on the head while a second node had been up for 90 s. A soft pin still
+    lets a worker whose node is lost restart on a node that is alive."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = spread_over_nodes(cfg.ray.num_rollout_workers, ray.nodes(), ray.get_runtime_context().get_node_id())
+    return [
+        RolloutActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(cfg, i)
+        for i, node in enumerate(nodes)
+    ]
+
+
+def spread_over_nodes(count: int, nodes: list[dict], here: str) -> list[str]:
+    """Node ids for `count` workers, round robin over the alive `nodes` (rows as `ray.nodes()`
+    gives them: NodeID, NodeManagerAddress, Alive), starting on the driver's node `here`, then
+    the others by address. Pure.
+
+    >>> rows = [{"NodeID": "b", "NodeManagerAddress": "10.0.0.2", "Alive": True},
+    ...         {"NodeID": "x", "NodeManagerAddress": "10.0.0.1", "Alive": False},
+    ...         {"NodeID": "a", "NodeManagerAddress": "10.0.0.1", "Alive": True}]
+    >>> spread_over_nodes(3, rows, here="b")
+    ['b', 'a', 'b']
+    """
+    alive = sorted((n for n in nodes if n["Alive"]), key=lambda n: (n["NodeID"] != here, n["NodeManagerAddress"], n["NodeID"]))
+    if not alive:
+        raise RuntimeError("Ray reports no alive node to place the rollout workers on")
+    return [alive[i % len(alive)]["NodeID"] for i in range(count)]
 
 
 def check_rollout_nodes(workers: list, targets: list, wait_s: float = 30.0) -> list[dict]:
@@ -113,6 +140,7 @@ def check_rollout_nodes(workers: list, targets: list, wait_s: float = 30.0) -> l
                 f"rollout worker {i} on node {p['ip']} cannot reach the services the driver reached: {p['not_ready']}. "
                 "Every Ray node runs rollouts: give services.* URLs that every node reaches (a loopback address "
                 "such as 127.0.0.1 names each node's own host)")
+    log.info("rollout workers' nodes: %s", ", ".join(f"{i} on {p['ip']}" for i, p in enumerate(probes)))
     return probes
 
 
