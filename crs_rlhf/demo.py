@@ -340,7 +340,7 @@ def _run_demo(args: DemoArgs, clock) -> int:
     if summary.interrupted:
         print(f"interrupted after step {summary.last_step}: checkpoint in {run_dir / 'checkpoints'}; with the three "
               f"services running again, `crs-rlhf train --config {run_dir / 'config.yaml'} --resume` continues it")
-    if eval_failed and not summary.interrupted:
+    if eval_failed:  # only ever set on an uninterrupted run
         print(eval_failed)
         return 1
     return summary.exit_code if summary.interrupted else 0  # 143 for SIGTERM, 130 for Ctrl-C

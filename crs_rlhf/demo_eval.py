@@ -59,14 +59,10 @@ def _served_base(url: str) -> str:
 
     r = httpx.get(url.rstrip("/") + "/v1/models", timeout=30)
     try:
-        cards = r.json()["data"] if r.status_code == 200 else None
-    except (ValueError, KeyError, TypeError):
-        cards = None
-    base = next((c["id"] for c in cards or [] if isinstance(c, dict) and "id" in c and not c.get("parent")), None)
-    if base is None:
+        return next(c["id"] for c in (r.json()["data"] if r.status_code == 200 else []) if not c.get("parent"))
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration):  # not JSON, no list, no base card
         raise RuntimeError(f"policy_gen at {url} did not list its base model: /v1/models answered "
-                           f"{r.status_code} {r.text[:300]!r} (its log says why)")
-    return base
+                           f"{r.status_code} {r.text[:300]!r} (its log says why)") from None
 
 
 def _last_adapter(run_dir: Path) -> Path | None:

@@ -62,7 +62,7 @@ def test_vllm_on_cpu_prefills_every_prompt_in_one_step(tiny_models, monkeypatch)
     assert "--no-enable-chunked-prefill" in mine and mine["--max-num-batched-tokens"] == "4096"
     assert "--no-enable-chunked-prefill" not in flags("--vllm-extra-args=--enable-chunked-prefill")  # the user's call
     monkeypatch.setattr(vllm_launcher, "_cuda_available", lambda: True)  # CUDA's generators rewind: vLLM's defaults
-    gpu = flags()
+    gpu = flags("--max-num-seqs", "256")  # given: its default would read the (absent) GPU's properties
     assert "--no-enable-chunked-prefill" not in gpu and "--max-num-batched-tokens" not in gpu
 
 

@@ -18,7 +18,7 @@ import httpx
 def test_seeded_requests_whose_prompts_overflow_one_step_do_not_kill_vllm(vllm_policy_gen):
     url, headers = vllm_policy_gen.url, {"Authorization": f"Bearer {vllm_policy_gen.key}"}
     words = ["the", "model", "answer", "question", "because", "people", "often", "write", "short", "clear", "replies"]
-    # 12 distinct prompts of ~330 tokens, n=4 each: ~16,000 prompt tokens, several steps' budgets,
+    # 12 prompts of ~330 tokens (the 12th repeats the 1st), n=4 each: ~16,000 prompt tokens, several steps' budgets,
     # so some prompt is split between steps whatever the order they are scheduled in.
     prompts = [" ".join(words[(i + j) % len(words)] for j in range(150)) for i in range(12)]
 

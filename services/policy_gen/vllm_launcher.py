@@ -63,12 +63,18 @@ def vllm_environment(settings: PolicyGenSettings, base: dict[str, str] | None = 
     return env
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def default_max_num_seqs() -> int:
     """vLLM 0.32's default max_num_seqs for its OpenAI server on this machine (EngineArgs'
     hardware rule): 128 on CPU, 1024 on a GPU of >= 70 GiB that is not an A100, else 256."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not _cuda_available():
         return 128
     props = torch.cuda.get_device_properties(0)
     big = props.total_memory >= 160 * 2**30 or (props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower())
@@ -85,12 +91,6 @@ def max_num_seqs(settings: PolicyGenSettings) -> int:
         if arg.startswith("--max-num-seqs="):
             return int(arg.split("=", 1)[1])
     return settings.max_num_seqs or default_max_num_seqs()
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cpu_whole_prefill_flags(max_model_len: int, extra_args: str = "") -> list[str]:
